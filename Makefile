@@ -1,0 +1,40 @@
+# biflow-bench: every target sets itself up (.venv with pinned installs) on a fresh machine.
+PY      := .venv/bin/python
+BENCH   := .venv/bin/biflow-bench
+SCALE   ?= small
+SEED    ?= 0
+ARGS    ?=
+
+.PHONY: setup test demo report reproduce-small clean \
+        ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
+        ablation-training-cfg ablation-main bench-speed
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
+	        ablation-distance-metric ablation-training-cfg ablation-main report SCALE=tiny
+
+ablation-%: setup
+	$(BENCH) run $* --scale $(SCALE) --seed $(SEED) $(ARGS)
+
+bench-speed: setup
+	$(BENCH) bench speed --scale $(SCALE)
+
+report: setup
+	$(BENCH) report
+
+reproduce-small: setup
+	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
+	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed report SCALE=small
+
+clean:
+	rm -rf .venv build *.egg-info

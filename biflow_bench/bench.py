@@ -1,0 +1,487 @@
+"""Speed benchmark: every sampler of the speed table (ablations/speed.toml) timed at several batch sizes.
+
+For each variant the models are built from the variant's resolved config (random weights: a sampler's cost does
+not depend on the values of its weights) and the variant's `Sampler` is timed end to end:
+
+    nfe              sequential network evaluations per image (`Sampler.nfe`)
+    flops_per_image  torch.utils.flop_counter over one call at a small batch (matmuls and attention only)
+    ms_per_image     median over `repeats` timed calls after `warmup` untimed ones, divided by the batch size
+    speedup          exact's ms / this ms at the same batch size
+    peak_fraction    achieved FLOP/s over the matmul peak measured in the same run (a large square matmul)
+
+`what="train"` times one optimisation step instead (forward + backward + AdamW): stage 1 (F by maximum likelihood)
+as sampler "train-flow" and stage 2 (G against the frozen F) as "train-backward"; `what="all"` does both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+
+from .ablations import get_spec
+from .config import RunConfig
+from .losses import nll_loss, stage2_loss
+from .models.biflow import BiFlow
+from .models.tarflow import TARFlow
+from .sample import Sampler, image_noise
+
+WHATS = ("sample", "train", "all")
+TRAIN_VARIANT = "learned"  # the speed-table variant whose config the training-step rows use
+FLOP_BATCH = 2  # batch of the FLOP-counting call (FLOPs per image do not depend on it)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed ones (synchronised on cuda)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
+                tries: int = 7) -> float:
+    """FLOP/s of a large square matmul, best of `tries`: 2 n^3 / t."""
+    n = n or (1024 if device.type == "cpu" else 8192)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    with torch.inference_mode():
+        reps = 2 if device.type == "cpu" else 10
+        times = [t / reps for t in time_calls(lambda: [a @ b for _ in range(reps)], device, tries, 1)]
+    return 2 * n**3 / min(times)
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _flop_mapping() -> dict:
+    """flop_counter knows the CUDA attention kernels but not SDPA's CPU one; count it like the others."""
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
+    return mapping
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Sums flop_counter's per-op formulas over every aten op that runs. Unlike FlopCounterMode it tracks no
+    modules, whose hooks break `torch.autograd.grad` (the score step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in _flop_mapping().items()}}
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` by torch.utils.flop_counter's formulas (matmuls, convolutions, attention; the
+    backward of whatever runs under autograd included)."""
+    with _FlopCounter() as counter:
+        fn()
+    return counter.total
+
+
+def count_params(*modules: nn.Module | None) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _unzero(model: nn.Module, seed: int) -> nn.Module:
+    """Fill the zero-initialised parameters (output layers, adaLN modulation) with small random values, so no
+    timed arithmetic runs on all-zero weights. Timing does not depend on the values otherwise."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def _git_commit() -> str:
+    """HEAD's commit read from the .git directory (no subprocess)."""
+    git = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(None, 1)[1]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    env = {"git_commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": device.type, "threads": str(torch.get_num_threads()),
+           "cpu": _cpu_name()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what is timed
+
+
+def build_variant_models(cfg: RunConfig, device: torch.device, seed: int = 0) -> tuple[TARFlow, BiFlow | None]:
+    """F and (for the learned inverse) G of a resolved config, randomly initialised, in eval mode on `device`."""
+    torch.manual_seed(seed)
+    flow = _unzero(TARFlow(cfg.flow), seed).to(device).eval()
+    g = _unzero(BiFlow(cfg.backward), seed + 1).to(device).eval() if cfg.inverse == "learned" else None
+    return flow, g
+
+
+def _inputs(cfg: RunConfig, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
+    z = image_noise(range(batch), shape).to(device)
+    y = torch.arange(batch, device=device) % cfg.flow.num_classes if cfg.flow.num_classes else None
+    return z, y
+
+
+def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None,
+                  amp: bool, inference: bool = True) -> Callable[[], Tensor]:
+    """One sampler call under inference_mode (no_grad when the score step needs autograd, or when not
+    `inference`: FLOP counting needs composite ops such as linear decomposed into matmuls, which inference_mode
+    skips), with bf16 autocast for G when `amp`."""
+    grad_ctx: Callable[[], AbstractContextManager] = (
+        torch.inference_mode if inference and sampler.denoise != "score" else torch.no_grad)
+
+    def call() -> Tensor:
+        with grad_ctx():
+            if amp and sampler.inverse == "learned":
+                with torch.autocast(z.device.type, dtype=torch.bfloat16):
+                    x = g.sample(z, y, cfg_scale=sampler.cfg_scale)  # type: ignore[union-attr]
+                x = x.float()
+                if sampler.denoise == "score":
+                    x = flow.denoise(x, y, sampler.sigma)
+                return x
+            return sampler(flow, g, z, y)
+
+    return call
+
+
+def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-4) -> Callable[[], None]:
+    """One optimisation step as train.fit does it: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
+
+    def step() -> None:
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step
+
+
+def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
+                    seed: int) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
+    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size."""
+    flow, g = build_variant_models(cfg, device, seed)
+    assert g is not None
+    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, *shape, generator=gen) * 2 - 1).to(device)
+    y = torch.randint(0, max(cfg.flow.num_classes, 1), (batch,), generator=gen).to(device) \
+        if cfg.flow.num_classes else None
+    flow.train()
+    s1 = cfg.stage1
+    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y))
+
+    frozen = TARFlow(cfg.flow).to(device).eval().requires_grad_(False)  # stage 2 trains G against a frozen F
+    frozen.load_state_dict(flow.state_dict())
+    g.train()
+    s2 = cfg.stage2
+    step_gen = torch.Generator(device=device).manual_seed(seed)
+
+    def g_loss() -> Tensor:
+        loss, _ = stage2_loss(g, frozen, x, y if cfg.backward.num_classes else None, sigma=s1.noise_sigma,
+                              label_drop=s2.label_drop, cfg_max=s2.cfg_max, hidden_weight=s2.hidden_weight,
+                              adaptive_p=s2.adaptive_p, perceptual={}, perceptual_batch=s2.perceptual_batch,
+                              generator=step_gen)
+        return loss
+
+    return {"train-flow": (flow_step, flow, None), "train-backward": (_train_step(g, g_loss), g, frozen)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_speed_bench(
+    scale: str = "tiny",
+    batch_sizes: Sequence[int] = (1, 64, 256),
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+    what: str = "sample",
+    progress: bool = False,
+    amp: bool | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time every sampler of the speed table (and/or a training step of each stage) at each batch size; returns a
+    speed record (see the module docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
+    inverse and score step always run in float32."""
+    if what not in WHATS:
+        raise ValueError(f"what={what!r} is not one of {', '.join(WHATS)}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    batch_sizes = [int(b) for b in batch_sizes]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    amp = dev.type == "cuda" if amp is None else amp
+    start = time.perf_counter()
+    spec = get_spec("speed")
+
+    _log(progress, f"matmul peak on {dev} ...")
+    peak = matmul_peak(dev)
+    peak_bf16 = matmul_peak(dev, torch.bfloat16) if amp else None
+    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    if peak_bf16 is not None:
+        machine["matmul_peak_flops_bf16"] = peak_bf16
+
+    rows: list[dict[str, Any]] = []
+    if what in ("sample", "all"):
+        rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress)
+    if what in ("train", "all"):
+        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, progress)
+
+    notes = [
+        "Models are randomly initialised from each variant's resolved config: a sampler's cost does not depend on "
+        "the values of its weights, so no training is needed (zero-initialised layers get small random values).",
+        "ms_per_image: median wall time of one call over `repeats` calls (after `warmup`), divided by the batch "
+        "size; noise generation is excluded, the score step and CFG are included.",
+        "speedup: the exact serial inverse's ms per image over this sampler's at the same batch size.",
+        "flops_per_image: torch.utils.flop_counter over one call at batch "
+        f"{FLOP_BATCH} (matmuls and attention only; elementwise ops are not counted); the score step counts "
+        "F's forward and backward pass. peak_fraction: flops_per_image x images_per_s over the matmul peak "
+        "(best of several large square matmuls in this run).",
+        "The exact inverse decodes num_blocks x (tokens - 1) tokens one at a time with a preallocated KV cache; "
+        "inference CFG batches the conditional and guiding passes into one batch of 2B.",
+    ]
+    if dev.type == "cpu":
+        notes.append(f"CPU run with {torch.get_num_threads()} threads; peak_memory_mb is not measured on CPU "
+                     "(None). Timings on a shared machine vary from run to run.")
+    if amp:
+        notes.append("G runs under bf16 autocast (its peak_fraction is against the bf16 matmul peak); F's exact "
+                     "inverse and the score step run in float32.")
+    if what in ("train", "all"):
+        notes.append(f"train-flow / train-backward: one optimisation step (forward, backward, gradient clipping, "
+                     f"AdamW) of stage 1 (F, maximum likelihood) and stage 2 (G against the frozen F, MSE + hidden "
+                     f"alignment, no perceptual terms) with the '{TRAIN_VARIANT}' variant's config; speedup of "
+                     "train-backward is relative to train-flow.")
+
+    return {
+        "schema": 1, "kind": "speed", "ablation": spec.name, "variant": "bench", "label": spec.title,
+        "scale": scale, "seed": seed, "spec_version": spec.version,
+        "config": {"batch_sizes": batch_sizes, "device": device, "repeats": repeats, "warmup": warmup,
+                   "what": what, "amp": amp},
+        "rows": rows, "machine": machine, "metrics": {}, "timing": {},
+        "paper": {"table": spec.paper_table}, "notes": notes, "env": environment(dev),
+        "wall_time_s": time.perf_counter() - start,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
+                   amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
+    rows: list[dict[str, Any]] = []
+    exact_ms: dict[int, float] = {}
+    for name, variant in spec.variants.items():
+        cfg = spec.resolve(name, scale)
+        sampler = Sampler.from_config(cfg)
+        flow, g = build_variant_models(cfg, dev, seed)
+        nfe, nfe_label = sampler.nfe(flow, g)
+        uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
+        params = count_params(flow if uses_flow else None, g)
+        z, y = _inputs(cfg, FLOP_BATCH, dev)
+        flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
+        row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
+        for bs in batch_sizes:
+            z, y = _inputs(cfg, bs, dev)
+            call = _sampler_call(sampler, flow, g, z, y, amp)
+            _reset_peak_memory(dev)
+            times = time_calls(call, dev, repeats, warmup)
+            sec = statistics.median(times)
+            ms = sec / bs * 1e3
+            if name == "exact":
+                exact_ms[bs] = ms
+            ips = bs / sec
+            rows.append({
+                "sampler": name, "label": variant.label or name, "nfe": nfe, "nfe_label": nfe_label,
+                "params": params, "flops_per_image": float(flops), "batch_size": bs, "ms_per_image": ms,
+                "images_per_s": ips, "speedup": exact_ms[bs] / ms if bs in exact_ms else None,
+                "peak_fraction": flops * ips / row_peak, "peak_memory_mb": _peak_memory_mb(dev),
+                "paper_ms": _num(variant.paper.get("ms_per_image")),
+                "paper_speedup": _num(variant.paper.get("speedup")),
+                "ms_min": min(times) / bs * 1e3,
+            })
+            _log(progress, f"{name:12s} batch {bs:4d}: {ms:9.3f} ms/image (nfe {nfe_label})")
+    return rows
+
+
+def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
+                   seed: int, peak: float, progress: bool) -> list[dict]:
+    cfg = spec.resolve(TRAIN_VARIANT, scale)
+    labels = {"train-flow": "Training step, stage 1 (F, maximum likelihood)",
+              "train-backward": "Training step, stage 2 (G against frozen F)"}
+    flops: dict[str, float] = {}
+    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():
+        flops[name] = count_flops(step) / FLOP_BATCH
+    rows: list[dict[str, Any]] = []
+    for bs in batch_sizes:
+        base_ms = None
+        for name, (step, model, frozen) in _training_calls(cfg, dev, bs, seed).items():
+            _reset_peak_memory(dev)
+            times = time_calls(step, dev, repeats, warmup)
+            sec = statistics.median(times)
+            ms = sec / bs * 1e3
+            base_ms = base_ms or ms
+            ips = bs / sec
+            rows.append({
+                "sampler": name, "label": labels[name], "nfe": 1, "nfe_label": "fwd + bwd + AdamW",
+                "params": count_params(model), "flops_per_image": flops[name], "batch_size": bs,
+                "ms_per_image": ms, "images_per_s": ips, "speedup": base_ms / ms,
+                "peak_fraction": flops[name] * ips / peak, "peak_memory_mb": _peak_memory_mb(dev),
+                "paper_ms": None, "paper_speedup": None, "ms_min": min(times) / bs * 1e3,
+            })
+            _log(progress, f"{name:14s} batch {bs:4d}: {ms:9.3f} ms/image, {ips:9.1f} images/s")
+    return rows
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# terminal table
+
+
+def _fmt(v: Any, spec: str, dash: str = "-") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return dash
+    return format(v, spec)
+
+
+def format_speed_table(record: dict[str, Any]) -> str:
+    """A markdown table of a speed record's rows, with the machine and the notes underneath."""
+    head = ["sampler", "NFE", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)", "GFLOP/image",
+            "paper ms", "paper speed-up"]
+    body = []
+    for r in record["rows"]:
+        body.append([
+            str(r["sampler"]), str(r.get("nfe_label") or r.get("nfe", "")), str(r["batch_size"]),
+            _fmt(r.get("ms_per_image"), ".3f"), _fmt(r.get("images_per_s"), ".1f"),
+            _fmt(r.get("speedup"), ".2f") if r.get("speedup") is None else f"x{r['speedup']:.2f}",
+            _fmt(None if r.get("peak_fraction") is None else 100 * r["peak_fraction"], ".1f"),
+            _fmt(None if r.get("params") is None else r["params"] / 1e6, ".3f"),
+            _fmt(None if r.get("flops_per_image") is None else r["flops_per_image"] / 1e9, ".4f"),
+            _fmt(r.get("paper_ms"), ".2f"),
+            "-" if r.get("paper_speedup") is None else f"x{r['paper_speedup']:.0f}",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+    right = {i for i in range(2, len(head))}
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    m = record.get("machine", {})
+    peak = m.get("matmul_peak_flops")
+    title = (f"{record.get('label', 'Sampling speed')} - scale {record.get('scale')}, {m.get('device', '?')}, "
+             f"matmul peak {_fmt(None if peak is None else peak / 1e9, '.1f')} GFLOP/s"
+             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e12:.1f} TFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
+    out = [title, "", line(head), sep, *(line(r) for r in body)]
+    paper = record.get("paper", {}).get("table")
+    if paper:
+        out += ["", f"paper: {paper}"]
+    return "\n".join(out) + "\n"

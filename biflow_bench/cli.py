@@ -1,0 +1,212 @@
+"""`biflow-bench`: list, run and report the ablations, plus single steps (train, sample, eval) and benchmarks.
+
+Every user mistake (unknown ablation / variant / scale, malformed spec, missing data or weights, wrong override
+type, busy or unwritable results directory) ends in one line on stderr and exit code 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .ablations import load_registry
+from .config import SCALES, ConfigError
+from .data import DataError
+from .io import LockBusy
+from .weights import WeightsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of every sampler.")
+app.add_typer(bench_app, name="bench")
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
+
+Scale = Annotated[str, typer.Option(help=f"scale preset: {', '.join(SCALES)}")]
+Seed = Annotated[int, typer.Option(help="training and sampling seed")]
+ResultsDir = Annotated[Path, typer.Option(help="where records are written (results/<scale>/<ablation>/)")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override KEY=VALUE (TOML value), repeatable")]
+DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files)")]
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as TOML (1e-3, true, "mse") and falls back to a bare string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stage2.steps=200")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
+    from .runner import RunOptions
+
+    return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides),
+                      progress=sys.stderr.isatty())
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+
+
+def _writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"results directory {directory} is not writable ({e.strerror}); pass --results-dir") from None
+
+
+@app.command("list")
+def list_ablations() -> None:
+    """The registered ablations and their variants, with the paper's numbers."""
+    for spec in load_registry().values():
+        typer.echo(f"{spec.name} (v{spec.version}, {spec.kind}): {spec.title} -- {spec.paper_table}")
+        for v in spec.variants.values():
+            paper = ", ".join(f"{k}={val}" for k, val in v.paper.items())
+            typer.echo(f"  {v.name:<16} {v.label}" + (f"  [paper: {paper}]" if paper else ""))
+
+
+@app.command()
+def run(
+    ablation: Annotated[str, typer.Argument(help="ablation name (see `biflow-bench list`)")],
+    variants: Annotated[str | None, typer.Option(help="comma-separated variants (default: all)")] = None,
+    scale: Scale = "tiny",
+    seed: Seed = 0,
+    results_dir: ResultsDir = Path("results"),
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option(help="re-run variants that already have a record")] = False,
+    set_: Overrides = None,
+) -> None:
+    """Train, sample and evaluate each variant of an ablation; one JSON record per variant."""
+    from . import runner
+
+    _check_scale(scale)
+    _writable(results_dir)
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    paths = runner.run(ablation, names, scale, seed, _options(results_dir, data_dir, force, set_))
+    typer.echo("\n".join(str(p) for p in paths))
+
+
+@app.command()
+def report(
+    results_dir: ResultsDir = Path("results"),
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("reports"),
+) -> None:
+    """Regenerate the tables, figures and reports/README.md from the records in results/."""
+    from .report import render_report
+
+    _writable(out)
+    summary = render_report(results_dir, out)
+    for path, reason in summary.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    typer.echo(f"wrote {len(summary.files)} files to {out} ({out / 'README.md'})")
+
+
+def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path | None, overrides: list[str] | None):
+    from . import runner
+    from .ablations import get_spec
+
+    _check_scale(scale)
+    opts = _options(Path("results"), data_dir, False, overrides)
+    cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
+    return runner, runner.train_variant(cfg, seed, opts)
+
+
+@app.command()
+def train(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+          set_: Overrides = None) -> None:
+    """Train (or load from the artifact cache) F and G of one variant."""
+    _, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    typer.echo(json.dumps(t.train, indent=2))
+
+
+@app.command()
+def sample(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, num: int = 100,
+           out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
+           data_dir: DataDir = None, set_: Overrides = None) -> None:
+    """Sample a grid from one variant (trains it first when not cached)."""
+    from .data import save_image_grid
+
+    runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed, num)
+    save_image_grid(images, out, nrow=max(1, int(num**0.5)))
+    typer.echo(f"{out} ({ms:.3f} ms per image)")
+
+
+@app.command("eval")
+def eval_(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+          set_: Overrides = None) -> None:
+    """Evaluate one variant and print its metrics (no record written)."""
+    runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed)
+    typer.echo(json.dumps({**runner.evaluate(t, images, seed), "ms_per_image": ms}, indent=2))
+
+
+@bench_app.command("speed")
+def bench_speed(
+    scale: Scale = "tiny",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
+    repeats: int = 5,
+    results_dir: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+) -> None:
+    """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
+    _check_scale(scale)
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: use cpu or cuda")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
+    _writable(results_dir)
+    from .bench import format_speed_table, run_speed_bench
+    from .io import dir_lock
+    from .results import write_record
+
+    record = run_speed_bench(scale=scale, batch_sizes=sizes, device=device, repeats=repeats, what=what,
+                             progress=sys.stderr.isatty())
+    with dir_lock(results_dir / scale, wait=True, timeout=600):
+        path = write_record(results_dir, record)
+    typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
+    typer.echo(f"record: {path}", err=True)
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit code 2; Ctrl-C after a checkpoint says how to resume."""
+    from .train import TrainingDiverged, TrainingInterrupted
+
+    try:
+        app()  # click handles its own usage errors (exit 2) and typer.Exit
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except TrainingInterrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
+    except TrainingDiverged as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+if __name__ == "__main__":
+    main()

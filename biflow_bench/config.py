@@ -1,0 +1,229 @@
+"""Run configuration: frozen dataclasses, scale presets (tiny / small / paper), dotted-key deltas, config hashes.
+
+A run is fully described by a `RunConfig`; an ablation variant is a delta of dotted keys on a scale preset
+("backward.denoise" = "score"), applied with `apply_delta`, which checks every key and value type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models.biflow import BiFlowConfig
+from .models.presets import PRESETS
+from .models.tarflow import TARFlowConfig
+
+INVERSES = ("learned", "exact")
+METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line that says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Forward flow F by maximum likelihood (TARFlow sec. 2; AdamW (0.9, 0.95), warm-up + cosine)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    noise_sigma: float = 0.1  # Gaussian noise augmentation (TARFlow sec. 2.4)
+    label_drop: float = 0.1  # classifier-free guidance training
+    checkpoint_every: int = 500
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Backward model G against the frozen F (BiFlow sec. 3)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    metric: str = "mse"  # distance on the output (sec. 3.4): mse | mse+lpips | mse+lpips+convnext
+    perceptual_weights: str = "pretrained"  # "random" only when named; every table then says so
+    perceptual_size: int = 32  # images are resized to this side for the perceptual networks
+    perceptual_batch: int = 32  # perceptual terms on the first examples of each batch (CPU cost control)
+    adaptive_p: float = 1.0  # adaptive re-weighting D / sg((D + eps)^p) of perceptual terms
+    hidden_weight: float = 1.0  # weight of the intermediate-state terms
+    ema_decay: float = 0.999
+    label_drop: float = 0.1
+    cfg_max: float = 3.0  # training-time CFG: w ~ U[0, cfg_max] per example (sec. 3.4)
+    checkpoint_every: int = 500
+    max_bad_steps: int = 20
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_samples: int = 1000
+    batch_size: int = 250
+    cfg_scale: float = 0.0  # guidance w for either inverse (0: none)
+    guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
+    annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    extractor: str = "effnet-lite0"  # offline scales: EfficientNet-Lite0 -> fd_effnet / is_effnet
+    resize: int = 224  # extractor input side
+    num_real: int = 1000  # reference images from the held-out split
+    nll_samples: int = 500  # held-out images for bits/dim of F
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scale: str
+    dataset: str
+    inverse: str = "learned"  # "exact": F's analytic inverse, no G (the baseline of every table)
+    flow: TARFlowConfig = field(default_factory=TARFlowConfig)
+    backward: BiFlowConfig = field(default_factory=BiFlowConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.inverse not in INVERSES:
+            raise ConfigError(f"inverse={self.inverse!r} is not one of {', '.join(INVERSES)}")
+        if self.inverse == "exact" and self.backward.denoise == "learned":
+            raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
+        if self.stage2.metric not in METRICS:
+            raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, d)
+
+    def stage1_key(self, seed: int) -> str:
+        """Hash of everything that determines F: runs that share it share the trained forward flow."""
+        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": self.stage1, "seed": seed})
+
+    def stage2_key(self, seed: int) -> str:
+        """Hash of everything that determines G (and, through stage1_key, the F it was trained against)."""
+        return config_hash({"stage1": self.stage1_key(seed), "backward": self.backward, "stage2": self.stage2})
+
+
+SCALES: dict[str, RunConfig] = {
+    "tiny": RunConfig(
+        scale="tiny",
+        dataset="digits",
+        flow=PRESETS["tiny"][0],
+        backward=PRESETS["tiny"][1],
+        stage1=Stage1Config(steps=800, batch_size=64, lr=2e-3, warmup=50, noise_sigma=0.1, checkpoint_every=200),
+        stage2=Stage2Config(steps=400, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=200,
+                            perceptual_batch=16),
+        sample=SampleConfig(num_samples=500, batch_size=500),
+        eval=EvalConfig(resize=64, num_real=360, nll_samples=360),
+    ),
+    "small": RunConfig(
+        scale="small",
+        dataset="fashion-mnist",
+        flow=PRESETS["small"][0],
+        backward=PRESETS["small"][1],
+        stage1=Stage1Config(steps=3000, batch_size=128, lr=1e-3, noise_sigma=0.05),
+        stage2=Stage2Config(steps=3000, batch_size=128, lr=1e-3),
+        sample=SampleConfig(num_samples=2000, batch_size=500),
+        eval=EvalConfig(resize=128, num_real=2000, nll_samples=1000),
+    ),
+}
+
+
+def scale_config(scale: str) -> RunConfig:
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    return SCALES[scale]
+
+
+def apply_delta(cfg: RunConfig, delta: dict[str, Any], source: str = "override") -> RunConfig:
+    """Apply dotted-key overrides ("stage2.metric" = "mse+lpips"), checking each key and value type. TOML has no
+    null, so the string "none" stands for None where a field admits None but not a string ("flow.clip" = "none")."""
+    updates: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in delta.items():
+        section, _, name = key.partition(".")
+        if not name:
+            top[section] = _checked(type(cfg), section, value, source, key)
+            continue
+        sub = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(sub):
+            sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+            raise ConfigError(f"{source}: unknown section in {key!r}; valid sections: {', '.join(sections)}")
+        updates.setdefault(section, {})[name] = _checked(type(sub), name, value, source, key)
+    try:
+        new = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in updates.items()}
+        return dataclasses.replace(cfg, **top, **new)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _checked(cls: type, name: str, value: Any, source: str, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    if name not in {f.name for f in dataclasses.fields(cls)} or dataclasses.is_dataclass(hints[name]):
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {valid}")
+    hint = hints[name]
+    if value == "none" and _type_ok(None, hint) and not _type_ok("", hint):
+        value = None
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected {_type_name(hint)}")
+    return value
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            v, h = d[f.name], hints[f.name]
+            kwargs[f.name] = _from_dict(h, v) if dataclasses.is_dataclass(h) else v
+    return cls(**kwargs)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a (nested) config."""
+
+    def plain(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return plain(dataclasses.asdict(o))
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in sorted(o.items())}
+        return o
+
+    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

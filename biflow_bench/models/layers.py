@@ -1,0 +1,140 @@
+"""Transformer parts shared by the forward flow F and the backward model G.
+
+Pure torch. Attention runs through scaled_dot_product_attention (SDPA) and supports a preallocated KV cache that is
+written in place, which the exact serial inverse of F uses to decode one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, C*p*p) with N = (H/p) * (W/p), raster order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
+    """Inverse of `patchify`."""
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for the whole sequence and filled in place."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: Tensor):
+        self.k = like.new_empty(batch, heads, length, head_dim)
+        self.v = like.new_empty(batch, heads, length, head_dim)
+        self.pos = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.shape[2]
+        self.k[:, :, self.pos : self.pos + n] = k
+        self.v[:, :, self.pos : self.pos + n] = v
+        self.pos += n
+        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, causal: bool, qk_norm: bool = False):
+        super().__init__()
+        assert dim % heads == 0, "width must be divisible by the number of heads"
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: Tensor | float = 1.0) -> Tensor:
+        """`temperature` > 1 flattens attention (TARFlow sec. 2.6, attention-temperature guidance); a (B, 1, 1, 1)
+        tensor gives each sample its own. With a cache, new tokens attend to every cached token."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if not (isinstance(temperature, float) and temperature == 1.0):
+            q = q / temperature
+        mask, causal = None, self.causal
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.append(k, v)
+            if start > 0:  # causal among the new tokens, full view of the cached ones
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start) if causal and t > 1 else None
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """GELU MLP (TARFlow blocks)."""
+
+    def __init__(self, dim: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward (G's blocks); hidden size 2/3 of ratio*dim keeps the parameter count of a GELU MLP."""
+
+    def __init__(self, dim: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(2 * dim * ratio / 3)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm causal Transformer block of a TARFlow flow step (TARFlow sec. 2.3)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, causal=True)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: Tensor | float = 1.0) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache, temperature)
+        return x + self.mlp(self.norm2(x))
+
+
+class AdaLNBlock(nn.Module):
+    """Bidirectional block of G: RMSNorm, qk-norm attention, SwiGLU, and adaLN modulation by the condition vector
+    with zero-initialised residual gates, so every block starts as the identity."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim, elementwise_affine=False)
+        self.norm2 = nn.RMSNorm(dim, elementwise_affine=False)
+        self.attn = Attention(dim, heads, causal=False, qk_norm=True)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.modulation = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+def timestep_embedding(w: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
+    """Sinusoidal embedding of a scalar per sample (G's guidance-scale condition)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=w.device, dtype=torch.float32) / half)
+    args = w.float()[:, None] * freqs[None] * 10.0
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype if w.is_floating_point() else torch.float32)

@@ -1,0 +1,346 @@
+"""The forward flow F: an improved TARFlow (Zhai et al., ICML 2025) with BiFlow's norm control.
+
+x (B, C, H, W) is cut into N patches of D = C*p*p values. Each of the `num_blocks` flow steps is a causal Transformer
+over the (alternately reversed) patch sequence that predicts, from the tokens before i, the parameters of an affine
+update of token i (TARFlow eq. 4):
+
+    z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),     log|det dz/dx| = -sum_i sum_j alpha_ij     (eq. 5)
+
+Token 0 passes unchanged. The inverse is exact and serial: token i needs x_<i, so decoding runs token by token,
+block by block (with a preallocated KV cache). Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import CausalBlock, KVCache, patchify, unpatchify
+
+
+@dataclass(frozen=True)
+class TARFlowConfig:
+    in_channels: int = 1
+    image_size: int = 8
+    patch_size: int = 2
+    channels: int = 64  # Transformer width
+    num_blocks: int = 4  # T flow steps (TARFlow sec. 2.3)
+    layers_per_block: int = 1  # K Transformer layers per flow step
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # 0: unconditional; else class-conditional with a null class for CFG
+    clip: float | None = None  # BiFlow norm control: alpha, mu bounded to (-clip, clip); None turns it off
+    nvp: bool = True  # False: volume preserving, alpha = 0 (TARFlow's VP ablation)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def num_dims(self) -> int:
+        return self.in_channels * self.image_size**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FlowOutput(NamedTuple):
+    z: Tensor  # (B, C, H, W)
+    logdet: Tensor  # (B,) log|det dz/dx| in nats
+    trajectory: list[Tensor]  # num_blocks + 1 states, x_0 = x ... x_B = z
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive flow step: a causal Transformer over the sequence, reversed when `flip`."""
+
+    def __init__(self, cfg: TARFlowConfig, flip: bool):
+        super().__init__()
+        self.cfg, self.flip = cfg, flip
+        width = cfg.channels
+        self.proj_in = nn.Linear(cfg.token_dim, width)
+        self.pos = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
+        self.layers = nn.ModuleList(CausalBlock(width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_block))
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, 2 * cfg.token_dim)
+        nn.init.zeros_(self.proj_out.weight)  # every step starts as the identity map
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _order(self, t: Tensor) -> Tensor:
+        return t.flip(1) if self.flip else t
+
+    def _embed(self, x: Tensor, start: int, y: Tensor | None) -> Tensor:
+        pos = self.pos.flip(0) if self.flip else self.pos
+        h = self.proj_in(x) + pos[start : start + x.shape[1]]
+        if self.class_embed is not None:
+            h = h + self.class_embed(y)[:, None]
+        return h
+
+    def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha, mu predicted from each position (for the next token)."""
+        alpha, mu = self.proj_out(self.norm_out(h)).chunk(2, dim=-1)
+        if self.cfg.clip is not None:  # norm control: a smooth clip to (-c, c)
+            c = self.cfg.clip
+            alpha, mu = c * torch.tanh(alpha / c), c * torch.tanh(mu / c)
+        if not self.cfg.nvp:
+            alpha = torch.zeros_like(alpha)
+        return alpha, mu
+
+    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = self._order(x)
+        h = self._embed(x, 0, y)
+        for layer in self.layers:
+            h = layer(h)
+        alpha, mu = self._params(h)
+        alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)  # token i from tokens < i
+        mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
+        z = (x - mu) * torch.exp(-alpha)
+        return self._order(z), -alpha.flatten(1).sum(1)
+
+    @torch.no_grad()
+    def reverse(
+        self,
+        z: Tensor,
+        y: Tensor | None,
+        y_uncond: Tensor | None = None,
+        guidance: float = 0.0,
+        temperature: float = 1.0,
+        annealed: bool = False,
+        kv_cache: bool = True,
+    ) -> Tensor:
+        """Serial inverse of `forward`. With guidance > 0 the conditional and the guiding pass (class `y_uncond`,
+        attention temperature `temperature`) run as one batch of 2B and mu, alpha are extrapolated (TARFlow sec. 2.6):
+        p~ = (1 + w) p(. | y) - w p(. | y_uncond).
+
+        kv_cache=True is the fast decoder (`_reverse_cached`); kv_cache=False is the plain reference that re-runs
+        the whole prefix through the modules at every step (the tests check that both agree)."""
+        z = self._order(z)
+        x = self._reverse_cached(z, y, y_uncond, guidance, temperature, annealed) if kv_cache else \
+            self._reverse_reference(z, y, y_uncond, guidance, temperature, annealed)
+        return self._order(x)
+
+    def _reverse_reference(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
+                           temperature: float, annealed: bool) -> Tensor:
+        """Uncached reference inverse on the ordered sequence: step i embeds x_<=i and runs every module on it."""
+        b, n, _ = z.shape
+        x = z.clone()
+        guided = guidance > 0
+        ys, temp = y, 1.0
+        if guided:
+            ys = None if y is None else torch.cat([y, y_uncond])
+            temp = torch.ones(2 * b, 1, 1, 1, device=z.device, dtype=z.dtype)
+            temp[b:] = temperature
+        for i in range(n - 1):
+            inp = x[:, : i + 1]
+            if guided:
+                inp = torch.cat([inp, inp])
+            h = self._embed(inp, 0, ys)
+            for layer in self.layers:
+                h = layer(h, None, temp)
+            alpha, mu = self._params(h[:, -1])
+            if guided:
+                w = guidance * (i + 1) / (n - 1) if annealed else guidance
+                alpha = (1 + w) * alpha[:b] - w * alpha[b:]
+                mu = (1 + w) * mu[:b] - w * mu[b:]
+            x[:, i + 1] = z[:, i + 1] * torch.exp(alpha) + mu
+        return x
+
+    def _reverse_cached(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
+                        temperature: float, annealed: bool) -> Tensor:
+        """Fast exact inverse on the ordered sequence: one token per step through a preallocated KV cache.
+
+        The math of `forward` / `CausalBlock` in functional form, with everything that does not depend on the
+        decoded token hoisted out of the loop: proj_in's bias + positional (+ class) embedding as one (rows, N,
+        width) table, transposed weights, the softmax scale folded into the query weights, the clip's 1/c folded
+        into the read-out. Per token and layer: layer norm, one qkv matmul whose k and v go into the cache in one
+        in-place copy, attention of the new query over the cache prefix (no mask: the cache holds only earlier
+        tokens), output projection, MLP. With guidance the 2B rows share one input projection, the guiding rows'
+        attention temperature scales their queries, and the extrapolation (1 + w) p_c - w p_u is one lerp."""
+        cfg = self.cfg
+        b, n, d = z.shape
+        guided = guidance > 0
+        rows = 2 * b if guided else b
+        width, heads = cfg.channels, cfg.num_heads
+        head_dim = width // heads
+        x = z.clone()
+        if n == 1:
+            return x
+
+        pos = self.pos.flip(0) if self.flip else self.pos
+        table = (pos + self.proj_in.bias).to(z.dtype)  # (n, width) -> (rows, n, width)
+        if self.class_embed is not None:
+            ys = torch.cat([y, y_uncond]) if guided else y
+            table = table[None] + self.class_embed(ys)[:, None].to(z.dtype)
+        else:
+            table = table[None].expand(rows, n, width)
+        w_in = self.proj_in.weight.t()
+
+        row_scale = None  # 1 / temperature of each row (TARFlow's attention-temperature guidance)
+        if guided and temperature != 1.0:
+            row_scale = torch.ones(rows, 1, 1, device=z.device, dtype=z.dtype)
+            row_scale[b:] = 1.0 / temperature
+        # one query against a short cache: batched matmuls beat SDPA's CPU kernel once there are many (row, head)
+        # pairs; for a handful SDPA is fewer calls
+        use_bmm = rows * heads > _SDPA_MAX_PAIRS
+
+        layers = []
+        for layer in self.layers:
+            attn = layer.attn
+            q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
+            k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
+            w_qkv, b_qkv = attn.qkv.weight, attn.qkv.bias
+            if q_norm is None:  # fold the softmax scale 1/sqrt(head_dim) into the query rows
+                sc = torch.ones(3 * width, 1, device=w_qkv.device, dtype=w_qkv.dtype)
+                sc[:width] = head_dim**-0.5
+                w_qkv, b_qkv = w_qkv * sc, b_qkv * sc[:, 0]
+            layers.append((
+                layer.norm1, w_qkv.t(), b_qkv, attn.proj.weight.t(), attn.proj.bias,
+                layer.norm2, layer.mlp.fc1.weight.t(), layer.mlp.fc1.bias, layer.mlp.fc2.weight.t(), layer.mlp.fc2.bias,
+                q_norm, k_norm,
+                z.new_empty(2, rows, heads, n, head_dim),  # the KV cache: keys [0], values [1], filled in place
+            ))
+        w_out, b_out = self.proj_out.weight, self.proj_out.bias
+        clip = cfg.clip
+        if clip is not None:  # c * tanh(p / c) with 1/c folded into the read-out
+            w_out, b_out = w_out / clip, b_out / clip
+        w_out = w_out.t()
+        norm_out = self.norm_out
+        layer_norm, sdpa, gelu, addmm, bmm = F.layer_norm, F.scaled_dot_product_attention, F.gelu, torch.addmm, torch.bmm
+        pairs = rows * heads
+
+        for i in range(n - 1):
+            h = torch.mm(x[:, i], w_in)  # (b, width): one projection, shared by both guided passes
+            if guided:
+                h = (table[:, i].view(2, b, width) + h).view(rows, width)
+            else:
+                h = table[:, i] + h
+            for ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_1, b_1, w_2, b_2, q_norm, k_norm, kv in layers:
+                qkv = addmm(b_qkv, layer_norm(h, (width,), ln1.weight, ln1.bias, ln1.eps), w_qkv)
+                qkv = qkv.view(rows, 3, heads, head_dim)
+                q = qkv[:, 0]
+                if q_norm is None:
+                    kv[:, :, :, i] = qkv[:, 1:].transpose(0, 1)
+                else:
+                    q = q_norm(q) * head_dim**-0.5
+                    kv[0, :, :, i], kv[1, :, :, i] = k_norm(qkv[:, 1]), qkv[:, 2]
+                if row_scale is not None:
+                    q = q * row_scale
+                keys, values = kv[:, :, :, : i + 1]  # (rows, heads, i + 1, head_dim) views of the cache
+                if use_bmm:
+                    s = bmm(q.reshape(pairs, 1, head_dim), keys.reshape(pairs, i + 1, head_dim).transpose(1, 2))
+                    att = bmm(s.softmax(-1), values.reshape(pairs, i + 1, head_dim))
+                else:
+                    att = sdpa(q.unsqueeze(2), keys, values, scale=1.0)
+                h = h + addmm(b_proj, att.view(rows, width), w_proj)
+                u = gelu(addmm(b_1, layer_norm(h, (width,), ln2.weight, ln2.bias, ln2.eps), w_1))
+                h = h + addmm(b_2, u, w_2)
+            p = addmm(b_out, layer_norm(h, (width,), norm_out.weight, norm_out.bias, norm_out.eps), w_out)
+            if clip is not None:
+                p = torch.tanh(p).mul_(clip)
+            if guided:  # (1 + w) p_c - w p_u = lerp(p_u, p_c, 1 + w), alpha and mu at once
+                wt = guidance * (i + 1) / (n - 1) if annealed else guidance
+                p = torch.lerp(p[b:], p[:b], 1.0 + wt)
+            alpha, mu = p[:, :d], p[:, d:]
+            if cfg.nvp:
+                torch.addcmul(mu, z[:, i + 1], alpha.exp(), out=x[:, i + 1])
+            else:
+                torch.add(mu, z[:, i + 1], out=x[:, i + 1])
+        return x
+
+
+# exact decoding's attention: SDPA up to this many (row, head) pairs, batched matmuls above
+_SDPA_MAX_PAIRS = 16
+
+
+class TARFlow(nn.Module):
+    def __init__(self, cfg: TARFlowConfig):
+        super().__init__()
+        self.config = cfg
+        self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if not self.config.num_classes:
+            return None
+        if y is None:  # unconditional: the null class learned through label drop
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        return y
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        return patchify(x, self.config.patch_size)
+
+    def _image(self, t: Tensor) -> Tensor:
+        c = self.config
+        return unpatchify(t, c.patch_size, c.in_channels, c.image_size, c.image_size)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
+        y = self._labels(y, x.shape[0], x.device)
+        tokens, logdet, trajectory = self._tokens(x), x.new_zeros(x.shape[0]), [x]
+        for block in self.blocks:
+            tokens, ld = block(tokens, y)
+            logdet = logdet + ld
+            trajectory.append(self._image(tokens))
+        return FlowOutput(trajectory[-1], logdet, trajectory)
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x) in nats under the standard normal prior (change of variables, TARFlow eq. 1)."""
+        z, logdet, _ = self(x, y)
+        d = self.config.num_dims
+        return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
+
+    @torch.no_grad()
+    def reverse(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: float = 0.0,
+        kv_cache: bool = True,
+        guidance_temperature: float | None = None,
+        annealed: bool = False,
+    ) -> Tensor:
+        """Exact inverse x = F^-1(z): num_blocks x (N - 1) serial decoding steps.
+
+        guidance > 0 with guidance_temperature None: classifier-free guidance against the null class; with a
+        temperature: TARFlow's attention-temperature guidance (the guiding pass keeps the class, attention flattened).
+        """
+        b = z.shape[0]
+        y = self._labels(y, b, z.device)
+        y_uncond = None
+        if guidance > 0:
+            if guidance_temperature is None and not self.config.num_classes:
+                raise ValueError("classifier-free guidance needs a class-conditional flow (num_classes > 0)")
+            y_uncond = y if guidance_temperature is not None else self._labels(None, b, z.device)
+        tokens = self._tokens(z)
+        for block in reversed(self.blocks):
+            tokens = block.reverse(
+                tokens, y, y_uncond, guidance, guidance_temperature or 1.0, annealed, kv_cache
+            )
+        return self._image(tokens)
+
+    def denoise(self, x: Tensor, y: Tensor | None = None, sigma: float = 0.05, batch_size: int = 256) -> Tensor:
+        """One Tweedie step x + sigma^2 grad_x log p(x) (TARFlow sec. 2.5), by autograd through F in micro-batches
+        of `batch_size`; only the input gets a gradient, F's parameters are untouched."""
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].detach().requires_grad_(True)
+            yb = None if y is None else y[i : i + batch_size]
+            with torch.enable_grad():
+                (score,) = torch.autograd.grad(self.log_prob(xb, yb).sum(), xb)
+            out.append((xb + sigma**2 * score).detach())
+        return torch.cat(out)
+
+    def num_serial_steps(self) -> int:
+        """Network evaluations of the exact inverse: one per decoded token per block (TARFlow: 256 x 8 at paper scale)."""
+        return self.config.num_blocks * (self.config.num_tokens - 1)

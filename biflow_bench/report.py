@@ -1,0 +1,570 @@
+"""The report: Markdown, CSV and LaTeX tables and PNG figures regenerated from the result records alone.
+
+    <out>/README.md                          index per scale: headline (`main`), ablation tables, speed, skipped files
+    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID, ranks and Kendall's tau
+    <out>/<scale>/speed.{md,csv,tex,png}       ms per image against batch size for every sampler
+    <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
+                                               records exist at that scale too), beside the paper's where known
+
+Output is a pure function of the records (and the spec registry, for variant order and labels): no timestamps,
+sorted iteration and fixed figure metadata, so regenerating an unchanged results directory is byte-identical.
+Every file is written atomically; files a previous render wrote that this one no longer produces are removed
+(only those listed in the previous render's manifest, never anything else in the output directory).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.stats import kendalltau
+
+from .ablations import AblationSpec, load_registry
+from .config import SCALES, ConfigError
+from .io import atomic_write_bytes, atomic_write_text
+from .results import results_frame, scan_records, speed_frame
+
+MANIFEST = ".report-manifest"
+DASH = "—"
+# Agg writes the matplotlib version into PNG metadata by default; dropping it keeps figures byte-identical across
+# matplotlib patch releases, not only across re-renders.
+PNG_METADATA: dict[str, Any] = {"Software": None}
+
+
+@dataclass
+class ReportSummary:
+    files: list[Path] = field(default_factory=list)  # every file written by this render, sorted
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # bad record files and why
+    ablations: list[tuple[str, str]] = field(default_factory=list)  # (scale, ablation) rendered
+    removed: list[Path] = field(default_factory=list)  # stale files of a previous render deleted
+    kendall: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (scale, ablation) -> tau
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    """Fixed decimals for ordinary magnitudes, significant digits for tiny ones (a 0.004 std is not "0.00")."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return DASH
+    x = float(x)
+    if not math.isfinite(x):
+        return "inf" if x > 0 else "-inf"
+    if x != 0 and abs(x) < 0.1:
+        return f"{x:.{digits + 1}g}"
+    return f"{x:.{digits}f}"
+
+
+def _count(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return DASH
+    x = float(x)
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _text(x: Any) -> str:
+    """A string cell; pandas turns missing strings into NaN, which is truthy, so `x or DASH` is not enough."""
+    return x if isinstance(x, str) and x else DASH
+
+
+def _rank(x: Any) -> str:
+    return DASH if x is None or pd.isna(x) else str(int(x))
+
+
+def _ours(mean: float, std: float, tex: bool = False) -> str:
+    if math.isnan(mean):
+        return DASH
+    pm = r" $\pm$ " if tex else " ± "
+    return _num(mean) + (pm + _num(std) if not math.isnan(std) else "")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """A GitHub pipe table; `align` has one of l/r per column. Hand-written so cells are never re-parsed as
+    numbers (tabulate would turn "12.30" into "12.3")."""
+    esc = [[str(c).replace("|", r"\|") for c in r] for r in [header, *rows]]
+    sep = [":--" if a == "l" else "--:" for a in align]
+    lines = ["| " + " | ".join(r) + " |" for r in [esc[0], sep, *esc[1:]]]
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_escape(s: Any) -> str:
+    out = "".join(_TEX.get(c, c) for c in str(s))
+    for uni, tex in (("±", r"$\pm$"), ("—", "--"), ("×", r"$\times$"), ("↓", r"$\downarrow$"), ("τ", r"$\tau$")):
+        out = out.replace(uni, tex)
+    return out
+
+
+def _tex_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str, caption: str, label: str,
+               raw_cols: Sequence[int] = ()) -> str:
+    """booktabs table via pandas (jinja2 ships with torch); cells are escaped here, except columns already TeX."""
+    body = [[c if i in raw_cols else _tex_escape(c) for i, c in enumerate(r)] for r in rows]
+    df = pd.DataFrame(body, columns=[_tex_escape(h) for h in header])
+    return df.to_latex(index=False, escape=False, column_format=align, caption=_tex_escape(caption), label=label)
+
+
+def _rel(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+
+
+# ------------------------------------------------------------------------------------------------------- tables
+
+
+def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[str]:
+    """The spec's variant order, then any variant only the records know (renamed or removed rows), by name."""
+    seen = sorted(set(df["variant"]))
+    listed = list(spec.variants) if spec else []
+    return listed + [v for v in seen if v not in listed]
+
+
+def _first(values: pd.Series) -> Any:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return vals[0] if vals else None
+
+
+def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
+    """One row per variant of one (scale, ablation): ours (mean over seeds and its noise), NFE, paper FID, ranks.
+
+    Noise is the std across seeds when a variant has more than one, else the bootstrap std stored with the single
+    run. A seed whose metric is NaN makes the mean NaN: a diverged run is shown, not silently averaged away.
+    Variants the spec lists but no record has are kept with their paper number so missing runs are visible."""
+    rows = []
+    for v in variant_order(df, spec):
+        g = df[df["variant"] == v]
+        sv = spec.variants.get(v) if spec else None
+        vals = g["value"].astype(float)
+        n = len(g)
+        if n > 1:
+            std, noise = float(vals.std(ddof=1)), "seeds"
+        elif n == 1:
+            std, noise = float(g["value_std"].iloc[0]), "bootstrap"
+        else:
+            std, noise = math.nan, ""
+        nfe_labels = sorted({x for x in g["nfe_label"] if isinstance(x, str)})
+        paper_fid = _first(g["paper_fid"])
+        if paper_fid is None and sv is not None and isinstance(sv.paper.get("fid"), (int, float)):
+            paper_fid = float(sv.paper["fid"])
+        paper_ms = _first(g["paper_ms_per_image"]) if "paper_ms_per_image" in g else None
+        if paper_ms is None and sv is not None and isinstance(sv.paper.get("ms_per_image"), (int, float)):
+            paper_ms = float(sv.paper["ms_per_image"])
+        rows.append({
+            "variant": v, "label": _first(g["label"]) or (sv.label if sv and sv.label else v),
+            "metric": _first(g["metric"]), "ours": float(vals.mean(skipna=False)) if n else math.nan,
+            "ours_std": std, "noise": noise, "seeds": n, "nfe_label": "/".join(nfe_labels) or None,
+            "inverse": _first(g["inverse"]) if "inverse" in g else None,
+            "ms_per_image": float(g["ms_per_image"].astype(float).mean()) if n else math.nan,
+            "paper_fid": math.nan if paper_fid is None else float(paper_fid),
+            "paper_ms_per_image": math.nan if paper_ms is None else float(paper_ms),
+        })
+    out = pd.DataFrame(rows, columns=["variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
+                                      "inverse", "ms_per_image", "paper_fid", "paper_ms_per_image"])
+    # Rank 1 = lowest (best); ties share the better rank; variants without a number get no rank.
+    out["our_rank"] = out["ours"].rank(method="min").astype("Int64")
+    out["paper_rank"] = out["paper_fid"].rank(method="min").astype("Int64")
+    return out
+
+
+def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
+    """(tau, pairs, explanation) between our means and the paper's FIDs over variants that have both."""
+    both = table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
+    n = len(both)
+    if n < 2:
+        return None, n, f"n/a: {n} variant(s) have both our number and the paper's; need 2"
+    tau = float(kendalltau(both["ours"].to_numpy(float), both["paper_fid"].to_numpy(float)).statistic)
+    if math.isnan(tau):
+        return None, n, f"n/a: one side is constant over the {n} variants that have both"
+    tau += 0.0  # no "-0.000"
+    return tau, n, f"{tau:.3f} over {n} variants"
+
+
+def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
+    """The `main` ablation per scale: our metric, NFE, ms per image, and the speed-up of each variant over the exact
+    inverse (exact ms / variant ms) where an exact-inverse variant was timed at that scale."""
+    main = df[df["ablation"] == "main"]
+    parts = []
+    for scale in _order_scales(set(main["scale"])):
+        t = ablation_table(main[main["scale"] == scale], spec)
+        t = t[t["seeds"] > 0]
+        exact = t[(t["inverse"] == "exact") & np.isfinite(t["ms_per_image"].astype(float))]
+        exact_ms = float(exact["ms_per_image"].iloc[0]) if len(exact) else math.nan
+        t = t.assign(scale=scale, speedup_vs_exact=exact_ms / t["ms_per_image"].astype(float))
+        parts.append(t)
+    cols = ["scale", "variant", "label", "inverse", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
+            "ms_per_image", "speedup_vs_exact", "paper_fid"]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True)[cols]
+
+
+def _order_scales(scales: set[str]) -> list[str]:
+    """Preset order (tiny, small, ...) first, unknown scales after by name."""
+    return [s for s in SCALES if s in scales] + sorted(s for s in scales if s not in SCALES)
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata=PNG_METADATA)
+    return buf.getvalue()
+
+
+def _wrap(s: str, width: int = 30) -> str:
+    return "\n".join(textwrap.wrap(s, width)) or s
+
+
+def ablation_figure(table: pd.DataFrame, title: str) -> bytes:
+    """Two panels sharing the variant axis: our metric (error bars = the table's noise) and the paper's FID."""
+    n = len(table)
+    fig = Figure(figsize=(10, 1.6 + 0.55 * n), layout="constrained")
+    ax_ours, ax_paper = fig.subplots(1, 2, sharey=True)
+    y = np.arange(n)
+    metric = _first(table["metric"]) or "metric"
+    ours = table["ours"].to_numpy(float)
+    err = np.nan_to_num(table["ours_std"].to_numpy(float), nan=0.0)
+    ax_ours.barh(y, np.nan_to_num(ours, nan=0.0), xerr=err, color="tab:blue", capsize=3)
+    ax_paper.barh(y, np.nan_to_num(table["paper_fid"].to_numpy(float), nan=0.0), color="tab:gray")
+    for ax, vals, missing in ((ax_ours, ours, "not run"), (ax_paper, table["paper_fid"].to_numpy(float), "no number")):
+        for yi, v in zip(y, vals):
+            if math.isnan(v):
+                ax.text(0, yi, f" {missing}", va="center", fontsize=8, color="0.4")
+    ax_ours.set_yticks(y, [_wrap(s) for s in table["label"]], fontsize=8)
+    ax_ours.invert_yaxis()  # first variant on top, as in the table
+    ax_ours.set_xlabel(f"ours: {metric} (lower is better)")
+    ax_paper.set_xlabel("paper: FID (lower is better)")
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def speed_figure(speed: pd.DataFrame, order: Sequence[str], title: str) -> bytes:
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for sampler in order:
+        g = speed[speed["sampler"] == sampler].sort_values("batch_size")
+        ax.plot(g["batch_size"], g["ms_per_image"], marker="o", label=_first(g["label"]) or sampler)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    sizes = sorted({int(b) for b in speed["batch_size"] if math.isfinite(b)})
+    ax.set_xticks(sizes, [str(b) for b in sizes])  # the batch sizes timed, not powers of two written as 2^k
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per image")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def speed_quality_figure(table: pd.DataFrame, title: str) -> bytes:
+    """Ours (this machine) and, where the records or spec carry them, the paper's (TPU) speed against quality."""
+    has_paper = bool(np.isfinite(table["paper_ms_per_image"].astype(float) * table["paper_fid"].astype(float)).any())
+    fig = Figure(figsize=(11 if has_paper else 6, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 if has_paper else 1, squeeze=False)[0]
+    metric = _first(table["metric"]) or "metric"
+    t = table[np.isfinite(table["ms_per_image"].astype(float) * table["ours"].astype(float))]
+    axes[0].errorbar(t["ms_per_image"], t["ours"], yerr=np.nan_to_num(t["ours_std"].to_numpy(float)), fmt="o",
+                     capsize=3)
+    for _, r in t.iterrows():
+        axes[0].annotate(_wrap(r["label"], 24), (r["ms_per_image"], r["ours"]), fontsize=7, xytext=(4, 4),
+                         textcoords="offset points")
+    axes[0].set(xscale="log", xlabel="ms per image (this machine)", ylabel=f"{metric} (lower is better)",
+                title="ours")
+    if has_paper:
+        p = table[np.isfinite(table["paper_ms_per_image"].astype(float) * table["paper_fid"].astype(float))]
+        axes[1].plot(p["paper_ms_per_image"], p["paper_fid"], "s", color="tab:gray")
+        for _, r in p.iterrows():
+            axes[1].annotate(_wrap(r["label"], 24), (r["paper_ms_per_image"], r["paper_fid"]), fontsize=7,
+                             xytext=(4, 4), textcoords="offset points")
+        axes[1].set(xscale="log", xlabel="ms per image (paper, TPU)", ylabel="FID (lower is better)", title="paper")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(x=0.2, y=0.1)  # room for the point labels
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+class _Writer:
+    """Atomic writes under `out_dir`, remembering what was written (for the summary and the stale-file sweep)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.files: list[Path] = []
+
+    def text(self, rel: str, text: str) -> str:
+        self.files.append(atomic_write_text(self.out_dir / rel, text))
+        return rel
+
+    def bytes(self, rel: str, data: bytes) -> str:
+        self.files.append(atomic_write_bytes(self.out_dir / rel, data))
+        return rel
+
+
+def _notes_block(notes: Sequence[str]) -> str:
+    return "".join(f"- {n}\n" for n in notes)
+
+
+def _dedup(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
+                     spec: AblationSpec | None) -> tuple[pd.DataFrame, float | None, str]:
+    table = ablation_table(df, spec)
+    tau, _, tau_text = kendall(table)
+    # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
+    rank_of = {v: i for i, v in enumerate(table["variant"])}
+    ordered = df.assign(_o=df["variant"].map(rank_of)).sort_values(["_o", "seed"], kind="stable")
+    title = spec.title if spec else ablation
+    paper_table = (_first(df["paper_table"]) or (spec.paper_table if spec else None)) or DASH
+    metrics = sorted({m for m in df["metric"] if isinstance(m, str) and m})
+    metric = metrics[0] if metrics else "metric"
+    base = f"{scale}/{ablation}"
+    out_dir = w.out_dir / scale
+
+    header = ["Variant", f"Ours ({metric}, ↓)", "Seeds", "NFE", "Paper FID", "Our rank", "Paper rank"]
+    cells = [[r.label, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label), _num(r.paper_fid),
+              _rank(r.our_rank), _rank(r.paper_rank)] for r in table.itertuples()]
+    tex_cells = [[c if i != 1 else _ours(r.ours, r.ours_std, tex=True) for i, c in enumerate(row)]
+                 for row, r in zip(cells, table.itertuples())]
+
+    notes = []
+    if len(metrics) > 1:
+        notes.append(f"records use different primary metrics ({', '.join(metrics)}); our ranks compare unlike numbers")
+    versions = sorted({int(v) for v in df["spec_version"] if isinstance(v, (int, float)) and not pd.isna(v)})
+    if spec and versions and versions != [spec.version]:
+        notes.append(f"records come from spec version(s) {', '.join(map(str, versions))}; the spec is now version "
+                     f"{spec.version}")
+    notes += [n for row_notes in ordered["notes"] for n in row_notes]
+    notes = _dedup(notes)
+
+    md = [f"# {title}: scale `{scale}`\n", f"Paper: {paper_table}. Ablation `{ablation}`"
+          + (f", spec version {spec.version}" if spec else "") + ".\n"]
+    if spec and spec.description:
+        md.append(" ".join(spec.description.split()) + "\n")
+    md.append(_md_table(header, cells, "lrrlrrr"))
+    md.append(f"Kendall τ between our ranking and the paper's: {tau_text}.\n")
+    caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
+                                         "ImageNet: compare rankings, not values.")
+    md.append("± is the std across seeds where a variant has more than one seed, otherwise the bootstrap std of the "
+              f"single run. Lower is better in both columns; rank 1 is the best.{caveat}\n")
+    md.append(f"![{title}]({ablation}.png)\n")
+    md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
+    if notes:
+        md.append("## Notes\n\n" + _notes_block(notes))
+    samples = []
+    for r in ordered.itertuples():
+        if isinstance(r.samples_png, str) and r.samples_png:
+            target = results_dir / scale / r.samples_png
+            missing = "" if target.is_file() else " (file missing)"
+            samples.append(f"- {r.label}, seed {r.seed}{missing}:\n\n"
+                           f"  ![{r.label}, seed {r.seed}]({_rel(target, out_dir)})\n")
+    if samples:
+        md.append("## Samples\n\n" + "\n".join(samples))
+    w.text(f"{base}.md", "\n".join(md))
+
+    csv = table.assign(scale=scale, ablation=ablation)[
+        ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
+         "ms_per_image", "paper_fid", "our_rank", "paper_rank"]]
+    w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
+    w.text(f"{base}.tex", _tex_table(header, tex_cells, "lrrlrrr", f"{title} ({paper_table}); scale {scale}, "
+                                     f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
+                                     raw_cols=(1,)))
+    w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
+    return table, tau, tau_text
+
+
+def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpec | None,
+                  quality_link: str | None) -> None:
+    # Several speed records (seeds) at one scale: average each (sampler, batch size) cell.
+    listed = list(spec.variants) if spec else []
+    first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
+    order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
+    agg = (speed.groupby(["sampler", "batch_size"], sort=False)
+           .agg(label=("label", "first"), nfe=("nfe", "first"), params=("params", "mean"),
+                ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
+                speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
+                paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
+           .reset_index())
+    agg["_o"] = agg["sampler"].map(order.index)
+    agg = agg.sort_values(["_o", "batch_size"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+    header = ["Sampler", "NFE", "Params", "Batch", "ms / image", "images / s", "Speed-up", "% of matmul peak",
+              "Paper ms", "Paper speed-up"]
+    cells = [[r.label, DASH if r.nfe is None or (isinstance(r.nfe, float) and math.isnan(r.nfe)) else str(r.nfe),
+              _count(r.params), _count(r.batch_size), _num(r.ms_per_image, 3), _num(r.images_per_s, 1),
+              DASH if math.isnan(r.speedup) else f"×{_num(r.speedup, 1)}",
+              DASH if math.isnan(r.peak_fraction) else f"{_num(100 * r.peak_fraction)}%", _num(r.paper_ms),
+              DASH if math.isnan(r.paper_speedup) else f"×{_num(r.paper_speedup, 0)}"] for r in agg.itertuples()]
+    machines = sorted({(str(d), float(p)) for d, p in zip(speed["device"], speed["matmul_peak_flops"])})
+    title = spec.title if spec else "Sampling speed"
+    md = [f"# {title}: scale `{scale}`\n"]
+    if spec:
+        md.append(f"Paper: {spec.paper_table}.\n")
+    md.append("Machine: " + "; ".join(f"device `{d}`, measured matmul peak {_count(p)}FLOP/s" for d, p in machines)
+              + ".\n")
+    md.append(_md_table(header, cells, "llrrrrrrrr"))
+    md.append("Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
+              "decoder, so compare speed-ups, not milliseconds.\n")
+    md.append("![ms per image against batch size](speed.png)\n")
+    md.append("Files: [CSV](speed.csv) · [LaTeX](speed.tex)"
+              + (f" · [speed against quality]({quality_link})" if quality_link else "") + "\n")
+    notes = _dedup([n for ns in speed["notes"] for n in ns])
+    if notes:
+        md.append("## Notes\n\n" + _notes_block(notes))
+    w.text(f"{scale}/speed.md", "\n".join(md))
+    csv = agg.assign(scale=scale, batch_size=agg["batch_size"].astype("Int64"))
+    w.text(f"{scale}/speed.csv", csv[["scale", *agg.columns]].to_csv(index=False, lineterminator="\n"))
+    w.text(f"{scale}/speed.tex", _tex_table(header, cells, "llrrrrrrrr", f"{title}; scale {scale}",
+                                            f"tab:{scale}-speed"))
+    w.bytes(f"{scale}/speed.png", speed_figure(speed, order, f"{title} (scale {scale})"))
+
+
+def _headline_md(h: pd.DataFrame) -> str:
+    if h.empty:
+        return "No `main` records at this scale.\n"
+    metric = _first(h["metric"]) or "metric"
+    cells = [[r.label, _text(r.inverse), _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label),
+              _num(r.ms_per_image, 3), DASH if math.isnan(r.speedup_vs_exact) else f"×{_num(r.speedup_vs_exact, 1)}",
+              _num(r.paper_fid)] for r in h.itertuples()]
+    return _md_table(["Variant", "Inverse", f"Ours ({metric}, ↓)", "Seeds", "NFE", "ms / image",
+                      "Speed-up vs exact", "Paper FID"], cells, "llrrlrrr")
+
+
+def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:
+    """The report must render from records alone, so a broken or missing spec directory is a note, not an error."""
+    try:
+        return load_registry(), None
+    except (ConfigError, OSError) as e:
+        return {}, str(e).splitlines()[0]
+
+
+def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence[str] | None = None,
+                  registry: dict[str, AblationSpec] | None = None) -> ReportSummary:
+    """Regenerate `out_dir` from the records under `results_dir` (all scales found, or `scales`).
+
+    `registry` gives variant order, labels and fallback paper numbers; by default the project's specs are loaded,
+    and an empty dict renders from the records alone."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    registry_error = None
+    if registry is None:
+        registry, registry_error = _load_registry_quietly()
+    records, skipped = scan_records(results_dir)
+    df = results_frame(records)
+    speed = speed_frame(records)
+    found = set(df["scale"]) | set(speed["scale"])
+    chosen = _order_scales(found if scales is None else set(scales))
+
+    w = _Writer(out_dir)
+    summary = ReportSummary(skipped=skipped)
+    readme = ["# BiFlow benchmark report\n",
+              f"Regenerated from the records in `{_rel(results_dir, out_dir)}`: every number below comes from those "
+              "files. Lower is better for every quality metric; rank 1 is the best.\n"]
+    if registry_error:
+        readme.append(f"The ablation specs could not be loaded ({registry_error}); variant order and labels come "
+                      "from the records alone.\n")
+    if not chosen:
+        readme.append("No records found.\n")
+    for scale in chosen:
+        readme.append(f"## Scale `{scale}`\n")
+        sdf = df[df["scale"] == scale]
+        sspeed = speed[speed["scale"] == scale]
+        if sdf.empty and sspeed.empty:
+            readme.append("No records at this scale.\n")
+            continue
+        main_spec = registry.get("main")
+        readme.append(f"### Headline: {main_spec.title if main_spec else 'main'} (`main`)\n")
+        readme.append(_headline_md(headline_table(sdf, main_spec)))
+
+        index_rows = []
+        main_table = None
+        for ablation in sorted(set(sdf["ablation"])):
+            spec = registry.get(ablation)
+            table, tau, tau_text = _render_ablation(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
+                                                    spec)
+            summary.ablations.append((scale, ablation))
+            summary.kendall[(scale, ablation)] = tau
+            if ablation == "main":
+                main_table = table
+            run = int((table["seeds"] > 0).sum())
+            p = f"{scale}/{ablation}"
+            index_rows.append([f"[{spec.title if spec else ablation}]({p}.md)", f"`{ablation}`",
+                               f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
+                               f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
+        if index_rows:
+            readme.append("### Ablations\n")
+            readme.append(_md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
+
+        if not sspeed.empty:
+            quality_link = None
+            if main_table is not None and np.isfinite(
+                    main_table["ms_per_image"].astype(float) * main_table["ours"].astype(float)).any():
+                quality_link = w.bytes(f"{scale}/speed_quality.png",
+                                       speed_quality_figure(main_table, f"Speed against quality (scale {scale})"))
+            _render_speed(w, scale, sspeed, registry.get("speed"),
+                          quality_link and Path(quality_link).name)
+            readme.append("### Speed\n")
+            readme.append(f"- [Sampling speed table]({scale}/speed.md) · [CSV]({scale}/speed.csv) · "
+                          f"[LaTeX]({scale}/speed.tex) · [figure]({scale}/speed.png)\n"
+                          + (f"- [Speed against quality]({quality_link}) (the `main` variants)\n"
+                             if quality_link else ""))
+
+    readme.append("## Skipped files\n")
+    if skipped:
+        readme.append("These files under the results directory are not valid records and were left out:\n\n"
+                      + "".join(f"- `{_rel_or_abs(p, results_dir)}`: {why}\n" for p, why in skipped))
+    else:
+        readme.append("None: every record file was read.\n")
+    w.text("README.md", "\n".join(readme))
+
+    # A render of some scales leaves the other scales' files alone (only the README is shared).
+    summary.removed = _sweep_stale(out_dir, w.files, None if scales is None else set(chosen))
+    summary.files = sorted(w.files)
+    return summary
+
+
+def _rel_or_abs(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sweep_stale(out_dir: Path, written: list[Path], scales: set[str] | None) -> list[Path]:
+    """Delete files the previous render listed in its manifest and this one did not write (within `scales`, or
+    anywhere when None), then record what exists now. Only manifest entries inside `out_dir` are touched, so a
+    user's own files there are never deleted."""
+    manifest = out_dir / MANIFEST
+    now = {p.relative_to(out_dir).as_posix() for p in written}
+    before = set(filter(None, manifest.read_text().split("\n"))) if manifest.is_file() else set()
+    removed, kept = [], set()
+    root = out_dir.resolve()
+    for rel in sorted(before - now):
+        p = out_dir / rel
+        if not p.is_file() or not p.resolve().is_relative_to(root):
+            continue
+        if scales is None or rel.split("/", 1)[0] in scales:
+            p.unlink()
+            removed.append(p)
+        else:
+            kept.add(rel)
+    atomic_write_text(manifest, "\n".join(sorted(now | kept)) + "\n")
+    return removed

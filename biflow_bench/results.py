@@ -1,0 +1,271 @@
+"""Result records: one JSON file per (scale, ablation, variant, seed), written atomically and read defensively.
+
+    <results_dir>/<scale>/<ablation>/<variant>__seed<N>.json
+
+A record is the only thing a report is built from, so each carries everything a table needs: the primary metric
+and its bootstrap std, NFE, timing, the paper's number for its row, notes and the path of its sample grid.
+Readers never trust a file: a truncated write, a foreign JSON or a record of another schema raises `BadRecord`
+(one line, naming the file), and `load_results` skips such files and says why instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .io import atomic_write_json
+
+RESULT_SCHEMA = 1
+KINDS = ("ablation", "speed")
+IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "ablation": ("metric", "metrics"),
+    "speed": ("rows",),
+}
+SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
+
+# Columns of `load_results` that exist even when no record was found, so callers can filter an empty frame.
+RESULT_COLUMNS = (
+    "scale", "ablation", "variant", "seed", "kind", "label", "metric", "value", "value_std", "nfe", "nfe_label",
+    "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
+    "inverse", "spec_version", "config_hash", "samples_png", "notes", "wall_time_s", "path",
+)
+SPEED_COLUMNS = (
+    "scale", "seed", "order", "sampler", "label", "nfe", "params", "flops_per_image", "batch_size", "ms_per_image",
+    "images_per_s", "speedup", "peak_fraction", "paper_ms", "paper_speedup", "device", "matmul_peak_flops", "notes",
+    "path",
+)
+
+
+class BadRecord(ValueError):
+    """A results file that is not a valid record; `str()` is one line that names the file."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def record_path(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int) -> Path:
+    return Path(results_dir) / scale / ablation / f"{variant}__seed{seed}.json"
+
+
+def _check_name(value: Any, key: str) -> str | None:
+    """Identity fields become path components, so they must be plain names."""
+    if key == "seed":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"'seed' must be a non-negative integer, got {value!r}"
+        return None
+    if not isinstance(value, str) or not value or value.startswith(".") or any(c in value for c in "/\\\n"):
+        return f"{key!r} must be a plain non-empty name, got {value!r}"
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def validation_error(record: Any) -> str | None:
+    """Why `record` is not a valid record of this schema, or None when it is."""
+    if not isinstance(record, dict):
+        return f"not a record: top-level JSON is a {type(record).__name__}, expected an object"
+    if "schema" not in record:
+        return "not a biflow-bench record (no 'schema' key)"
+    if record["schema"] != RESULT_SCHEMA:
+        return f"schema {record['schema']!r} is not supported (this version reads schema {RESULT_SCHEMA})"
+    kind = record.get("kind")
+    if not isinstance(kind, str) or not kind:
+        return "missing or empty 'kind'"
+    missing = [k for k in (*IDENTITY_KEYS, *REQUIRED_KEYS.get(kind, ())) if k not in record]
+    if missing:
+        return f"missing required key(s) {', '.join(missing)}"
+    for key in IDENTITY_KEYS:
+        if err := _check_name(record[key], key):
+            return err
+    if kind == "ablation":
+        metric, metrics = record["metric"], record["metrics"]
+        if not isinstance(metric, str) or not metric:
+            return "'metric' must name the primary metric"
+        if not isinstance(metrics, dict) or metric not in metrics:
+            return f"'metrics' must be an object holding the primary metric {metric!r}"
+        bad = sorted(k for k, v in metrics.items() if not _is_number(v))
+        if bad:
+            return f"non-numeric metric value(s) for {', '.join(bad)}"
+    if kind == "speed":
+        rows = record["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return "'rows' must be a list of objects"
+        for i, row in enumerate(rows):
+            if absent := [k for k in SPEED_ROW_KEYS if k not in row]:
+                return f"rows[{i}] lacks {', '.join(absent)}"
+            if not all(_is_number(row[k]) and row[k] is not None for k in ("batch_size", "ms_per_image")):
+                return f"rows[{i}]: batch_size and ms_per_image must be numbers"
+    for key in ("paper", "timing", "params", "config", "env"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key!r} must be an object"
+    if record.get("notes") is not None and not isinstance(record["notes"], list):
+        return "'notes' must be a list of strings"
+    return None
+
+
+def write_record(results_dir: Path | str, record: Mapping[str, Any]) -> Path:
+    """Validate and atomically write `record` at its `record_path`; the schema is stamped when absent."""
+    rec = {"schema": RESULT_SCHEMA, **record}
+    scale, ablation, variant, seed = (rec.get(k, "?") for k in ("scale", "ablation", "variant", "seed"))
+    path = record_path(results_dir, str(scale), str(ablation), str(variant), seed)
+    if err := validation_error(rec):
+        raise BadRecord(path, f"refusing to write: {err}")
+    return atomic_write_json(path, rec)
+
+
+def read_record(path: Path | str) -> dict[str, Any]:
+    """The record stored at `path`; BadRecord when the file is unreadable, not JSON or not a valid record."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise BadRecord(path, f"unreadable ({e.strerror or e})") from None
+    if not data.strip():
+        raise BadRecord(path, "empty file (interrupted write?)")
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRecord(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadRecord(path, f"not valid JSON, truncated? ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if err := validation_error(record):
+        raise BadRecord(path, err)
+    return record
+
+
+def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int) -> bool:
+    """True only when a valid record for exactly this run is stored: a corrupt file means the run must be redone."""
+    path = record_path(results_dir, scale, ablation, variant, seed)
+    try:
+        rec = read_record(path)
+    except (FileNotFoundError, BadRecord):
+        return False
+    return (rec["scale"], rec["ablation"], rec["variant"], rec["seed"]) == (scale, ablation, variant, seed)
+
+
+def scan_records(results_dir: Path | str) -> tuple[list[tuple[Path, dict[str, Any]]], list[tuple[Path, str]]]:
+    """Every valid record under `results_dir` (sorted by path) and every skipped file with its reason.
+
+    Only files at the record depth (<scale>/<ablation>/*.json) are considered, so other JSON in the tree is not
+    mistaken for a record; hidden files (temp files of atomic writes) are ignored. A valid record stored under a
+    path its own fields do not give (a copied or moved file) is skipped: it would duplicate or mislabel a run."""
+    results_dir = Path(results_dir)
+    records: list[tuple[Path, dict[str, Any]]] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in sorted(results_dir.glob("*/*/*.json")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            rec = read_record(path)
+        except FileNotFoundError:  # removed between listing and reading
+            continue
+        except BadRecord as e:
+            skipped.append((path, e.reason))
+            continue
+        expected = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"])
+        if expected != path:
+            skipped.append((path, f"its fields say it belongs at {expected.relative_to(results_dir).as_posix()} "
+                                  "(copied or moved file?)"))
+            continue
+        records.append((path, rec))
+    return records, skipped
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v)
+
+
+def _dict(rec: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = rec.get(key)
+    return v if isinstance(v, dict) else {}
+
+
+def _notes(rec: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(n) for n in rec.get("notes") or ())
+
+
+def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
+    metrics, paper, timing = _dict(rec, "metrics"), _dict(rec, "paper"), _dict(rec, "timing")
+    params = [v for v in _dict(rec, "params").values() if _is_number(v) and v is not None]
+    metric = rec.get("metric")
+    nfe = rec.get("nfe")
+    nfe_label = rec.get("nfe_label")
+    row: dict[str, Any] = {
+        "scale": rec["scale"], "ablation": rec["ablation"], "variant": rec["variant"], "seed": rec["seed"],
+        "kind": rec["kind"], "label": rec.get("label") or rec["variant"], "metric": metric,
+        "value": _float(metrics.get(metric)) if metric else math.nan,
+        "value_std": _float(metrics.get(f"{metric}_std")) if metric else math.nan,
+        "nfe": nfe, "nfe_label": str(nfe_label) if nfe_label is not None else (str(nfe) if nfe is not None else None),
+        "paper_fid": _float(paper.get("fid")), "paper_table": paper.get("table"), "paper_nfe": paper.get("nfe"),
+        "paper_ms_per_image": _float(paper.get("ms_per_image")),
+        "ms_per_image": _float(timing.get("ms_per_image")), "images_per_s": _float(timing.get("images_per_s")),
+        "params_total": float(sum(params)) if params else math.nan,
+        "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
+        "config_hash": rec.get("config_hash"), "samples_png": rec.get("samples_png"), "notes": _notes(rec),
+        "wall_time_s": _float(rec.get("wall_time_s")), "path": str(path),
+    }
+    row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
+    return row
+
+
+def results_frame(records: Iterable[tuple[Path, Mapping[str, Any]]],
+                  kinds: Iterable[str] = ("ablation",)) -> pd.DataFrame:
+    """One flattened row per record of the given kinds, sorted by (scale, ablation, variant, seed)."""
+    kinds = tuple(kinds)
+    rows = [_result_row(p, r) for p, r in records if r["kind"] in kinds]
+    if not rows:
+        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    df = pd.DataFrame(rows)
+    metric_cols = sorted(c for c in df.columns if c.startswith("metric_"))
+    df = df[[*RESULT_COLUMNS, *metric_cols]]
+    return df.sort_values(["scale", "ablation", "variant", "seed"], kind="stable").reset_index(drop=True)
+
+
+def speed_frame(records: Iterable[tuple[Path, Mapping[str, Any]]]) -> pd.DataFrame:
+    """One row per timed (sampler, batch size) of every speed record, in the record's own row order."""
+    out = []
+    for path, rec in records:
+        if rec["kind"] != "speed":
+            continue
+        machine = _dict(rec, "machine")
+        for i, row in enumerate(rec["rows"]):
+            out.append({
+                "scale": rec["scale"], "seed": rec["seed"], "order": i, "sampler": str(row["sampler"]),
+                "label": row.get("label") or str(row["sampler"]), "nfe": row.get("nfe"),
+                **{k: _float(row.get(k)) for k in ("params", "flops_per_image", "batch_size", "ms_per_image",
+                                                   "images_per_s", "speedup", "peak_fraction", "paper_ms",
+                                                   "paper_speedup")},
+                "device": machine.get("device"), "matmul_peak_flops": _float(machine.get("matmul_peak_flops")),
+                "notes": _notes(rec), "path": str(path),
+            })
+    if not out:
+        return pd.DataFrame(columns=list(SPEED_COLUMNS))
+    df = pd.DataFrame(out)[list(SPEED_COLUMNS)]
+    return df.sort_values(["scale", "seed", "order"], kind="stable").reset_index(drop=True)
+
+
+def load_results(results_dir: Path | str,
+                 kinds: Iterable[str] = ("ablation",)) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """(one row per valid record of `kinds`, [(skipped file, reason)]); bad files never make this fail."""
+    records, skipped = scan_records(results_dir)
+    return results_frame(records, kinds), skipped
+
+
+def load_speed_records(results_dir: Path | str) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """(one row per timed sampler and batch size of every speed record, [(skipped file, reason)])."""
+    records, skipped = scan_records(results_dir)
+    return speed_frame(records), skipped

@@ -1,0 +1,188 @@
+"""The ablation runner: spec + variant + scale + seed -> one result record.
+
+    resolve     scale preset + spec baseline + variant delta (+ --set overrides)       (ablations.py, config.py)
+    stage 1     F from the artifact cache, trained on a miss; shared by every variant with the same F config
+    stage 2     G likewise (none for the exact inverse)
+    sample      one seed per image, class-balanced labels                               (sample.py)
+    evaluate    Frechet distance / IS in the scale's feature space, NLL of F, NFE, params, latency
+    record      results/<scale>/<ablation>/<variant>__seed<N>.json, written atomically under a directory lock
+
+A variant already recorded (a valid record) is skipped unless `force`; a killed run resumes from the checkpoint of
+the stage it was in, because every artifact and checkpoint is keyed by the hash of what determines it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ablations import AblationSpec, get_spec
+from .artifacts import default_cache_dir, get_backward, get_flow
+from .config import RunConfig
+from .data import DataSplits, class_balanced_labels, load_dataset, save_image_grid, to_uint8
+from .io import dir_lock
+from .metrics import bits_per_dim, compute_fidelity, count_params
+from .models.biflow import BiFlow
+from .models.tarflow import TARFlow
+from .results import RESULT_SCHEMA, is_done, record_path, write_record
+from .sample import Sampler, generate
+
+DEFAULT_RESULTS = Path("results")
+
+
+@dataclass
+class RunOptions:
+    results_dir: Path = DEFAULT_RESULTS
+    cache_dir: Path | None = None
+    data_dir: Path | None = None
+    force: bool = False
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+
+@dataclass
+class Trained:
+    cfg: RunConfig
+    flow: TARFlow
+    g: BiFlow | None
+    splits: DataSplits
+    train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@cache
+def _dataset(name: str, data_dir: str | None) -> DataSplits:
+    return load_dataset(name, data_dir)
+
+
+def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
+    """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
+    splits = _dataset(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
+    flow, flow_art = get_flow(cfg, seed, splits.train, opts.cache, opts.progress)
+    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(seed)}}
+    g = None
+    if cfg.inverse == "learned":
+        g, g_art = get_backward(cfg, seed, flow, splits.train, opts.cache, opts.progress)
+        train["stage2"] = {**g_art.meta, "cached": g_art.cached, "key": cfg.stage2_key(seed)}
+    return Trained(cfg, flow, g, splits, train)
+
+
+def sample_variant(t: Trained, seed: int, num: int | None = None) -> tuple[torch.Tensor, float]:
+    """`num` images (default: the config's) with class-balanced labels; returns them and ms per image."""
+    cfg = t.cfg
+    num = num or cfg.sample.num_samples
+    labels = class_balanced_labels(num, cfg.flow.num_classes) if cfg.flow.num_classes else None
+    start = time.perf_counter()
+    images = generate(Sampler.from_config(cfg), t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed)
+    return images, (time.perf_counter() - start) * 1000 / num
+
+
+def evaluate(t: Trained, images: torch.Tensor, seed: int) -> dict[str, float]:
+    """Sample quality against held-out real images, and F's NLL on held-out noisy data (what F models)."""
+    cfg, test = t.cfg, t.splits.test
+    reference = to_uint8(test.images[: cfg.eval.num_real])
+    metrics = compute_fidelity(to_uint8(images), reference, extractor=cfg.eval.extractor, resize=cfg.eval.resize)
+    n = cfg.eval.nll_samples
+    gen = torch.Generator().manual_seed(seed)
+    noisy = test.images[:n] + cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
+    labels = test.labels[:n] if cfg.flow.num_classes else None
+    metrics["bpd"] = bits_per_dim(t.flow, noisy, labels, test.levels)
+    return metrics
+
+
+def primary_metric(metrics: dict[str, float]) -> str:
+    return next(k for k in ("fid", "fd_effnet") if k in metrics)
+
+
+def notes_for(cfg: RunConfig) -> list[str]:
+    notes = []
+    if cfg.eval.extractor != "inception-v3-compat":
+        notes.append(f"fd_effnet / is_effnet: Frechet distance and Inception Score in {cfg.eval.extractor} features "
+                     f"(ImageNet weights) on {cfg.sample.num_samples} samples; not comparable to FID in absolute terms")
+    if cfg.inverse == "learned" and cfg.stage2.metric != "mse" and cfg.stage2.perceptual_weights == "random":
+        notes.append(f"perceptual terms ({cfg.stage2.metric}) use randomly initialised networks: pretrained VGG / "
+                     "ConvNeXt V2 weights are not available offline")
+    return notes
+
+
+def environment() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"git_commit": commit or "unknown", "torch": torch.__version__, "python": platform.python_version(),
+            "device": "cpu", "threads": str(torch.get_num_threads())}
+
+
+def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path:
+    start = time.perf_counter()
+    cfg = spec.resolve(variant, scale, opts.overrides)
+    log(f"[{spec.name}/{variant}] scale={scale} seed={seed}")
+    t = train_variant(cfg, seed, opts)
+    images, ms_per_image = sample_variant(t, seed)
+    metrics = evaluate(t, images, seed)
+    scale_dir = opts.results_dir / scale
+    samples_png = Path("samples") / spec.name / f"{variant}__seed{seed}.png"
+    save_image_grid(images, scale_dir / samples_png, nrow=10)
+    sampler = Sampler.from_config(cfg)
+    nfe, nfe_label = sampler.nfe(t.flow, t.g)
+    metric = primary_metric(metrics)
+    v = spec.variants[variant]
+    record = {
+        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
+        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
+        "config": cfg.to_dict(), "config_hash": cfg.stage2_key(seed), "metric": metric, "metrics": metrics,
+        "nfe": nfe, "nfe_label": nfe_label,
+        "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
+        "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
+                   "sample_batch": cfg.sample.batch_size,
+                   **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
+        "paper": {**v.paper, "table": spec.paper_table}, "notes": notes_for(cfg),
+        "samples_png": str(samples_png), "train": t.train, "env": environment(),
+        "wall_time_s": time.perf_counter() - start,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    path = write_record(opts.results_dir, record)
+    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f} bpd={metrics['bpd']:.3f} nfe={nfe_label} -> {path}")
+    return path
+
+
+def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
+        opts: RunOptions | None = None) -> list[Path]:
+    """Run (or skip, when recorded) each variant of an ablation; returns the record paths."""
+    opts = opts or RunOptions()
+    spec = get_spec(ablation)
+    names = variants or list(spec.variants)
+    for name in names:  # validate everything before any work starts
+        spec.resolve(name, scale, opts.overrides)
+    if spec.kind == "speed":
+        from .bench import run_speed_bench
+
+        with dir_lock(opts.results_dir / scale, wait=False):
+            return [write_record(opts.results_dir, run_speed_bench(scale=scale, progress=opts.progress))]
+    paths = []
+    with dir_lock(opts.results_dir / scale, wait=False):
+        for name in names:
+            if not opts.force and is_done(opts.results_dir, scale, spec.name, name, seed):
+                log(f"[{spec.name}/{name}] already recorded, skipping (--force to re-run)")
+                paths.append(record_path(opts.results_dir, scale, spec.name, name, seed))
+                continue
+            paths.append(run_variant(spec, name, scale, seed, opts))
+    return paths

@@ -1,0 +1,246 @@
+"""Training loops: stage 1 (F by maximum likelihood) and stage 2 (G against the frozen F).
+
+Both stages run through `fit`: AdamW (0.9, 0.95) with linear warm-up and cosine decay, gradient clipping, optional
+EMA, atomic checkpoints that resume bit-exactly (each step draws its randomness from a generator seeded by
+(seed, step), and the data stream can start at any step), non-finite steps skipped and counted, and Ctrl-C / SIGTERM
+turned into a checkpoint at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import ImageDataset, add_noise, batch_iterator, drop_labels
+from .io import CorruptArtifact, atomic_torch_save, verified_torch_load
+from .losses import build_perceptual_terms, nll_loss, stage2_loss
+from .models.biflow import BiFlow
+from .models.tarflow import TARFlow
+
+LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the EMA model when EMA is on
+    steps: int
+    seconds: float
+    terms: dict[str, float] = field(default_factory=dict)  # loss terms averaged over the last steps
+    skipped_steps: int = 0
+    resumed_from: int = 0
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class _StopFlag:
+    """Turns SIGINT / SIGTERM into a flag checked at step boundaries (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return verified_torch_load(path)
+    except CorruptArtifact as e:
+        print(f"warning: {e}; starting this stage again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        Path(str(path) + ".sha256").unlink(missing_ok=True)
+        return None
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: ImageDataset,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 500,
+    max_bad_steps: int = 20,
+    ema_decay: float | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
+) -> FitResult:
+    opt = _optimizer(model, lr, weight_decay)
+    ema = [p.detach().clone() for p in model.parameters()] if ema_decay else None
+    start, skipped, bad_in_row, elapsed = 0, 0, 0, 0.0
+    state = _load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema = state["ema"]
+        start, skipped, bad_in_row, elapsed = state["step"], state["skipped"], state["bad_in_row"], state["elapsed"]
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            atomic_torch_save(
+                {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema,
+                 "skipped": skipped, "bad_in_row": bad_in_row, "elapsed": elapsed + time.perf_counter() - t0},
+                checkpoint,
+            )
+
+    model.train()
+    batches = batch_iterator(dataset, batch_size, seed, start_step=start)
+    recent: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, mininterval=1.0, leave=False)
+    with _StopFlag() as stop:
+        for step in range(start, steps):
+            if stop.signum is not None:
+                save(step)
+                where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path"
+                raise TrainingInterrupted(f"{desc} interrupted at step {step}/{steps}; {where}; re-run the same command to resume")
+            x, y = next(batches)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            loss, terms = loss_fn(model, x, y, step_generator(seed, step))
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
+            if not finite:  # skip the update, count it, stop after too many in a row
+                opt.zero_grad(set_to_none=True)
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                if bad_in_row >= max_bad_steps:
+                    last = f"last good checkpoint: {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint yet"
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                    raise TrainingDiverged(f"{desc}: {bad_in_row} non-finite losses in a row at step {step} ({shown}); {last}")
+            else:
+                bad_in_row = 0
+                opt.step()
+                if ema is not None:
+                    decay = min(ema_decay, (1 + step) / (10 + step))
+                    torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
+                for k, v in terms.items():
+                    recent.setdefault(k, []).append(v)
+                    del recent[k][:-50]
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save(step + 1)
+            bar.update(1)
+            if progress and step % 10 == 0:
+                avg = {k: sum(v) / len(v) for k, v in recent.items()}
+                bar.set_postfix(postfix(avg) if postfix else {k: f"{v:.4f}" for k, v in avg.items()})
+    bar.close()
+    seconds = elapsed + time.perf_counter() - t0
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), ema, strict=True):
+                p.copy_(e)
+    model.eval()
+    avg = {k: sum(v) / len(v) for k, v in recent.items()}
+    return FitResult(model, steps, seconds, avg, skipped, start)
+
+
+def train_flow(cfg: RunConfig, dataset: ImageDataset, seed: int, checkpoint: Path | None = None,
+               progress: bool = True) -> tuple[TARFlow, FitResult]:
+    """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop."""
+    torch.manual_seed(seed)
+    flow = TARFlow(cfg.flow)
+    s1 = cfg.stage1
+    levels_offset = math.log((dataset.levels - 1) / 2)
+
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x = add_noise(x, s1.noise_sigma, gen)
+        labels = drop_labels(y, s1.label_drop, cfg.flow.num_classes, gen) if cfg.flow.num_classes else None
+        loss = nll_loss(model, x, labels)  # type: ignore[arg-type]
+        return loss, {"nll": float(loss.detach())}
+
+    def postfix(avg: dict[str, float]) -> dict[str, str]:
+        return {"bits/dim": f"{(avg.get('nll', float('nan')) + levels_offset) / math.log(2):.3f}"}
+
+    result = fit(
+        flow, loss_fn, dataset, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
+        weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=seed, checkpoint=checkpoint,
+        checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
+        progress=progress, postfix=postfix,
+    )
+    return flow, result
+
+
+def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset, seed: int, checkpoint: Path | None = None,
+                   progress: bool = True) -> tuple[BiFlow, FitResult]:
+    """Stage 2: G against the frozen F (BiFlow sec. 3); F's weights are never updated."""
+    torch.manual_seed(seed + 1)
+    g = BiFlow(cfg.backward)
+    s2 = cfg.stage2
+    flow.eval().requires_grad_(False)
+    perceptual = build_perceptual_terms(s2.metric, s2.perceptual_weights, s2.perceptual_size)
+
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        return stage2_loss(
+            model, flow, x, y if cfg.backward.num_classes else None,  # type: ignore[arg-type]
+            sigma=cfg.stage1.noise_sigma, label_drop=s2.label_drop, cfg_max=s2.cfg_max,
+            hidden_weight=s2.hidden_weight, adaptive_p=s2.adaptive_p, perceptual=perceptual,
+            perceptual_batch=s2.perceptual_batch, generator=gen,
+        )
+
+    result = fit(
+        g, loss_fn, dataset, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr, warmup=s2.warmup,
+        weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
+        checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
+        desc="stage 2 (G)", progress=progress,
+    )
+    return g, result
+

@@ -1,0 +1,32 @@
+"""Shared fixtures: small models with non-trivial weights (zero-initialised output layers would make every flow
+the identity), and an isolated artifact cache / results directory per test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biflow_bench.models import TARFlow, TARFlowConfig
+
+
+def randomize(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with N(0, scale^2 / fan_in)-ish noise so no layer is the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale / fan_in**0.5)
+    return model
+
+
+def small_flow(dtype: torch.dtype = torch.float64, **overrides) -> TARFlow:
+    cfg = dict(in_channels=1, image_size=4, patch_size=2, channels=16, num_blocks=3, layers_per_block=1,
+               num_heads=2, num_classes=3, clip=None)
+    cfg.update(overrides)
+    return randomize(TARFlow(TARFlowConfig(**cfg))).to(dtype).eval()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIFLOW_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)

@@ -1,0 +1,102 @@
+"""Registry-parametrized end-to-end runs: every registered variant of every quality ablation trains, samples,
+evaluates and writes a valid record at the tiny scale (with short schedules); plus the spec registry's validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from biflow_bench import runner
+from biflow_bench.ablations import SpecError, load_registry, load_spec
+from biflow_bench.results import is_done, load_results, read_record
+
+REGISTRY = load_registry()
+QUICK = {"stage1.steps": 30, "stage1.batch_size": 32, "stage2.steps": 12, "stage2.batch_size": 32,
+         "stage2.perceptual_batch": 4, "sample.num_samples": 60, "eval.num_real": 60, "eval.nll_samples": 60,
+         "eval.resize": 32}
+CASES = [(a, v) for a, spec in REGISTRY.items() if spec.kind == "quality" for v in spec.variants]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One artifact cache for the module: variants that share F reuse it, as in a real run."""
+    root = tmp_path_factory.mktemp("e2e")
+    return runner.RunOptions(results_dir=root / "results", cache_dir=root / "cache", overrides=QUICK, progress=False)
+
+
+def test_registry_has_every_table_of_the_paper():
+    assert {"inverse-strategy", "denoise", "norm-control", "distance-metric", "training-cfg", "main",
+            "speed"} <= set(REGISTRY)
+    assert list(REGISTRY["inverse-strategy"].variants) == ["exact", "naive", "hidden-distill", "hidden-align"]
+    assert REGISTRY["denoise"].variants["score"].paper["fid"] == 42.62
+
+
+@pytest.mark.parametrize("ablation,variant", CASES, ids=[f"{a}/{v}" for a, v in CASES])
+def test_variant_runs_end_to_end(ablation, variant, shared):
+    (path,) = runner.run(ablation, [variant], scale="tiny", seed=0, opts=shared)
+    record = read_record(path)
+    spec = REGISTRY[ablation]
+    cfg = spec.resolve(variant, "tiny", QUICK)
+    assert record["config"] == cfg.to_dict() and record["metric"] == "fd_effnet"
+    assert all(v == v for v in record["metrics"].values()) and record["metrics"]["fd_effnet"] > 0
+    assert record["paper"]["table"] == spec.paper_table
+    score_step = cfg.backward.denoise == "score"  # one more pass, through F
+    if cfg.inverse == "exact":  # serial: one evaluation per decoded token per block
+        assert record["nfe"] == 4 * 15 + score_step and record["params"]["backward"] == 0
+    else:
+        two_branch = cfg.backward.cfg_mode == "inference" and cfg.sample.cfg_scale
+        assert record["nfe"] == (2 if two_branch else 1) + score_step and record["params"]["backward"] > 0
+    if "lpips" in cfg.stage2.metric:
+        assert any("random" in n for n in record["notes"])
+    assert (shared.results_dir / "tiny" / record["samples_png"]).exists()
+    assert is_done(shared.results_dir, "tiny", ablation, variant, 0)
+
+
+def test_recorded_runs_are_skipped_and_results_load(shared):
+    runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
+    path = shared.results_dir / "tiny" / "denoise" / "learned__seed0.json"
+    stamp = path.stat().st_mtime_ns
+    runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
+    assert path.stat().st_mtime_ns == stamp  # skipped, not re-run
+    df, skipped = load_results(shared.results_dir)
+    assert not skipped and ("denoise", "learned") in set(zip(df.ablation, df.variant, strict=True))
+
+
+def test_variants_sharing_f_share_the_artifact(shared):
+    cfgs = [REGISTRY["denoise"].resolve(v, "tiny", QUICK) for v in ("learned", "score", "none")]
+    assert len({c.stage1_key(0) for c in cfgs}) == 1 and len({c.stage2_key(0) for c in cfgs}) == 3
+    clip, none = (REGISTRY["norm-control"].resolve(v, "tiny", QUICK) for v in ("clip", "none"))
+    assert clip.stage1_key(0) != none.stage1_key(0)  # norm control changes F: its own forward flow
+
+
+@pytest.mark.parametrize("text,message", [
+    ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\n[variants.a]\nset = { "stage2.nope" = 1 }',
+     "unknown key 'stage2.nope'"),
+    ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\n[variants.a]\nset = { "stage2.steps" = "many" }',
+     "wrong type"),
+    ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\n[variants.a]\nbogus = 1', "unknown key"),
+    ('name = "x"\nversion = "one"\ntitle = "t"\npaper_table = "p"\n[variants.a]', "version"),
+    ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"', "at least one"),
+    ("name = [", "not valid TOML"),
+])
+def test_malformed_specs_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=message) as e:
+        load_spec(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_duplicate_names_refused(tmp_path):
+    spec = 'name = "same"\nversion = 1\ntitle = "t"\npaper_table = "p"\n[variants.a]\n'
+    (tmp_path / "a.toml").write_text(spec)
+    (tmp_path / "b.toml").write_text(spec)
+    with pytest.raises(SpecError, match="duplicate ablation name 'same'"):
+        load_registry(tmp_path)
+
+
+def test_specs_are_json_serialisable_configs():
+    for spec in REGISTRY.values():
+        for v in spec.variants:
+            json.dumps(spec.resolve(v, "tiny").to_dict())

@@ -1,0 +1,337 @@
+"""Result records (write/read/validation, skipping bad files) and the report rendered from them alone."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # the report draws on Figure objects directly; this keeps any stray pyplot headless too
+
+import pytest
+from PIL import Image
+
+from biflow_bench.ablations import AblationSpec, Variant
+from biflow_bench.report import ReportSummary, headline_table, render_report
+from biflow_bench.results import (
+    RESULT_SCHEMA, BadRecord, is_done, load_results, load_speed_records, read_record, record_path, write_record,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# denoise: ours ranks learned < none < score, the paper learned < score < none -> one discordant pair of three.
+DENOISE = {  # variant: (label, [values per seed], bootstrap std, paper FID, NFE)
+    "learned": ("Learned denoising", [9.0, 11.0], 0.3, 31.88, 1),
+    "score": ("Score-based denoising", [30.0], 0.5, 42.62, 2),
+    "none": ("No denoising", [20.0], 0.7, 100.51, 1),
+}
+
+
+def make_record(ablation: str, variant: str, seed: int, value: float, *, label: str, std: float = 0.1,
+                paper_fid: float | None = None, nfe: int = 1, inverse: str = "learned", ms: float = 1.0,
+                scale: str = "tiny", notes: tuple[str, ...] = (), samples_png: str | None = None) -> dict[str, Any]:
+    return {
+        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": ablation, "variant": variant, "label": label,
+        "scale": scale, "seed": seed, "spec_version": 1, "config": {"inverse": inverse, "scale": scale},
+        "config_hash": f"h{variant}{seed}", "metric": "fd_effnet",
+        "metrics": {"fd_effnet": value, "fd_effnet_std": std, "is_effnet": 3.0, "bpd": 1.5},
+        "nfe": nfe, "nfe_label": str(nfe), "params": {"flow": 100, "backward": 50},
+        "timing": {"ms_per_image": ms, "images_per_s": 1000.0 / ms},
+        "paper": {"fid": paper_fid, "table": "Table 3", "nfe": nfe},
+        "notes": list(notes), "samples_png": samples_png,
+        "env": {"device": "cpu"}, "wall_time_s": 1.0, "created": "2026-11-23T10:00:00Z",
+    }
+
+
+def speed_record(scale: str = "tiny") -> dict[str, Any]:
+    rows = []
+    for sampler, label, nfe, ms1 in (("exact", "exact inverse", 64, 40.0), ("learned", "learned 1-NFE", 1, 0.8)):
+        for bs in (1, 8):
+            ms = ms1 / (1 if bs == 1 else 4)
+            rows.append({"sampler": sampler, "label": label, "nfe": nfe, "params": 150, "flops_per_image": 1e6,
+                         "batch_size": bs, "ms_per_image": ms, "images_per_s": 1000 / ms,
+                         "speedup": (40.0 / ms1), "peak_fraction": 0.01, "paper_ms": None, "paper_speedup": None})
+    return {"schema": RESULT_SCHEMA, "kind": "speed", "ablation": "speed", "variant": "bench", "scale": scale,
+            "seed": 0, "rows": rows, "machine": {"device": "cpu", "matmul_peak_flops": 1e11},
+            "notes": ["timed on CPU"]}
+
+
+def build_results(rdir: Path) -> Path:
+    """Two quality ablations (one with two seeds), a speed record, one sample grid."""
+    grid = rdir / "tiny" / "samples" / "denoise" / "learned__seed0.png"
+    grid.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(grid)
+    for variant, (label, values, std, fid, nfe) in DENOISE.items():
+        for seed, value in enumerate(values):
+            write_record(rdir, make_record(
+                "denoise", variant, seed, value, label=label, std=std, paper_fid=fid, nfe=nfe,
+                notes=("perceptual networks use random weights (offline)",),
+                samples_png="samples/denoise/learned__seed0.png" if (variant, seed) == ("learned", 0) else None))
+    write_record(rdir, make_record("main", "biflow", 0, 5.0, label="BiFlow (learned)", paper_fid=2.39, ms=0.5))
+    write_record(rdir, make_record("main", "itarflow", 0, 4.0, label="iTARFlow (exact)", paper_fid=6.83, nfe=129,
+                                   inverse="exact", ms=50.0))
+    write_record(rdir, speed_record())
+    return rdir
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    return build_results(tmp_path / "results")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ReportSummary]:
+    """One report (records alone, no spec registry) over the fixture plus four bad files, shared by the read-only
+    report tests: drawing the figures is most of the suite's time."""
+    root = tmp_path_factory.mktemp("rendered")
+    rdir = build_results(root / "results")
+    add_bad_files(rdir)
+    return rdir, root / "report", render_report(rdir, root / "report", registry={})
+
+
+def add_bad_files(rdir: Path) -> dict[str, Path]:
+    good = record_path(rdir, "tiny", "denoise", "learned", 0).read_text()
+    bad = {
+        "truncated": rdir / "tiny" / "denoise" / "score__seed7.json",
+        "foreign": rdir / "tiny" / "denoise" / "hello.json",
+        "schema": rdir / "tiny" / "main" / "biflow__seed3.json",
+        "moved": rdir / "tiny" / "main" / "biflow__seed4.json",
+    }
+    bad["truncated"].write_text(good[: len(good) // 2])
+    bad["foreign"].write_text(json.dumps({"hello": 1}))
+    bad["schema"].write_text(json.dumps({**make_record("main", "biflow", 3, 1.0, label="x"), "schema": 99}))
+    bad["moved"].write_text(json.dumps(make_record("main", "biflow", 0, 1.0, label="x")))  # says seed 0
+    return bad
+
+
+def kendall_tau_by_hand(xs: list[float], ys: list[float]) -> float:
+    """Tau-a from concordant and discordant pairs (no ties in the fixture, where tau-a equals scipy's tau-b)."""
+    pairs = list(itertools.combinations(range(len(xs)), 2))
+    s = sum((1 if (xs[i] - xs[j]) * (ys[i] - ys[j]) > 0 else -1) for i, j in pairs)
+    return s / len(pairs)
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    """First cell -> cells, for every body row of the pipe tables in `md`."""
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| :--") and not line.startswith("| --"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ results
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    rec = make_record("denoise", "learned", 2, 12.3, label="Learned", paper_fid=31.88)
+    del rec["schema"]  # stamped by the writer
+    path = write_record(tmp_path, rec)
+    assert path == tmp_path / "tiny" / "denoise" / "learned__seed2.json"
+    assert read_record(path) == {**rec, "schema": RESULT_SCHEMA}
+    assert is_done(tmp_path, "tiny", "denoise", "learned", 2)
+    assert not is_done(tmp_path, "tiny", "denoise", "learned", 3)  # no file
+
+
+def test_write_refuses_invalid_records(tmp_path: Path) -> None:
+    rec = make_record("denoise", "learned", 0, 1.0, label="x")
+    with pytest.raises(BadRecord, match="metrics"):
+        write_record(tmp_path, {k: v for k, v in rec.items() if k != "metrics"})
+    with pytest.raises(BadRecord, match="variant"):
+        write_record(tmp_path, {**rec, "variant": "../escape"})
+    with pytest.raises(BadRecord, match="primary metric"):
+        write_record(tmp_path, {**rec, "metric": "fid"})
+    with pytest.raises(BadRecord, match="schema 2"):
+        write_record(tmp_path, {**rec, "schema": 2})
+    with pytest.raises(BadRecord, match=r"rows\[0\]"):
+        write_record(tmp_path, {**speed_record(), "rows": [{"sampler": "exact", "batch_size": 1}]})
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_bad_files_are_rejected_and_skipped(results: Path) -> None:
+    bad = add_bad_files(results)
+    expected_reason = {"truncated": "not valid JSON", "foreign": "no 'schema' key", "schema": "schema 99"}
+    for key, reason in expected_reason.items():
+        with pytest.raises(BadRecord, match=re.escape(reason)) as err:
+            read_record(bad[key])
+        assert str(bad[key]) in str(err.value) and "\n" not in str(err.value)
+    assert not is_done(results, "tiny", "denoise", "score", 7)  # truncated
+    assert not is_done(results, "tiny", "main", "biflow", 3)  # wrong schema
+    assert not is_done(results, "tiny", "main", "biflow", 4)  # valid JSON, but a copy of seed 0's record
+
+    df, skipped = load_results(results)
+    reasons = {p: why for p, why in skipped}
+    assert set(reasons) == set(bad.values())
+    assert "belongs at tiny/main/biflow__seed0.json" in reasons[bad["moved"]]
+    assert len(df) == 6 and set(df["kind"]) == {"ablation"}  # the 6 good quality records, nothing else
+
+
+def test_load_results_flattens_records(results: Path) -> None:
+    df, skipped = load_results(results)
+    assert skipped == []
+    row = df[(df["ablation"] == "denoise") & (df["variant"] == "score")].iloc[0]
+    assert (row["value"], row["value_std"], row["metric_is_effnet"], row["metric_bpd"]) == (30.0, 0.5, 3.0, 1.5)
+    assert (row["paper_fid"], row["paper_table"], row["params_total"]) == (42.62, "Table 3", 150.0)
+    assert row["nfe_label"] == "2"
+    assert list(df[df["variant"] == "learned"]["seed"]) == [0, 1]
+
+    both, _ = load_results(results, kinds=("ablation", "speed"))
+    assert set(both["kind"]) == {"ablation", "speed"}
+    speed, _ = load_speed_records(results)
+    assert len(speed) == 4 and set(speed["sampler"]) == {"exact", "learned"}
+    assert speed[speed["sampler"] == "exact"]["batch_size"].tolist() == [1.0, 8.0]
+
+
+def test_headline_table_speedup(results: Path) -> None:
+    df, _ = load_results(results)
+    h = headline_table(df).set_index("variant")
+    assert h.loc["biflow", "speedup_vs_exact"] == pytest.approx(100.0)  # 50 ms exact / 0.5 ms learned
+    assert h.loc["itarflow", "speedup_vs_exact"] == pytest.approx(1.0)
+    assert h.loc["biflow", "ours"] == 5.0 and h.loc["biflow", "paper_fid"] == 2.39
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+def test_report_tables_ranks_and_kendall(rendered: tuple[Path, Path, ReportSummary]) -> None:
+    _, out, summary = rendered
+    assert summary.ablations == [("tiny", "denoise"), ("tiny", "main")]
+    md = (out / "tiny" / "denoise.md").read_text()
+    rows = table_rows(md)
+
+    # variant -> (our mean, our rank, paper rank), computed here from DENOISE
+    means = {v: sum(vals) / len(vals) for v, (_, vals, _, _, _) in DENOISE.items()}
+    paper = {v: spec[3] for v, spec in DENOISE.items()}
+    for v, (label, vals, std, fid, nfe) in DENOISE.items():
+        cells = rows[label]
+        our_rank = 1 + sum(m < means[v] for m in means.values())
+        paper_rank = 1 + sum(p < paper[v] for p in paper.values())
+        noise = 1.414 if len(vals) > 1 else std  # std across 2 seeds (9, 11) = sqrt(2), else the bootstrap std
+        assert cells[1] == f"{means[v]:.2f} ± {noise:.2f}"
+        assert cells[2:] == [str(len(vals)), str(nfe), f"{fid:.2f}", str(our_rank), str(paper_rank)]
+    assert list(rows)[1:4] == ["Learned denoising", "No denoising", "Score-based denoising"]  # sorted by variant name
+
+    variants = list(DENOISE)
+    tau = kendall_tau_by_hand([means[v] for v in variants], [paper[v] for v in variants])
+    assert tau == pytest.approx(1 / 3)
+    assert f"Kendall τ between our ranking and the paper's: {tau:.3f} over 3 variants." in md
+    assert summary.kendall[("tiny", "denoise")] == pytest.approx(tau)
+    assert md.count("perceptual networks use random weights (offline)") == 1  # deduplicated over 4 records
+    tex = (out / "tiny" / "denoise.tex").read_text()
+    assert "10.00 $\\pm$ 1.41" in tex and "31.88" in tex and "fd\\_effnet" in tex
+    csv = (out / "tiny" / "denoise.csv").read_text().splitlines()
+    assert csv[0].startswith("scale,ablation,variant,label,metric,ours,ours_std")
+    assert len(csv) == 4
+
+    # main: ours 5 vs 4, paper 2.39 vs 6.83 -> fully discordant
+    main_md = (out / "tiny" / "main.md").read_text()
+    assert "Kendall τ between our ranking and the paper's: -1.000 over 2 variants." in main_md
+
+
+def test_report_figures_links_and_samples(rendered: tuple[Path, Path, ReportSummary]) -> None:
+    results, out, summary = rendered
+    pngs = [p for p in summary.files if p.suffix == ".png"]
+    assert {p.name for p in pngs} == {"denoise.png", "main.png", "speed.png", "speed_quality.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+
+    readme = (out / "README.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", readme)
+    assert {"tiny/denoise.md", "tiny/speed.md", "tiny/speed_quality.png", "tiny/main.tex"} <= set(links)
+    for link in links:
+        assert (out / link).is_file(), link
+    headline = table_rows(readme)["BiFlow (learned)"]
+    assert headline[1:] == ["learned", "5.00 ± 0.10", "1", "1", "0.500", "×100.0", "2.39"]
+
+    # The sample grid is referenced, not copied, by a path that resolves from the Markdown's folder.
+    md = (out / "tiny" / "denoise.md").read_text()
+    (ref,) = re.findall(r"!\[Learned denoising, seed 0\]\(([^)]+)\)", md)
+    assert (out / "tiny" / ref).resolve() == (results / "tiny" / "samples/denoise/learned__seed0.png").resolve()
+    assert not list(out.rglob("learned__seed0.png"))
+
+    speed_md = (out / "tiny" / "speed.md").read_text()
+    speed_rows = [line for line in speed_md.splitlines() if line.startswith("| exact inverse")]
+    assert len(speed_rows) == 2 and "×1.0" in speed_rows[0] and "1.00%" in speed_rows[0]
+    assert "device `cpu`" in speed_md and "timed on CPU" in speed_md
+
+
+def test_rerender_is_byte_identical_and_sweeps_stale_files(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    first = render_report(results, out, registry={})
+    snapshot = {p: p.read_bytes() for p in first.files}
+    assert any(p.suffix == ".md" for p in snapshot)
+    second = render_report(results, out, registry={})
+    assert second.files == first.files and second.removed == []
+    assert {p: p.read_bytes() for p in second.files} == snapshot  # Markdown, CSV, LaTeX and PNG alike
+
+    mine = out / "tiny" / "my-notes.md"  # a user's file: never swept
+    mine.write_text("keep me")
+    for p in (results / "tiny" / "main").glob("*.json"):
+        p.unlink()
+    third = render_report(results, out, registry={})
+    assert sorted(p.name for p in third.removed) == ["main.csv", "main.md", "main.png", "main.tex",
+                                                     "speed_quality.png"]
+    assert mine.read_text() == "keep me" and not (out / "tiny" / "main.md").exists()
+    assert "No `main` records at this scale." in (out / "README.md").read_text()
+
+
+def test_render_of_one_scale_leaves_other_scales_alone(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "report"
+    for scale in ("tiny", "small"):
+        write_record(results, make_record("main", "biflow", 0, 5.0, label="BiFlow", scale=scale))
+    render_report(results, out, registry={})
+    partial = render_report(results, out, scales=["tiny"], registry={})
+    assert partial.removed == [] and (out / "small" / "main.md").is_file()
+    assert "## Scale `small`" not in (out / "README.md").read_text()
+    # the partial render kept small/ in the manifest, so a full render still sweeps it once its records go
+    (results / "small" / "main" / "biflow__seed0.json").unlink()
+    swept = render_report(results, out, registry={}).removed
+    assert sorted(p.relative_to(out).as_posix() for p in swept) == [f"small/main.{x}"
+                                                                     for x in ("csv", "md", "png", "tex")]
+    assert (out / "tiny" / "main.md").is_file()
+
+
+def test_readme_names_skipped_files(rendered: tuple[Path, Path, ReportSummary]) -> None:
+    _, out, summary = rendered
+    assert len(summary.skipped) == 4
+    skipped_section = (out / "README.md").read_text().split("## Skipped files", 1)[1]
+    assert "- `tiny/denoise/score__seed7.json`: not valid JSON" in skipped_section
+    assert "- `tiny/denoise/hello.json`: not a biflow-bench record (no 'schema' key)" in skipped_section
+    assert "- `tiny/main/biflow__seed3.json`: schema 99 is not supported" in skipped_section
+    assert "tiny/main/biflow__seed4.json" in skipped_section
+    # the good records still rendered
+    assert "31.88" in (out / "tiny" / "denoise.md").read_text()
+
+
+def test_spec_order_labels_and_missing_variants(results: Path, tmp_path: Path) -> None:
+    variants = {n: Variant(n, {}, {"fid": DENOISE[n][3]} if n in DENOISE else {"fid": 7.5}, f"spec {n}")
+                for n in ("none", "score", "learned", "never-run")}
+    spec = AblationSpec(name="denoise", version=1, title="Denoising mode", paper_table="Table 3a", baseline={},
+                        variants=variants)
+    out = tmp_path / "report"
+    render_report(results, out, registry={"denoise": spec})
+    md = (out / "tiny" / "denoise.md").read_text()
+    assert md.startswith("# Denoising mode: scale `tiny`")
+    rows = table_rows(md)
+    # spec order; record labels win over the spec's; the unrun variant keeps its paper number and no rank of ours
+    assert list(rows)[1:] == ["No denoising", "Score-based denoising", "Learned denoising", "spec never-run"]
+    assert rows["spec never-run"][1:] == ["—", "0", "—", "7.50", "—", "1"]
+    assert "0.333 over 3 variants" in md  # the unrun variant does not enter tau
+
+
+def test_report_without_spec_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIFLOW_ABLATIONS", str(tmp_path / "no-such-dir"))
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_record(results, make_record("denoise", "learned", 0, 1.0, label="Learned", paper_fid=31.88))
+    summary = render_report(results, out)  # registry=None: load the specs, which fails here
+    assert summary.ablations == [("tiny", "denoise")] and summary.kendall[("tiny", "denoise")] is None
+    assert "The ablation specs could not be loaded" in (out / "README.md").read_text()
+    md = (out / "tiny" / "denoise.md").read_text()
+    assert "Kendall τ between our ranking and the paper's: n/a: 1 variant(s)" in md

@@ -1,0 +1,99 @@
+"""The training loop: stage 1 lowers bits/dim; interrupted runs resume bit-exactly; non-finite losses are skipped,
+counted, and stop the run when they persist."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from biflow_bench.config import scale_config
+from biflow_bench.data import load_digits
+from biflow_bench.metrics import bits_per_dim
+from biflow_bench.models import TARFlow
+from biflow_bench.losses import nll_loss
+from biflow_bench.train import TrainingDiverged, TrainingInterrupted, fit, train_flow
+
+
+def _tiny(steps: int, **stage1):
+    cfg = scale_config("tiny")
+    return dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, steps=steps, warmup=5, **stage1))
+
+
+def test_stage1_lowers_bits_per_dim():
+    data = load_digits()
+    cfg = _tiny(60, batch_size=64)
+    torch.manual_seed(0)
+    before = bits_per_dim(TARFlow(cfg.flow), data.test.images, data.test.labels, data.test.levels)
+    flow, result = train_flow(cfg, data.train, seed=0, progress=False)
+    after = bits_per_dim(flow, data.test.images, data.test.labels, data.test.levels)
+    assert math.isfinite(after) and after < before - 0.3, (before, after)
+    assert result.steps == 60 and result.skipped_steps == 0
+
+
+def _fit(model, loss_fn, checkpoint, steps=12, **kw):
+    return fit(model, loss_fn, load_digits().train, steps=steps, batch_size=16, lr=1e-3, warmup=2, weight_decay=0.0,
+               grad_clip=1.0, seed=0, checkpoint=checkpoint, checkpoint_every=4, progress=False, **kw)
+
+
+def _flow_loss(model, x, y, gen):
+    loss = nll_loss(model, x + 0.1 * torch.randn(x.shape, generator=gen), y)
+    return loss, {"nll": float(loss.detach())}
+
+
+def test_interrupt_saves_checkpoint_and_resume_is_bit_exact(tmp_path):
+    cfg = _tiny(12)
+    torch.manual_seed(1)
+    straight = TARFlow(cfg.flow)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    _fit(straight, _flow_loss, tmp_path / "a.pt", ema_decay=0.9)
+
+    def interrupting(model, x, y, gen):  # SIGINT arrives during step 6; the loop stops at the next boundary
+        if interrupting.calls == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        interrupting.calls += 1
+        return _flow_loss(model, x, y, gen)
+
+    interrupting.calls = 0
+    resumed = TARFlow(cfg.flow)
+    resumed.load_state_dict(init)
+    with pytest.raises(TrainingInterrupted, match="re-run the same command to resume"):
+        _fit(resumed, interrupting, tmp_path / "b.pt", ema_decay=0.9)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 7
+    fresh = TARFlow(cfg.flow)  # a new process: weights come from the checkpoint only
+    result = _fit(fresh, _flow_loss, tmp_path / "b.pt", ema_decay=0.9)
+    assert result.resumed_from == 7
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    model = TARFlow(_tiny(12).flow)
+
+    def sometimes_nan(m, x, y, gen):
+        loss, terms = _flow_loss(m, x, y, gen)
+        sometimes_nan.calls += 1
+        return (loss * float("nan"), terms) if sometimes_nan.calls in (3, 4) else (loss, terms)
+
+    sometimes_nan.calls = 0
+    result = _fit(model, sometimes_nan, None)
+    assert result.skipped_steps == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_nan_stops_with_step_terms_and_checkpoint(tmp_path):
+    model = TARFlow(_tiny(30).flow)
+
+    def nan_after_five(m, x, y, gen):
+        loss, terms = _flow_loss(m, x, y, gen)
+        nan_after_five.calls += 1
+        if nan_after_five.calls > 5:
+            return loss * float("nan"), {"nll": float("nan")}
+        return loss, terms
+
+    nan_after_five.calls = 0
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 7 \(nll=nan\).*a.pt"):
+        _fit(model, nan_after_five, tmp_path / "a.pt", steps=30, max_bad_steps=3)
