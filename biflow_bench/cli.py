@@ -158,7 +158,7 @@ def eval_(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, da
     """Evaluate one variant and print its metrics (no record written)."""
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed)
-    typer.echo(json.dumps({**runner.evaluate(t, images, seed), "ms_per_image": ms}, indent=2))
+    typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
 
 
 @bench_app.command("speed")

@@ -135,10 +135,10 @@ SCALES: dict[str, RunConfig] = {
         dataset="fashion-mnist",
         flow=PRESETS["small"][0],
         backward=PRESETS["small"][1],
-        stage1=Stage1Config(steps=3000, batch_size=128, lr=1e-3, noise_sigma=0.05),
-        stage2=Stage2Config(steps=3000, batch_size=128, lr=1e-3),
+        stage1=Stage1Config(steps=2000, batch_size=64, lr=1e-3, noise_sigma=0.05, checkpoint_every=250),
+        stage2=Stage2Config(steps=600, batch_size=64, lr=1e-3, ema_decay=0.99, checkpoint_every=200),
         sample=SampleConfig(num_samples=2000, batch_size=500),
-        eval=EvalConfig(resize=128, num_real=2000, nll_samples=1000),
+        eval=EvalConfig(resize=96, num_real=2000, nll_samples=1000),
     ),
 }
 

@@ -30,7 +30,7 @@ from .artifacts import default_cache_dir, get_backward, get_flow
 from .config import RunConfig
 from .data import DataSplits, class_balanced_labels, load_dataset, save_image_grid, to_uint8
 from .io import dir_lock
-from .metrics import bits_per_dim, compute_fidelity, count_params
+from .metrics import bits_per_dim, compute_fidelity, count_params, reference_stats
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .results import RESULT_SCHEMA, is_done, record_path, write_record
@@ -93,10 +93,18 @@ def sample_variant(t: Trained, seed: int, num: int | None = None) -> tuple[torch
     return images, (time.perf_counter() - start) * 1000 / num
 
 
-def evaluate(t: Trained, images: torch.Tensor, seed: int) -> dict[str, float]:
+@cache
+def _reference_stats(dataset: str, data_dir: str | None, num_real: int, extractor: str, resize: int):
+    """Feature mean and covariance of the held-out real images, once per process."""
+    real = _dataset(dataset, data_dir).test.images[:num_real]
+    return reference_stats(to_uint8(real), extractor=extractor, resize=resize)
+
+
+def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None) -> dict[str, float]:
     """Sample quality against held-out real images, and F's NLL on held-out noisy data (what F models)."""
     cfg, test = t.cfg, t.splits.test
-    reference = to_uint8(test.images[: cfg.eval.num_real])
+    reference = _reference_stats(cfg.dataset, str(data_dir) if data_dir else None, cfg.eval.num_real,
+                                 cfg.eval.extractor, cfg.eval.resize)
     metrics = compute_fidelity(to_uint8(images), reference, extractor=cfg.eval.extractor, resize=cfg.eval.resize)
     n = cfg.eval.nll_samples
     gen = torch.Generator().manual_seed(seed)
@@ -137,7 +145,7 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     log(f"[{spec.name}/{variant}] scale={scale} seed={seed}")
     t = train_variant(cfg, seed, opts)
     images, ms_per_image = sample_variant(t, seed)
-    metrics = evaluate(t, images, seed)
+    metrics = evaluate(t, images, seed, opts.data_dir)
     scale_dir = opts.results_dir / scale
     samples_png = Path("samples") / spec.name / f"{variant}__seed{seed}.png"
     save_image_grid(images, scale_dir / samples_png, nrow=10)
