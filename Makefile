@@ -21,7 +21,7 @@ test: setup
 
 demo: setup
 	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
-	        ablation-distance-metric ablation-training-cfg ablation-main report SCALE=tiny
+	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed report SCALE=tiny
 
 ablation-%: setup
 	$(BENCH) run $* --scale $(SCALE) --seed $(SEED) $(ARGS)

@@ -19,6 +19,7 @@ overrides and the paper's numbers for that row, so every report can show ours be
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +71,17 @@ def default_spec_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "ablations"
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, where: str = "") -> dict[str, Any]:
+    """`where` names the spec that points at `path` (its include), so an error says which file to fix."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
+        raise SpecError(f"{where}{path}: file not found") from None
+    except OSError as e:  # a directory (include = "" or "."), no permission, ...
+        raise SpecError(f"{where}{path}: cannot read ({e.strerror or e})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid TOML ({e})") from None
+        raise SpecError(f"{where}{path}: not valid TOML ({e})") from None
 
 
 def _flatten(table: Any, where: str) -> dict[str, Any]:
@@ -101,12 +105,15 @@ def load_spec(path: str | Path) -> AblationSpec:
         raise SpecError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
     baseline: dict[str, Any] = {}
     if "include" in raw:
-        base = _read_toml(path.parent / str(raw["include"]))
+        base = _read_toml(path.parent / str(raw["include"]), where=f"{path}: include ")
         baseline.update(_flatten(base.get("baseline", {}), f"{path.parent / str(raw['include'])}: [baseline]"))
     baseline.update(_flatten(raw.get("baseline", {}), f"{path}: [baseline]"))
     for key in ("name", "title", "paper_table"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise SpecError(f"{path}: missing or empty string key {key!r}")
+    if not PLAIN_NAME.fullmatch(raw["name"]):
+        raise SpecError(f"{path}: name {raw['name']!r} must be lower-case letters, digits, '-' and '+' (it names "
+                        "folders and Makefile targets)")
     if not isinstance(raw.get("version"), int) or isinstance(raw.get("version"), bool):
         raise SpecError(f"{path}: 'version' must be an integer")
     kind = raw.get("kind", "quality")
@@ -118,6 +125,9 @@ def load_spec(path: str | Path) -> AblationSpec:
     variants = {}
     for name, v in variants_raw.items():
         where = f"{path}: [variants.{name}]"
+        if not PLAIN_NAME.fullmatch(name):
+            raise SpecError(f"{where}: the variant name must be lower-case letters, digits, '-' and '+' (it names "
+                            "result files)")
         if not isinstance(v, dict):
             raise SpecError(f"{where} must be a table")
         bad = set(v) - VARIANT_KEYS
@@ -139,6 +149,9 @@ def load_spec(path: str | Path) -> AblationSpec:
         except ConfigError as e:
             raise SpecError(str(e)) from None
     return spec
+
+
+PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9+-]*")
 
 
 def load_registry(spec_dir: str | Path | None = None) -> dict[str, AblationSpec]:

@@ -6,6 +6,7 @@ not depend on the values of its weights) and the variant's `Sampler` is timed en
     nfe              sequential network evaluations per image (`Sampler.nfe`)
     flops_per_image  torch.utils.flop_counter over one call at a small batch (matmuls and attention only)
     ms_per_image     median over `repeats` timed calls after `warmup` untimed ones, divided by the batch size
+                     (ms_min: the fastest call, a hint of how noisy the machine was)
     speedup          exact's ms / this ms at the same batch size
     peak_fraction    achieved FLOP/s over the matmul peak measured in the same run (a large square matmul)
 
@@ -67,15 +68,27 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                tries: int = 7) -> float:
-    """FLOP/s of a large square matmul, best of `tries`: 2 n^3 / t."""
+                min_tries: int = 5, max_tries: int = 30, budget_s: float = 0.5) -> float:
+    """FLOP/s of a large square matmul, 2 n^3 / t for the best of at least `min_tries` timed products (more, up
+    to `max_tries`, while `budget_s` lasts: the best of many is a steadier peak on a shared machine)."""
     n = n or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
+    reps = 1 if device.type == "cpu" else 10  # on cuda, amortise the launch and the synchronisation
+    best = math.inf
     with torch.inference_mode():
-        reps = 2 if device.type == "cpu" else 10
-        times = [t / reps for t in time_calls(lambda: [a @ b for _ in range(reps)], device, tries, 1)]
-    return 2 * n**3 / min(times)
+        a @ b
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(max_tries):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            _sync(device)
+            best = min(best, (time.perf_counter() - t0) / reps)
+            if i + 1 >= min_tries and time.perf_counter() - start > budget_s:
+                break
+    return 2 * n**3 / best
 
 
 def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -338,7 +351,8 @@ def run_speed_bench(
         "Models are randomly initialised from each variant's resolved config: a sampler's cost does not depend on "
         "the values of its weights, so no training is needed (zero-initialised layers get small random values).",
         "ms_per_image: median wall time of one call over `repeats` calls (after `warmup`), divided by the batch "
-        "size; noise generation is excluded, the score step and CFG are included.",
+        "size; at each batch size the samplers' calls are interleaved round by round. Noise generation is "
+        "excluded, the score step and CFG are included.",
         "speedup: the exact serial inverse's ms per image over this sampler's at the same batch size.",
         "flops_per_image: torch.utils.flop_counter over one call at batch "
         f"{FLOP_BATCH} (matmuls and attention only; elementwise ops are not counted); the score step counts "
@@ -373,38 +387,56 @@ def run_speed_bench(
 
 def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
                    amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
-    rows: list[dict[str, Any]] = []
-    exact_ms: dict[int, float] = {}
+    """One row per (variant, batch size). At each batch size the variants' timed calls are interleaved (one call of
+    each variant per round), so a burst of load on a shared machine hits every sampler alike."""
+    setups = {}
     for name, variant in spec.variants.items():
         cfg = spec.resolve(name, scale)
         sampler = Sampler.from_config(cfg)
         flow, g = build_variant_models(cfg, dev, seed)
         nfe, nfe_label = sampler.nfe(flow, g)
         uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
-        params = count_params(flow if uses_flow else None, g)
         z, y = _inputs(cfg, FLOP_BATCH, dev)
         flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
         row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
-        for bs in batch_sizes:
+        setups[name] = (variant, cfg, sampler, flow, g, nfe, nfe_label, count_params(flow if uses_flow else None, g),
+                        flops, row_peak)
+
+    cells: dict[tuple[str, int], dict[str, Any]] = {}
+    for bs in batch_sizes:
+        calls = {}
+        for name, (_, cfg, sampler, flow, g, *_) in setups.items():
             z, y = _inputs(cfg, bs, dev)
-            call = _sampler_call(sampler, flow, g, z, y, amp)
+            calls[name] = _sampler_call(sampler, flow, g, z, y, amp)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        peak_mb: dict[str, float | None] = {}
+        for name, call in calls.items():  # warm-up, which also gives the peak memory of a call (cuda)
             _reset_peak_memory(dev)
-            times = time_calls(call, dev, repeats, warmup)
-            sec = statistics.median(times)
-            ms = sec / bs * 1e3
-            if name == "exact":
-                exact_ms[bs] = ms
-            ips = bs / sec
+            time_calls(call, dev, 0, max(warmup, 1 if dev.type == "cuda" else 0))
+            peak_mb[name] = _peak_memory_mb(dev)
+        for _ in range(repeats):
+            for name, call in calls.items():
+                times[name] += time_calls(call, dev, 1, 0)
+        for name in calls:
+            sec = statistics.median(times[name])
+            cells[name, bs] = {"ms": sec / bs * 1e3, "ips": bs / sec, "ms_min": min(times[name]) / bs * 1e3,
+                               "peak_mb": peak_mb[name]}
+            _log(progress, f"{name:12s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image (nfe {setups[name][6]})")
+
+    rows: list[dict[str, Any]] = []
+    for name, (variant, _, _, _, _, nfe, nfe_label, params, flops, row_peak) in setups.items():
+        for bs in batch_sizes:
+            c = cells[name, bs]
+            exact = cells.get(("exact", bs))
             rows.append({
                 "sampler": name, "label": variant.label or name, "nfe": nfe, "nfe_label": nfe_label,
-                "params": params, "flops_per_image": float(flops), "batch_size": bs, "ms_per_image": ms,
-                "images_per_s": ips, "speedup": exact_ms[bs] / ms if bs in exact_ms else None,
-                "peak_fraction": flops * ips / row_peak, "peak_memory_mb": _peak_memory_mb(dev),
+                "params": params, "flops_per_image": float(flops), "batch_size": bs, "ms_per_image": c["ms"],
+                "images_per_s": c["ips"], "speedup": exact["ms"] / c["ms"] if exact else None,
+                "peak_fraction": flops * c["ips"] / row_peak, "peak_memory_mb": c["peak_mb"],
                 "paper_ms": _num(variant.paper.get("ms_per_image")),
                 "paper_speedup": _num(variant.paper.get("speedup")),
-                "ms_min": min(times) / bs * 1e3,
+                "ms_min": c["ms_min"],
             })
-            _log(progress, f"{name:12s} batch {bs:4d}: {ms:9.3f} ms/image (nfe {nfe_label})")
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,9 +69,8 @@ def _check_scale(scale: str) -> None:
 def _writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):  # unique: runs may share the folder
+            pass
     except OSError as e:
         raise ConfigError(f"results directory {directory} is not writable ({e.strerror}); pass --results-dir") from None
 
@@ -159,6 +159,107 @@ def eval_(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, da
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed)
     typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
+
+
+Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")]
+VaePath = Annotated[str | None, typer.Option("--vae", help="diffusers AutoencoderKL directory (default: BIFLOW_VAE, "
+                                                          "then the local caches)")]
+
+
+def _check_device(device: str | None) -> None:
+    if device not in (None, "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: use cpu or cuda")
+
+
+@app.command("prepare-latents")
+def prepare_latents(
+    image_dir: Annotated[Path, typer.Argument(help="ImageNet-style folder: one subfolder of images per class")],
+    out_dir: Annotated[Path, typer.Argument(help="where meta.json and the latent shards go")],
+    vae: VaePath = None,
+    image_size: int = 256,
+    batch_size: int = 64,
+    shard_size: int = 5000,
+    workers: Annotated[int, typer.Option(help="image-decoding worker processes per rank")] = 4,
+    device: Device = None,
+) -> None:
+    """Encode an image folder into VAE posterior moments (resumable; under torchrun rank r takes shards r, r+W, ...)."""
+    from .distributed import barrier, init_from_env, shutdown
+    from .latents import load_vae
+    from .latents import prepare_latents as prepare
+
+    _check_device(device)
+    env = init_from_env(device)
+    model = load_vae(vae, env.device)
+    written = prepare(image_dir, out_dir, model, image_size, batch_size, env.rank, env.world_size, shard_size, workers,
+                      progress=sys.stderr.isatty())
+    barrier(env)
+    typer.echo(f"[rank {env.rank}] wrote {len(written)} shards to {out_dir}")
+    shutdown()
+
+
+@app.command("train-dist")
+def train_dist(
+    ablation: str,
+    variant: str,
+    scale: Scale = "tiny",
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    micro_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: the global batch / number "
+                                                        "of processes); the same value on any number of processes "
+                                                        "gives the same training")] = None,
+    device: Device = None,
+    set_: Overrides = None,
+) -> None:
+    """Train F and G of one variant with DDP on every process of a torchrun job (or on one process); rank 0 writes
+    the checkpoints and the artifacts to the cache that `run`, `sample` and `sample-dist` read."""
+    from .ablations import get_spec
+    from .artifacts import default_cache_dir
+    from .data import load_dataset
+    from .distributed import init_from_env, shutdown, train_stages
+
+    _check_scale(scale)
+    _check_device(device)
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
+    dataset = load_dataset(cfg.dataset, data_dir).train
+    env = init_from_env(device)
+    summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch, progress=sys.stderr.isatty())
+    if env.is_main:
+        typer.echo(json.dumps(summary, indent=2))
+    shutdown()
+
+
+@app.command("sample-dist")
+def sample_dist(
+    ablation: str,
+    variant: str,
+    scale: Scale = "tiny",
+    seed: Seed = 0,
+    num: Annotated[int | None, typer.Option("--num-images", help="images (default: the scale's, 50,000 at paper "
+                                                               "scale); not --num, which torchrun would take")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per forward pass and process")] = None,
+    vae: VaePath = None,
+    ref_stats: Annotated[Path | None, typer.Option(help="FID reference statistics (.npz with mu, sigma, e.g. ADM's "
+                                                       "VIRTUAL_imagenet256_labeled.npz): report FID / IS")] = None,
+    out: Annotated[Path | None, typer.Option(help=".npz (uint8 NHWC arr_0 + labels: ADM's format) or .png")] = None,
+    device: Device = None,
+    set_: Overrides = None,
+) -> None:
+    """Sample a trained variant on every process of a torchrun job (image i from seed (seed, i), class i mod K);
+    rank 0 gathers the images in order, writes --out and, with --ref-stats, prints FID / IS (Inception)."""
+    from .ablations import get_spec
+    from .distributed import init_from_env, shutdown
+    from .sample import sample_trained
+
+    _check_scale(scale)
+    _check_device(device)
+    if out is not None and out.suffix not in (".npz", ".png"):
+        raise ConfigError(f"--out {out}: use a .npz or .png path")
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
+    env = init_from_env(device)
+    result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out)
+    if env.is_main:
+        typer.echo(json.dumps(result, indent=2))
+    shutdown()
 
 
 @bench_app.command("speed")

@@ -2,15 +2,20 @@
 
     tiny           scikit-learn's bundled digits: 1,797 images, 8x8, 17 grey levels, 10 classes; no set-up
     fashion-mnist  Fashion-MNIST from IDX .gz files (Debian package `dataset-fashion-mnist`, or BIFLOW_DATA)
+    latents        VAE posterior moments written by `latents.prepare_latents` (ImageNet 256 -> 32x32x4 at paper
+                   scale); each draw is a fresh posterior sample (`LatentDataset`)
 
 Images are float32 in [-1, 1], shape (N, C, H, W); labels are int64. Each dataset has a fixed held-out split for
-evaluation (reference statistics, NLL) that training never sees.
+evaluation (reference statistics, NLL) that training never sees. Training reads rows through `get_batch`, which an
+`ImageDataset` answers with its images and a `LatentDataset` with posterior samples.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -113,7 +118,141 @@ def load_fashion_mnist(directory: Path | str | None = None) -> DataSplits:
     return DataSplits(parts["train"], parts["test"])
 
 
-DATASETS: dict[str, Callable[..., DataSplits]] = {"digits": load_digits, "fashion-mnist": load_fashion_mnist}
+LATENT_FORMAT = 1
+LATENT_LEVELS = 3  # latents are continuous: levels = 3 makes bits/dim's log((levels - 1) / 2) offset zero
+
+
+class _LatentMeans:
+    """`LatentDataset.images`: the scaled posterior means, read on indexing (what evaluation uses as "the data")."""
+
+    def __init__(self, data: LatentDataset) -> None:
+        self.data = data
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.data), *self.data.latent_shape)
+
+    def __getitem__(self, rows: Tensor | slice | int) -> Tensor:
+        rows = torch.arange(len(self.data))[rows].reshape(-1)
+        return self.data.scale * self.data.moments(rows)[:, 0, 0]
+
+
+class LatentDataset:
+    """Prepared VAE latents (`latents.prepare_latents`), in the `ImageDataset` interface.
+
+    <dir>/meta.json and <dir>/shard-NNNNN.pt, each shard {"moments": (n, 2, 2, C, h, w) float32, "labels": (n,)}:
+    moments[:, f, 0] is the posterior mean and moments[:, f, 1] its std, of the image (f = 0) and of its horizontal
+    flip (f = 1). Shards are memory-mapped, so ImageNet's moments need not fit in RAM. `sample` draws
+    scale * (mean + std * eps) of the image or, with probability 1/2, of its flip (the usual latent-diffusion
+    recipe, scale = the VAE's scaling factor 0.18215 for sd-vae-ft-ema).
+    """
+
+    def __init__(self, directory: Path | str, verify: bool = True) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{meta_path}: no prepared latents here ({e.__class__.__name__}); run "
+                            "`biflow-bench prepare-latents IMAGE_DIR OUT_DIR --vae PATH` first") from None
+        if self.meta.get("format") != LATENT_FORMAT:
+            raise DataError(f"{meta_path}: latent format {self.meta.get('format')!r} is not {LATENT_FORMAT}; "
+                            "prepare the latents again")
+        self.shards, labels = [], []
+        for k in range(self.meta["num_shards"]):
+            path = self.directory / shard_name(k)
+            if not Path(str(path) + ".sha256").exists():
+                raise DataError(f"{path}: shard {k} of {self.meta['num_shards']} is missing or unfinished; re-run "
+                                "prepare-latents with the same arguments (it resumes)")
+            if verify:
+                _check_digest(path)
+            shard = torch.load(path, mmap=True, weights_only=True)
+            self.shards.append(shard["moments"])
+            labels.append(shard["labels"])
+        sizes = torch.tensor([len(m) for m in self.shards])
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.all_labels = torch.cat(labels)
+        self.index = torch.arange(len(self.all_labels))  # rows of this (sub)set in the shards
+        self.name = "latents"
+        self.num_classes = len(self.meta["classes"])
+        self.levels = LATENT_LEVELS
+        self.scale = float(self.meta["scaling_factor"])
+        self.latent_shape = tuple(self.meta["latent_shape"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.all_labels[self.index]
+
+    @property
+    def images(self) -> _LatentMeans:
+        return _LatentMeans(self)
+
+    def subset(self, index: Tensor | slice) -> LatentDataset:
+        out = object.__new__(LatentDataset)
+        out.__dict__.update(self.__dict__, index=self.index[index])
+        return out
+
+    def moments(self, rows: Tensor) -> Tensor:
+        """(len(rows), 2, 2, C, h, w) moments of rows (positions in this dataset), gathered from the shards."""
+        ids = self.index[rows]
+        shard = torch.searchsorted(self.starts, ids, right=True) - 1
+        out = torch.empty(len(ids), 2, 2, *self.latent_shape)
+        for k in shard.unique().tolist():
+            hit = shard == k
+            out[hit] = self.shards[k][ids[hit] - self.starts[k]]
+        return out
+
+    def sample(self, rows: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        m = self.moments(rows)
+        flip = (torch.rand(len(rows), generator=generator) < 0.5).long()
+        m = m[torch.arange(len(rows)), flip]  # (n, 2, C, h, w)
+        eps = torch.randn(m[:, 0].shape, generator=generator)
+        return self.scale * (m[:, 0] + m[:, 1] * eps), self.all_labels[self.index[rows]]
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.pt"
+
+
+def _check_digest(path: Path) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != Path(str(path) + ".sha256").read_text().strip():
+        raise DataError(f"{path}: checksum mismatch (truncated or corrupted); delete it and its .sha256 and re-run "
+                        "prepare-latents (it redoes only missing shards)")
+
+
+def load_latents(directory: Path | str | None = None) -> DataSplits:
+    """Prepared latents: <dir>/train and <dir>/val when both exist, else one prepared directory with a fixed 1 in 20
+    of its images held out (as for digits)."""
+    directory = Path(directory or os.environ.get("BIFLOW_DATA") or "latents")
+    if (directory / "train" / "meta.json").exists() and (directory / "val" / "meta.json").exists():
+        return DataSplits(LatentDataset(directory / "train"), LatentDataset(directory / "val"))
+    full = LatentDataset(directory)
+    test = torch.arange(len(full)) % 20 == 0
+    return DataSplits(full.subset(~test), full.subset(test))
+
+
+def get_batch(dataset: ImageDataset | LatentDataset, rows: Tensor,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Rows of a dataset: an ImageDataset's images, or a LatentDataset's posterior samples (drawn with `generator`)."""
+    if isinstance(dataset, LatentDataset):
+        return dataset.sample(rows, generator or torch.Generator().manual_seed(0))
+    return dataset.images[rows], dataset.labels[rows]
+
+
+def data_generator(seed: int, step: int, chunk: int = 0) -> torch.Generator:
+    """The CPU generator of a batch's data randomness (latent posterior samples), per (seed, step, micro-batch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + chunk + 0x5EED)
+
+
+DATASETS: dict[str, Callable[..., DataSplits]] = {"digits": load_digits, "fashion-mnist": load_fashion_mnist,
+                                                   "latents": load_latents}
 
 
 def load_dataset(name: str, data_dir: Path | str | None = None) -> DataSplits:
@@ -122,17 +261,23 @@ def load_dataset(name: str, data_dir: Path | str | None = None) -> DataSplits:
     return DATASETS[name](data_dir) if data_dir is not None and name != "digits" else DATASETS[name]()
 
 
-def batch_iterator(dataset: ImageDataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless shuffled batches; epoch e is permuted by (seed, e), so a resumed run sees exactly the same stream."""
-    n = len(dataset)
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
+    """Endless shuffled global batches of row indices; epoch e is permuted by (seed, e), so a resumed run (on any
+    number of processes) sees exactly the same stream."""
     per_epoch = max(1, n // batch_size)
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        idx = perm[offset * batch_size : (offset + 1) * batch_size]
-        yield dataset.images[idx], dataset.labels[idx]
+        yield perm[offset * batch_size : (offset + 1) * batch_size]
         step += 1
+
+
+def batch_iterator(dataset: ImageDataset | LatentDataset, batch_size: int, seed: int,
+                   start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches (x, y) of `batch_indices`."""
+    for step, idx in enumerate(batch_indices(len(dataset), batch_size, seed, start_step), start_step):
+        yield get_batch(dataset, idx, data_generator(seed, step))
 
 
 def add_noise(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:

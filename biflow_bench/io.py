@@ -31,8 +31,8 @@ class LockBusy(RuntimeError):
     """Another process holds the results-directory lock."""
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> str:
+    """`data` in a fsynced temp file beside `path` (same filesystem, so it can be renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,17 +40,34 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _replace_all(pairs: list[tuple[str, Path]]) -> None:
+    """Rename each temp file over its target, back to back, then make the renames durable."""
+    try:
+        for tmp, path in pairs:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in pairs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(pairs[0][1].parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    path = Path(path)
+    _replace_all([(_write_temp(path, data), path)])
     return path
 
 
@@ -71,13 +88,21 @@ def _sidecar(path: Path) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
-    """torch.save to bytes, then the file and its checksum sidecar, each written atomically (file first)."""
+    """torch.save to bytes, then the file and its checksum sidecar, each written atomically (file first).
+
+    Both are fully written and fsynced to temp files before either is renamed, so a kill can only separate the
+    new file from its digest between two back-to-back renames (and the pair is then reported as corrupt)."""
     path = Path(path)
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    atomic_write_text(_sidecar(path), sha256_bytes(data) + "\n")
+    data_tmp = _write_temp(path, data)
+    try:
+        digest_tmp = _write_temp(_sidecar(path), (sha256_bytes(data) + "\n").encode())
+    except BaseException:
+        os.unlink(data_tmp)
+        raise
+    _replace_all([(data_tmp, path), (digest_tmp, _sidecar(path))])
     return path
 
 

@@ -27,14 +27,16 @@ import torch
 
 from .ablations import AblationSpec, get_spec
 from .artifacts import default_cache_dir, get_backward, get_flow
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import DataSplits, class_balanced_labels, load_dataset, save_image_grid, to_uint8
 from .io import dir_lock
-from .metrics import bits_per_dim, compute_fidelity, count_params, reference_stats
+from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, compute_fidelity, count_params, reference_stats
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
-from .results import RESULT_SCHEMA, is_done, record_path, write_record
+from .perceptual import WEIGHT_MODES
+from .results import RESULT_SCHEMA, _check_name, is_done, record_path, write_record
 from .sample import Sampler, generate
+from .weights import resolve_weights
 
 DEFAULT_RESULTS = Path("results")
 
@@ -71,8 +73,29 @@ def _dataset(name: str, data_dir: str | None) -> DataSplits:
     return load_dataset(name, data_dir)
 
 
+def preflight(cfg: RunConfig, seed: int) -> None:
+    """What would otherwise fail only after training: the seed, the perceptual and feature networks named by the
+    config, and their pretrained weights (WeightsError names the file). Raises before any work starts."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed {seed!r}: must be an integer from 0 to 2**32 - 1")
+    s2 = cfg.stage2
+    if cfg.inverse == "learned" and s2.metric != "mse":
+        if s2.perceptual_weights not in WEIGHT_MODES:
+            raise ConfigError(f"stage2.perceptual_weights={s2.perceptual_weights!r} is not one of "
+                              f"{', '.join(WEIGHT_MODES)}")
+        if s2.perceptual_weights == "pretrained":
+            resolve_weights("vgg16")
+            if "convnext" in s2.metric:
+                resolve_weights("convnextv2")
+    if cfg.eval.extractor not in RESULT_KEYS:
+        raise ConfigError(f"eval.extractor={cfg.eval.extractor!r} is not one of {', '.join(RESULT_KEYS)}")
+    if cfg.eval.extractor == INCEPTION_NAME:
+        resolve_weights(INCEPTION_NAME)
+
+
 def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
+    preflight(cfg, seed)
     splits = _dataset(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
     flow, flow_art = get_flow(cfg, seed, splits.train, opts.cache, opts.progress)
     train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(seed)}}
@@ -179,7 +202,10 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
     for name in names:  # validate everything before any work starts
-        spec.resolve(name, scale, opts.overrides)
+        preflight(spec.resolve(name, scale, opts.overrides), seed)
+        for key, value in (("ablation", spec.name), ("variant", name)):
+            if err := _check_name(value, key):
+                raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")
     if spec.kind == "speed":
         from .bench import run_speed_bench
 

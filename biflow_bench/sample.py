@@ -3,12 +3,19 @@ the number of processes or the order of work (edm2's per-image seeds)."""
 
 from __future__ import annotations
 
+import io
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .config import RunConfig
+from .distributed import DistEnv, gather_rows
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 
@@ -66,14 +73,81 @@ class Sampler:
         return steps, label
 
 
-def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor | None, seeds: range,
-             batch_size: int, base_seed: int = 0) -> Tensor:
-    """Images for `seeds` (one per seed) in batches; values clamped to [-1, 1]."""
+def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor | None, seeds: range | list[int],
+             batch_size: int, base_seed: int = 0, env: DistEnv | None = None,
+             postprocess: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+    """Images for `seeds` (one per seed, labels[i] for seeds[i]) in batches of `batch_size`, each batch passed through
+    `postprocess` (default: clamp to [-1, 1]; latent scales decode with the VAE, see latents.sample_postprocess).
+
+    With a DistEnv of W processes rank r makes images r, r + W, ... and rank 0 returns all of them in seed order
+    (the other ranks None): the result is the same for any W and any batch size. Runs on the flow's device."""
+    env = env or DistEnv()
+    postprocess = postprocess or (lambda x: x.clamp(-1, 1))
+    device = next(flow.parameters()).device
     shape = (flow.config.in_channels, flow.config.image_size, flow.config.image_size)
+    mine = range(env.rank, len(seeds), env.world_size)
     out = []
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
-        z = image_noise(chunk, shape, base_seed)
-        y = None if labels is None else labels[i : i + batch_size]
-        out.append(sampler(flow, g, z, y).clamp(-1, 1))
-    return torch.cat(out)
+    for i in range(0, len(mine), batch_size):
+        rows = mine[i : i + batch_size]
+        z = image_noise([seeds[r] for r in rows], shape, base_seed).to(device)
+        y = None if labels is None else labels[list(rows)].to(device)
+        out.append(postprocess(sampler(flow, g, z, y)).cpu())
+    return gather_rows(torch.cat(out) if out else None, env)
+
+
+def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num: int | None = None,
+                   batch_size: int | None = None, vae: str | Path | None = None, ref_stats: str | Path | None = None,
+                   out: Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """`num` class-balanced samples (image i of class i mod K) of a variant trained into the artifact cache, split
+    over the processes of `env`; latent scales are decoded by the VAE. Rank 0 gathers them as uint8, writes `out`
+    (.npz: arr_0 uint8 NHWC + labels, ADM's evaluator format; .png: a grid) and, given reference statistics,
+    computes FID / IS with torch-fidelity's Inception (the FID-50K protocol at num=50,000). Everything that can be
+    missing (VAE, Inception weights, reference statistics, the trained models) is checked before sampling starts,
+    each with a one-line error. Returns (on rank 0) what it did and measured."""
+    from .artifacts import default_cache_dir, load_model
+    from .config import ConfigError
+    from .data import class_balanced_labels, save_image_grid, to_uint8
+    from .io import atomic_write_bytes
+    from .latents import load_reference, load_vae, sample_postprocess
+    from .metrics import INCEPTION_NAME, compute_fidelity
+    from .weights import resolve_weights
+
+    env = env or DistEnv()
+    decoder = load_vae(vae, env.device) if cfg.dataset == "latents" else None
+    reference = None
+    if ref_stats is not None:
+        resolve_weights(INCEPTION_NAME)
+        reference = load_reference(ref_stats)
+    cache = cache_dir or default_cache_dir()
+    paths = [cache / "stage1" / cfg.stage1_key(seed) / "flow.pt"]
+    if cfg.inverse == "learned":
+        paths.append(cache / "stage2" / cfg.stage2_key(seed) / "backward.pt")
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"{cfg.scale}: no trained model at {p}; train this variant first (biflow-bench "
+                              "train-dist ... with the same scale, seed and --set overrides)")
+    flow = load_model(paths[0])[0].to(env.device)
+    g = load_model(paths[1])[0].to(env.device) if len(paths) > 1 else None
+    num = num or cfg.sample.num_samples
+    labels = class_balanced_labels(num, cfg.flow.num_classes) if cfg.flow.num_classes else None
+    post = sample_postprocess(decoder) if decoder is not None else (lambda x: to_uint8(x.clamp(-1, 1)))
+    start = time.perf_counter()
+    images = generate(Sampler.from_config(cfg), flow, g, labels, range(num), batch_size or cfg.sample.batch_size,
+                      seed, env, post)
+    seconds = time.perf_counter() - start
+    if images is None:
+        return {}
+    result: dict[str, Any] = {"num_images": num, "processes": env.world_size, "seconds": seconds,
+                              "ms_per_image": 1000 * seconds / num}  # wall time of the whole job
+    if out is not None:
+        if out.suffix == ".npz":
+            buf = io.BytesIO()
+            np.savez(buf, arr_0=images.permute(0, 2, 3, 1).numpy(),
+                     labels=(labels if labels is not None else torch.zeros(0)).numpy())
+            atomic_write_bytes(out, buf.getvalue())
+        else:
+            save_image_grid(images.float() / 127.5 - 1, out, nrow=max(1, int(num**0.5)))
+        result["out"] = str(out)
+    if reference is not None:
+        result["metrics"] = compute_fidelity(images, reference, extractor=INCEPTION_NAME)
+    return result

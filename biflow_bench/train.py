@@ -4,10 +4,17 @@ Both stages run through `fit`: AdamW (0.9, 0.95) with linear warm-up and cosine 
 EMA, atomic checkpoints that resume bit-exactly (each step draws its randomness from a generator seeded by
 (seed, step), and the data stream can start at any step), non-finite steps skipped and counted, and Ctrl-C / SIGTERM
 turned into a checkpoint at the next step boundary.
+
+Under torchrun (`env` from distributed.init_from_env) the same loop runs DDP: the global batch is cut into
+micro-batches, rank r takes micro-batches r, r + W, ... with gradient accumulation, each micro-batch draws its
+randomness from (seed, step, micro-batch), so a run depends on the global batch and the micro-batch size but not on
+the number of processes (distributed.py). Only rank 0 writes checkpoints; on CUDA the forward runs in bfloat16
+autocast (as TARFlow trained its generation models; its likelihood models used float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -19,10 +26,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .config import RunConfig
-from .data import ImageDataset, add_noise, batch_iterator, drop_labels
+from .config import ConfigError, RunConfig
+from .data import ImageDataset, LatentDataset, add_noise, batch_indices, data_generator, drop_labels, get_batch
+from .distributed import DistEnv, all_true, any_true, mean_over_ranks
 from .io import CorruptArtifact, atomic_torch_save, verified_torch_load
 from .losses import build_perceptual_terms, nll_loss, stage2_loss
 from .models.biflow import BiFlow
@@ -47,6 +56,7 @@ class FitResult:
     terms: dict[str, float] = field(default_factory=dict)  # loss terms averaged over the last steps
     skipped_steps: int = 0
     resumed_from: int = 0
+    micro_batch: int = 0  # rows per forward pass; batch_size / (micro_batch * world_size) accumulation steps
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -56,8 +66,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, chunk: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """The loss's randomness for micro-batch `chunk` of step `step` (chunk 0 on CPU: the single-process stream)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + chunk * 1_000_000_007)
 
 
 class _StopFlag:
@@ -81,15 +92,17 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _load_checkpoint(path: Path) -> dict | None:
+def _load_checkpoint(path: Path, owner: bool = True) -> dict | None:
+    """The checkpoint at `path`, or None; a corrupt one is reported (and removed by its owner, rank 0)."""
     if not path.exists():
         return None
     try:
         return verified_torch_load(path)
     except CorruptArtifact as e:
-        print(f"warning: {e}; starting this stage again", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        Path(str(path) + ".sha256").unlink(missing_ok=True)
+        if owner:
+            print(f"warning: {e}; starting this stage again", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            Path(str(path) + ".sha256").unlink(missing_ok=True)
         return None
 
 
@@ -101,10 +114,21 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 
+class _Loss(nn.Module):
+    """The loss as one module, so DDP wraps every use of the model inside it (F's log_prob, G's two CFG passes)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        return self.loss_fn(self.model, x, y, gen)
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
-    dataset: ImageDataset,
+    dataset: ImageDataset | LatentDataset,
     *,
     steps: int,
     batch_size: int,
@@ -120,66 +144,99 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
+    micro_batch: int | None = None,
+    env: DistEnv | None = None,
+    bf16: bool = True,
 ) -> FitResult:
+    """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass."""
+    env = env or DistEnv()
+    micro = micro_batch or batch_size // env.world_size
+    chunks = batch_size // max(1, micro)
+    if micro < 1 or batch_size % micro or chunks % env.world_size:
+        raise ConfigError(f"a global batch of {batch_size} does not split into micro-batches of {micro} shared "
+                          f"evenly by {env.world_size} processes")
+    if chunks > 1 and len(dataset) < batch_size:
+        raise ConfigError(f"{desc}: {len(dataset)} examples are fewer than one global batch of {batch_size}")
+    accum, device = chunks // env.world_size, env.device
+    model.to(device)
     opt = _optimizer(model, lr, weight_decay)
     ema = [p.detach().clone() for p in model.parameters()] if ema_decay else None
     start, skipped, bad_in_row, elapsed = 0, 0, 0, 0.0
-    state = _load_checkpoint(checkpoint) if checkpoint else None
+    recent: dict[str, list[float]] = {}  # the last 50 steps' loss terms: the progress bar and the record
+    state = _load_checkpoint(checkpoint, env.is_main) if checkpoint else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
-            ema = state["ema"]
+            ema = [e.to(device) for e in state["ema"]]
         start, skipped, bad_in_row, elapsed = state["step"], state["skipped"], state["bad_in_row"], state["elapsed"]
+        recent = state.get("recent", {})
 
     def save(step: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and env.is_main:
             atomic_torch_save(
                 {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema,
-                 "skipped": skipped, "bad_in_row": bad_in_row, "elapsed": elapsed + time.perf_counter() - t0},
+                 "skipped": skipped, "bad_in_row": bad_in_row, "elapsed": elapsed + time.perf_counter() - t0,
+                 "recent": recent},
                 checkpoint,
             )
 
     model.train()
-    batches = batch_iterator(dataset, batch_size, seed, start_step=start)
-    recent: dict[str, list[float]] = {}
+    loss_module: nn.Module = _Loss(model, loss_fn)
+    if env.distributed:
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    indices = batch_indices(len(dataset), batch_size, seed, start)
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, mininterval=1.0, leave=False)
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and env.is_main), mininterval=1.0,
+               leave=False)
     with _StopFlag() as stop:
         for step in range(start, steps):
-            if stop.signum is not None:
+            if any_true(stop.signum is not None, env):
                 save(step)
                 where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path"
                 raise TrainingInterrupted(f"{desc} interrupted at step {step}/{steps}; {where}; re-run the same command to resume")
-            x, y = next(batches)
+            idx = next(indices)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup)
-            loss, terms = loss_fn(model, x, y, step_generator(seed, step))
             opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
+            finite, step_terms = True, {}
+            for k in range(accum):  # this rank's micro-batches of the global batch
+                chunk = env.rank + k * env.world_size
+                rows = idx[chunk * micro : (chunk + 1) * micro]
+                x, y = (t.to(device) for t in get_batch(dataset, rows, data_generator(seed, step, chunk)))
+                last = k == accum - 1
+                with contextlib.nullcontext() if last or not env.distributed else loss_module.no_sync():
+                    with autocast:
+                        loss, terms = loss_module(x, y, step_generator(seed, step, chunk, device))
+                    finite = finite and bool(torch.isfinite(loss))
+                    if finite or env.distributed:  # every rank must join DDP's all-reduce
+                        (loss / accum).backward()
+                for key, v in terms.items():
+                    step_terms[key] = step_terms.get(key, 0.0) + v / accum
+            finite = all_true(finite, env)
             if finite:
-                loss.backward()
                 finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
             if not finite:  # skip the update, count it, stop after too many in a row
                 opt.zero_grad(set_to_none=True)
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 if bad_in_row >= max_bad_steps:
-                    last = f"last good checkpoint: {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint yet"
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                    raise TrainingDiverged(f"{desc}: {bad_in_row} non-finite losses in a row at step {step} ({shown}); {last}")
+                    last_ck = f"last good checkpoint: {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint yet"
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in step_terms.items())
+                    raise TrainingDiverged(f"{desc}: {bad_in_row} non-finite losses in a row at step {step} ({shown}); {last_ck}")
             else:
                 bad_in_row = 0
                 opt.step()
                 if ema is not None:
                     decay = min(ema_decay, (1 + step) / (10 + step))
                     torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
-                for k, v in terms.items():
+                for k, v in step_terms.items():
                     recent.setdefault(k, []).append(v)
                     del recent[k][:-50]
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
             bar.update(1)
-            if progress and step % 10 == 0:
+            if progress and env.is_main and step % 10 == 0:
                 avg = {k: sum(v) / len(v) for k, v in recent.items()}
                 bar.set_postfix(postfix(avg) if postfix else {k: f"{v:.4f}" for k, v in avg.items()})
     bar.close()
@@ -189,12 +246,13 @@ def fit(
             for p, e in zip(model.parameters(), ema, strict=True):
                 p.copy_(e)
     model.eval()
-    avg = {k: sum(v) / len(v) for k, v in recent.items()}
-    return FitResult(model, steps, seconds, avg, skipped, start)
+    avg = mean_over_ranks({k: sum(v) / len(v) for k, v in recent.items()}, env)
+    return FitResult(model, steps, seconds, avg, skipped, start, micro)
 
 
-def train_flow(cfg: RunConfig, dataset: ImageDataset, seed: int, checkpoint: Path | None = None,
-               progress: bool = True) -> tuple[TARFlow, FitResult]:
+def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, seed: int, checkpoint: Path | None = None,
+               progress: bool = True, env: DistEnv | None = None,
+               micro_batch: int | None = None) -> tuple[TARFlow, FitResult]:
     """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop."""
     torch.manual_seed(seed)
     flow = TARFlow(cfg.flow)
@@ -214,19 +272,21 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset, seed: int, checkpoint: Pat
         flow, loss_fn, dataset, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
         weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
-        progress=progress, postfix=postfix,
+        progress=progress, postfix=postfix, env=env, micro_batch=micro_batch,
     )
     return flow, result
 
 
-def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset, seed: int, checkpoint: Path | None = None,
-                   progress: bool = True) -> tuple[BiFlow, FitResult]:
+def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | LatentDataset, seed: int,
+                   checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
+                   micro_batch: int | None = None) -> tuple[BiFlow, FitResult]:
     """Stage 2: G against the frozen F (BiFlow sec. 3); F's weights are never updated."""
     torch.manual_seed(seed + 1)
     g = BiFlow(cfg.backward)
     s2 = cfg.stage2
-    flow.eval().requires_grad_(False)
-    perceptual = build_perceptual_terms(s2.metric, s2.perceptual_weights, s2.perceptual_size)
+    device = (env or DistEnv()).device
+    flow.to(device).eval().requires_grad_(False)
+    perceptual = build_perceptual_terms(s2.metric, s2.perceptual_weights, s2.perceptual_size).to(device)
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         return stage2_loss(
@@ -240,7 +300,7 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset, seed: i
         g, loss_fn, dataset, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr, warmup=s2.warmup,
         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
-        desc="stage 2 (G)", progress=progress,
+        desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch,
     )
     return g, result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from biflow_bench.models import TARFlow, TARFlowConfig
 
@@ -24,6 +25,18 @@ def small_flow(dtype: torch.dtype = torch.float64, **overrides) -> TARFlow:
                num_heads=2, num_classes=3, clip=None)
     cfg.update(overrides)
     return randomize(TARFlow(TARFlowConfig(**cfg))).to(dtype).eval()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op / BLAS thread, like each torchrun worker and the OMP_NUM_THREADS=1 subprocesses of the
+    reliability tests (results are bit-exact for a given thread count). These models are tiny: on a shared 2-core
+    machine spinning worker threads made files 3-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import torch
 import torch_fidelity
 from conftest import randomize
 from scipy import linalg
-from threadpoolctl import threadpool_limits
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from biflow_bench import metrics
@@ -33,16 +32,6 @@ from biflow_bench.metrics import (
 from biflow_bench.models import TARFlow, TARFlowConfig
 from biflow_bench.weights import WeightsError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One BLAS / intra-op thread: these problems are tiny, and on a shared 2-core machine spinning worker threads
-    made the file ~3x slower (25-35 s vs ~10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _features() -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ update of token i (TARFlow eq. 4):
     z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),     log|det dz/dx| = -sum_i sum_j alpha_ij     (eq. 5)
 
 Token 0 passes unchanged. The inverse is exact and serial: token i needs x_<i, so decoding runs token by token,
-block by block (with a preallocated KV cache). Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
+block by block (with a preallocated KV cache, see FlowBlock._reverse_cached). Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CausalBlock, KVCache, patchify, unpatchify
+from .layers import CausalBlock, patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -202,11 +202,12 @@ class FlowBlock(nn.Module):
                 sc = torch.ones(3 * width, 1, device=w_qkv.device, dtype=w_qkv.dtype)
                 sc[:width] = head_dim**-0.5
                 w_qkv, b_qkv = w_qkv * sc, b_qkv * sc[:, 0]
+            qkv = z.new_empty(rows, 3, heads, head_dim)  # written by every step's qkv matmul (out=)
+            kv = z.new_empty(2, rows, heads, n, head_dim)  # the KV cache: keys [0], values [1], filled in place
             layers.append((
                 layer.norm1, w_qkv.t(), b_qkv, attn.proj.weight.t(), attn.proj.bias,
                 layer.norm2, layer.mlp.fc1.weight.t(), layer.mlp.fc1.bias, layer.mlp.fc2.weight.t(), layer.mlp.fc2.bias,
-                q_norm, k_norm,
-                z.new_empty(2, rows, heads, n, head_dim),  # the KV cache: keys [0], values [1], filled in place
+                q_norm, k_norm, qkv.view(rows, 3 * width), qkv[:, 0], qkv[:, 1:].transpose(0, 1), kv, kv.unbind(3),
             ))
         w_out, b_out = self.proj_out.weight, self.proj_out.bias
         clip = cfg.clip
@@ -216,44 +217,49 @@ class FlowBlock(nn.Module):
         norm_out = self.norm_out
         layer_norm, sdpa, gelu, addmm, bmm = F.layer_norm, F.scaled_dot_product_attention, F.gelu, torch.addmm, torch.bmm
         pairs = rows * heads
+        # per-position views, taken once
+        xs, zs = x.unbind(1), z.unbind(1)
+        tables = table.view(2, b, n, width).unbind(2) if guided else table.unbind(1)
+        p_all = z.new_empty(rows, 2 * d)  # the read-out (alpha, mu) of every row, then of each sample
+        p_cond, p_unc = p_all[:b], p_all[b:]
+        p_guided = z.new_empty(b, 2 * d) if guided else p_all
+        alpha, mu = p_guided[:, :d], p_guided[:, d:]
 
         for i in range(n - 1):
-            h = torch.mm(x[:, i], w_in)  # (b, width): one projection, shared by both guided passes
-            if guided:
-                h = (table[:, i].view(2, b, width) + h).view(rows, width)
+            if guided:  # one (b, width) projection, shared by both passes
+                h = (tables[i] + torch.mm(xs[i], w_in)).view(rows, width)
             else:
-                h = table[:, i] + h
-            for ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_1, b_1, w_2, b_2, q_norm, k_norm, kv in layers:
-                qkv = addmm(b_qkv, layer_norm(h, (width,), ln1.weight, ln1.bias, ln1.eps), w_qkv)
-                qkv = qkv.view(rows, 3, heads, head_dim)
-                q = qkv[:, 0]
+                h = addmm(tables[i], xs[i], w_in)
+            for ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_1, b_1, w_2, b_2, q_norm, k_norm, qkv, q, kv_new, kv, slots \
+                    in layers:
+                addmm(b_qkv, layer_norm(h, (width,), ln1.weight, ln1.bias, ln1.eps), w_qkv, out=qkv)
                 if q_norm is None:
-                    kv[:, :, :, i] = qkv[:, 1:].transpose(0, 1)
+                    slots[i].copy_(kv_new)
+                    qi = q
                 else:
-                    q = q_norm(q) * head_dim**-0.5
-                    kv[0, :, :, i], kv[1, :, :, i] = k_norm(qkv[:, 1]), qkv[:, 2]
+                    qi = q_norm(q) * head_dim**-0.5
+                    slots[i][0], slots[i][1] = k_norm(kv_new[0]), kv_new[1]
                 if row_scale is not None:
-                    q = q * row_scale
+                    qi = qi * row_scale
                 keys, values = kv[:, :, :, : i + 1]  # (rows, heads, i + 1, head_dim) views of the cache
                 if use_bmm:
-                    s = bmm(q.reshape(pairs, 1, head_dim), keys.reshape(pairs, i + 1, head_dim).transpose(1, 2))
+                    s = bmm(qi.reshape(pairs, 1, head_dim), keys.reshape(pairs, i + 1, head_dim).transpose(1, 2))
                     att = bmm(s.softmax(-1), values.reshape(pairs, i + 1, head_dim))
                 else:
-                    att = sdpa(q.unsqueeze(2), keys, values, scale=1.0)
+                    att = sdpa(qi.unsqueeze(2), keys, values, scale=1.0)
                 h = h + addmm(b_proj, att.view(rows, width), w_proj)
                 u = gelu(addmm(b_1, layer_norm(h, (width,), ln2.weight, ln2.bias, ln2.eps), w_1))
                 h = h + addmm(b_2, u, w_2)
-            p = addmm(b_out, layer_norm(h, (width,), norm_out.weight, norm_out.bias, norm_out.eps), w_out)
+            addmm(b_out, layer_norm(h, (width,), norm_out.weight, norm_out.bias, norm_out.eps), w_out, out=p_all)
             if clip is not None:
-                p = torch.tanh(p).mul_(clip)
+                p_all.tanh_().mul_(clip)
             if guided:  # (1 + w) p_c - w p_u = lerp(p_u, p_c, 1 + w), alpha and mu at once
                 wt = guidance * (i + 1) / (n - 1) if annealed else guidance
-                p = torch.lerp(p[b:], p[:b], 1.0 + wt)
-            alpha, mu = p[:, :d], p[:, d:]
+                torch.lerp(p_unc, p_cond, 1.0 + wt, out=p_guided)
             if cfg.nvp:
-                torch.addcmul(mu, z[:, i + 1], alpha.exp(), out=x[:, i + 1])
+                torch.addcmul(mu, zs[i + 1], alpha.exp(), out=xs[i + 1])
             else:
-                torch.add(mu, z[:, i + 1], out=x[:, i + 1])
+                torch.add(mu, zs[i + 1], out=xs[i + 1])
         return x
 
 

@@ -1,0 +1,193 @@
+"""Speed benchmark record (every field of every row) and the fast exact inverse against the plain reference.
+
+No timing assertions: which sampler is faster is what the benchmark measures, not what a unit test checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize
+
+import biflow_bench.models.tarflow as tarflow
+from biflow_bench.ablations import get_spec
+from biflow_bench.bench import count_flops, format_speed_table, run_speed_bench
+from biflow_bench.models import TARFlow, preset_configs
+from biflow_bench.results import validation_error
+
+ROW_KEYS = {
+    "sampler": str, "label": str, "nfe": int, "nfe_label": str, "params": int, "flops_per_image": float,
+    "batch_size": int, "ms_per_image": float, "images_per_s": float, "speedup": float, "peak_fraction": float,
+}
+OPTIONAL_FLOAT_KEYS = ("peak_memory_mb", "paper_ms", "paper_speedup")
+RECORD_KEYS = ("schema", "kind", "ablation", "variant", "label", "scale", "seed", "spec_version", "config", "rows",
+               "machine", "metrics", "timing", "paper", "notes", "env", "wall_time_s", "created")
+
+
+@pytest.fixture(scope="module")
+def tiny_record() -> dict:
+    return run_speed_bench("tiny", batch_sizes=(1, 4), repeats=1, warmup=1)
+
+
+def _check_row(row: dict) -> None:
+    for key, typ in ROW_KEYS.items():
+        assert key in row, f"row lacks {key}"
+        assert isinstance(row[key], typ) and not isinstance(row[key], bool), f"{key}={row[key]!r} is not {typ}"
+        if typ is float:
+            assert math.isfinite(row[key]), f"{key} is not finite"
+    for key in OPTIONAL_FLOAT_KEYS:
+        assert key in row and (row[key] is None or isinstance(row[key], float))
+    assert row["ms_per_image"] > 0 and row["images_per_s"] > 0 and row["speedup"] > 0
+    assert row["flops_per_image"] > 0 and row["params"] > 0 and row["peak_fraction"] > 0
+
+
+def test_tiny_speed_record_has_every_field(tiny_record):
+    rec = tiny_record
+    for key in RECORD_KEYS:
+        assert key in rec, f"record lacks {key}"
+    spec = get_spec("speed")
+    assert (rec["schema"], rec["kind"], rec["ablation"], rec["variant"], rec["scale"], rec["seed"]) == \
+           (1, "speed", "speed", "bench", "tiny", 0)
+    assert rec["spec_version"] == spec.version and rec["paper"]["table"] == spec.paper_table
+    assert rec["config"] == {"batch_sizes": [1, 4], "device": "cpu", "repeats": 1, "warmup": 1, "what": "sample",
+                             "amp": False}
+    machine = rec["machine"]
+    assert isinstance(machine["device"], str) and machine["matmul_peak_flops"] > 0
+    assert isinstance(machine["threads"], int) and machine["torch"] == torch.__version__
+    assert isinstance(rec["notes"], list) and all(isinstance(n, str) for n in rec["notes"])
+    assert any("random" in n for n in rec["notes"])  # says the weights are random and why that is fine
+    assert rec["wall_time_s"] > 0 and rec["created"].endswith("Z")
+    assert validation_error(rec) is None  # the results module accepts it as a speed record
+
+
+def test_tiny_speed_rows(tiny_record):
+    rows = tiny_record["rows"]
+    spec = get_spec("speed")
+    assert [(r["sampler"], r["batch_size"]) for r in rows] == [(v, b) for v in spec.variants for b in (1, 4)]
+    flow_cfg, _ = preset_configs("tiny")
+    serial = flow_cfg.num_blocks * (flow_cfg.num_tokens - 1)
+    for row in rows:
+        _check_row(row)
+        variant = spec.variants[row["sampler"]]
+        assert row["label"] == (variant.label or variant.name)
+        cfg = spec.resolve(row["sampler"], "tiny")
+        score = cfg.backward.denoise == "score"
+        if cfg.inverse == "exact":
+            assert row["nfe"] == serial + score
+            assert "serial" in row["nfe_label"]
+        else:
+            assert row["nfe"] == 1 and row["nfe_label"] == "1"
+        if row["sampler"] == "exact":
+            assert row["speedup"] == 1.0
+        assert row["paper_ms"] == variant.paper.get("ms_per_image")
+        assert row["paper_speedup"] == variant.paper.get("speedup")
+        assert row["peak_memory_mb"] is None  # not measured on CPU
+    by = {(r["sampler"], r["batch_size"]): r for r in rows}
+    for b in (1, 4):  # speed-up is exact's ms over this row's ms at the same batch size
+        for name in spec.variants:
+            assert by[name, b]["speedup"] == pytest.approx(by["exact", b]["ms_per_image"] / by[name, b]["ms_per_image"])
+    # cost accounting: CFG doubles the exact inverse's work, the score step adds F's forward and backward
+    assert by["exact-cfg", 1]["flops_per_image"] == pytest.approx(2 * by["exact", 1]["flops_per_image"], rel=0.05)
+    assert by["exact-score", 1]["flops_per_image"] > 2 * by["exact", 1]["flops_per_image"]
+
+
+def test_format_speed_table(tiny_record):
+    text = format_speed_table(tiny_record)
+    lines = text.splitlines()
+    assert "matmul peak" in lines[0]
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert len(table) == 2 + len(tiny_record["rows"])  # header, separator, one line per row
+    for name in get_spec("speed").variants:
+        assert f"| {name} " in text
+
+
+def test_training_rows():
+    rec = run_speed_bench("tiny", batch_sizes=(2,), repeats=1, warmup=0, what="train")
+    assert [r["sampler"] for r in rec["rows"]] == ["train-flow", "train-backward"]
+    for row in rec["rows"]:
+        _check_row(row)
+        assert row["batch_size"] == 2
+    assert rec["rows"][0]["speedup"] == 1.0
+    assert validation_error(rec) is None
+    assert "train-backward" in format_speed_table(rec)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="what"):
+        run_speed_bench("tiny", batch_sizes=(1,), what="bogus")
+    with pytest.raises(ValueError, match="batch"):
+        run_speed_bench("tiny", batch_sizes=(0,))
+
+
+def test_flop_count_of_a_linear_layer():
+    lin = nn.Linear(8, 16)
+    x = torch.randn(3, 8)
+    assert count_flops(lambda: lin(x)) == 2 * 3 * 8 * 16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the fast exact inverse (kv_cache=True) against the plain reference (kv_cache=False)
+
+
+def _tiny_flow(dtype=torch.float32, **overrides) -> TARFlow:
+    cfg = dataclasses.replace(preset_configs("tiny")[0], **overrides)
+    return randomize(TARFlow(cfg), scale=0.5).to(dtype).eval()
+
+
+@pytest.fixture(params=["sdpa", "bmm"])
+def attention_path(request, monkeypatch):
+    """Run the fast decoder with either of its attention implementations."""
+    monkeypatch.setattr(tarflow, "_SDPA_MAX_PAIRS", 10**9 if request.param == "sdpa" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("guidance,temperature,annealed", [(0.0, None, False), (1.5, None, False),
+                                                           (1.5, None, True), (1.0, 0.6, False), (2.0, 0.6, True)])
+def test_fast_inverse_equals_reference_float32(attention_path, guidance, temperature, annealed):
+    flow = _tiny_flow()
+    z, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 9, 10, 4])  # 10: the null class
+    kw = dict(guidance=guidance, guidance_temperature=temperature, annealed=annealed)
+    fast, ref = flow.reverse(z, y, kv_cache=True, **kw), flow.reverse(z, y, kv_cache=False, **kw)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4), (fast - ref).abs().max()
+    if guidance:  # guidance changes the sample: the comparison is not vacuous
+        assert not torch.allclose(fast, flow.reverse(z, y), atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [dict(num_classes=0), dict(clip=None), dict(nvp=False),
+                                       dict(layers_per_block=2, num_heads=2)])
+def test_fast_inverse_equals_reference_variants(attention_path, overrides):
+    flow = _tiny_flow(torch.float64, **overrides)
+    z = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3]) if flow.config.num_classes else None
+    assert torch.allclose(flow.reverse(z, y), flow.reverse(z, y, kv_cache=False), atol=1e-10)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)  # and it is the inverse of forward
+    assert (flow.reverse(flow(x, y).z, y) - x).abs().max() < 1e-9
+    kw = dict(guidance=1.5, guidance_temperature=0.5, annealed=True)  # temperature guidance needs no class
+    assert torch.allclose(flow.reverse(z, y, **kw), flow.reverse(z, y, kv_cache=False, **kw), atol=1e-10)
+
+
+def test_fast_inverse_with_qk_norm(attention_path):
+    """The decoder also handles query/key normalisation (TARFlow's blocks have none; kept general)."""
+    flow = _tiny_flow(torch.float64)
+    for block in flow.blocks:
+        for layer in block.layers:
+            hd = layer.attn.head_dim
+            layer.attn.q_norm = nn.RMSNorm(hd).to(torch.float64)
+            layer.attn.k_norm = nn.RMSNorm(hd).to(torch.float64)
+    randomize(flow, scale=0.5)
+    z, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 3])
+    for kw in (dict(), dict(guidance=1.0, guidance_temperature=0.5)):
+        assert torch.allclose(flow.reverse(z, y, **kw), flow.reverse(z, y, kv_cache=False, **kw), atol=1e-10)
+
+
+def test_fast_inverse_batch_independent(attention_path):
+    """Each sample's decode depends on its own noise only (guided rows do not leak across the 2B batch)."""
+    flow = _tiny_flow()
+    z, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+    full = flow.reverse(z, y, guidance=1.0)
+    single = torch.cat([flow.reverse(z[i : i + 1], y[i : i + 1], guidance=1.0) for i in range(4)])
+    assert torch.allclose(full, single, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,152 @@
+"""Multi-process training and sampling under torchrun (2 CPU processes, gloo): a DDP run resumes a one-process
+checkpoint, writes only from rank 0 and trains exactly what one process with gradient accumulation trains; samples
+do not depend on the number of processes or the batch size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import biflow_bench.train as train_module
+from biflow_bench.ablations import get_spec
+from biflow_bench.artifacts import load_model
+from biflow_bench.config import ConfigError
+from biflow_bench.data import load_digits
+from biflow_bench.distributed import DistEnv, gather_rows, init_from_env
+from biflow_bench.sample import Sampler, generate, sample_trained
+from biflow_bench.train import TrainingInterrupted, fit, train_backward, train_flow
+
+# 12 + 6 steps of the tiny scale; global batch 16 in micro-batches of 8: two processes, or one accumulating twice
+OVERRIDES = {"stage1.steps": 12, "stage2.steps": 6, "stage1.batch_size": 16, "stage2.batch_size": 16,
+             "stage1.checkpoint_every": 4, "stage2.checkpoint_every": 4}
+SET = [arg for k, v in OVERRIDES.items() for arg in ("--set", f"{k}={v}")]
+MICRO = 8
+
+# Runs the CLI and logs every file it publishes (atomic writes end in os.replace: checkpoints, artifacts, outputs)
+# with the rank that made it.
+LOGGING_CLI = """
+import os, sys
+replace = os.replace
+def logged(src, dst, **kw):
+    with open(os.environ["WRITE_LOG"], "a") as f:
+        f.write(f"{os.environ['RANK']} {dst}\\n")
+    return replace(src, dst, **kw)
+os.replace = logged
+from biflow_bench.cli import main
+sys.argv[0] = "biflow-bench"
+main()
+"""
+
+
+def torchrun(tmp: Path, cache: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, Path]]]:
+    script, log = tmp / "logging_cli.py", tmp / "writes.log"
+    script.write_text(LOGGING_CLI)
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "BIFLOW_CACHE": str(cache), "WRITE_LOG": str(log), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    writes = [(line.split(" ", 1)[0], Path(line.split(" ", 1)[1])) for line in log.read_text().splitlines()]
+    return out, writes
+
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_spec("main").resolve("biflow", "tiny", OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cfg):
+    """A one-process run of stage 1 interrupted at step 7 (its checkpoint in the cache), then resumed and finished
+    (with stage 2) by `train-dist` on 2 processes."""
+    tmp = tmp_path_factory.mktemp("dist")
+    cache = tmp / "cache"
+    ckpt = cache / "stage1" / cfg.stage1_key(0) / "checkpoint.pt"
+    calls = []
+
+    def interrupting_nll(model, x, y):
+        calls.append(1)
+        if len(calls) == 2 * 6 + 1:  # SIGINT during step 6 (2 micro-batches a step): checkpoint at step 7
+            os.kill(os.getpid(), signal.SIGINT)
+        return nll_loss(model, x, y)
+
+    nll_loss = train_module.nll_loss
+    train_module.nll_loss = interrupting_nll
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train_flow(cfg, load_digits().train, 0, ckpt, progress=False, micro_batch=MICRO)
+    finally:
+        train_module.nll_loss = nll_loss
+    assert torch.load(ckpt, weights_only=False)["step"] == 7
+    out, writes = torchrun(tmp, cache, "train-dist", "main", "biflow", "--scale", "tiny", *SET,
+                           "--micro-batch", str(MICRO))
+    return tmp, cache, out, writes
+
+
+def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, cfg):
+    tmp, cache, out, writes = trained
+    summary = json.loads(out.stdout)  # one JSON document: only rank 0 printed
+    assert summary["stage1"]["resumed_from"] == 7 and summary["stage1"]["world_size"] == 2
+    assert summary["stage2"]["resumed_from"] == 0 and summary["stage2"]["micro_batch"] == MICRO
+    assert writes and {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing
+    s1, s2 = cache / "stage1" / cfg.stage1_key(0), cache / "stage2" / cfg.stage2_key(0)
+    written = [p for _, p in writes]
+    assert written.count(s2 / "checkpoint.pt") == 1 and written.count(s1 / "checkpoint.pt") == 1  # steps 8, 4
+    files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(cache)) for p in (s1 / "flow.pt", s1 / "flow.pt.sha256",
+                                                               s2 / "backward.pt", s2 / "backward.pt.sha256"))
+
+    # one process accumulating 2 micro-batches of 8, uninterrupted: the same training up to float reduction order
+    data = load_digits().train
+    flow, _ = train_flow(cfg, data, 0, progress=False, micro_batch=MICRO)
+    g, _ = train_backward(cfg, flow, data, 0, progress=False, micro_batch=MICRO)
+    for mine, path in ((flow, s1 / "flow.pt"), (g, s2 / "backward.pt")):
+        theirs = load_model(path)[0].state_dict()
+        for name, value in mine.state_dict().items():
+            torch.testing.assert_close(value, theirs[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_samples_do_not_depend_on_processes_or_batch_size(trained, cfg):
+    tmp, cache, _, _ = trained
+    out, writes = torchrun(tmp, cache, "sample-dist", "main", "biflow", "--scale", "tiny", *SET,
+                           "--num-images", "16", "--batch-size", "4", "--out", str(tmp / "two.npz"))
+    assert json.loads(out.stdout)["processes"] == 2 and writes == [("0", tmp / "two.npz")]  # by rank 0 alone
+    one = sample_trained(cfg, 0, num=16, batch_size=16, out=tmp / "one.npz", cache_dir=cache)
+    assert one["num_images"] == 16
+    two, one = np.load(tmp / "two.npz"), np.load(tmp / "one.npz")
+    assert two["arr_0"].shape == (16, 8, 8, 3) and two["arr_0"].dtype == np.uint8
+    assert np.array_equal(two["arr_0"], one["arr_0"]) and two["labels"].tolist() == [i % 10 for i in range(16)]
+
+    # the float samples themselves, per batch size, in one process
+    flow = load_model(cache / "stage1" / cfg.stage1_key(0) / "flow.pt")[0]
+    g = load_model(cache / "stage2" / cfg.stage2_key(0) / "backward.pt")[0]
+    labels = torch.arange(16) % 10
+    by_batch = [generate(Sampler.from_config(cfg), flow, g, labels, range(16), b, 0) for b in (4, 16)]
+    assert torch.equal(by_batch[0], by_batch[1])
+
+
+def test_single_process_env_and_gather():
+    env = init_from_env("cpu")
+    assert env == DistEnv() and env.is_main and not env.distributed
+    rows = torch.arange(6).view(3, 2)
+    assert gather_rows(rows, env) is rows
+
+
+def test_global_batch_must_split_evenly():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ConfigError, match="does not split into micro-batches of 5"):
+        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, steps=1, batch_size=16, lr=1e-3,
+            warmup=1, weight_decay=0.0, grad_clip=1.0, seed=0, micro_batch=5, progress=False)
+    with pytest.raises(ConfigError, match="shared evenly by 2 processes"):
+        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, steps=1, batch_size=24, lr=1e-3,
+            warmup=1, weight_decay=0.0, grad_clip=1.0, seed=0, micro_batch=8, progress=False,
+            env=DistEnv(0, 2))
