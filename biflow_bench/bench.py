@@ -344,6 +344,9 @@ def run_speed_bench(
     rows: list[dict[str, Any]] = []
     if what in ("sample", "all"):
         rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress)
+        if spec.resolve("exact", scale).dataset == "latents":
+            rows += _decoder_rows(spec.resolve("exact", scale), batch_sizes, dev, repeats, warmup, amp, peak,
+                                  peak_bf16, progress)
     if what in ("train", "all"):
         rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, progress)
 
@@ -437,6 +440,51 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
                 "paper_speedup": _num(variant.paper.get("speedup")),
                 "ms_min": c["ms_min"],
             })
+    return rows
+
+
+def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int, amp: bool,
+                  peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
+    """The VAE decoder at latent scales, timed alone as the paper reports it (BiFlow Table 1 excludes it): the
+    local sd-vae-ft-ema when there is one, else a random AutoencoderKL of its architecture (same cost)."""
+    from .latents import SD_VAE_ARCH, TINY_VAE_ARCH, load_vae, random_vae
+    from .weights import WeightsError
+
+    try:
+        vae, weights = load_vae(device=dev), "local weights"
+    except WeightsError:
+        arch = SD_VAE_ARCH if cfg.flow.image_size == 32 else TINY_VAE_ARCH
+        vae, weights = random_vae(arch).to(dev), "random weights"
+    decoder = vae.eval()
+    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
+
+    def call_for(batch: int, inference: bool = True) -> Callable[[], Tensor]:
+        z = image_noise(range(batch), shape).to(dev)
+
+        def call() -> Tensor:
+            with torch.inference_mode() if inference else torch.no_grad():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    return decoder.decode(z).sample
+
+        return call
+
+    flops = count_flops(call_for(FLOP_BATCH, inference=False)) / FLOP_BATCH
+    params = count_params(decoder.decoder, decoder.post_quant_conv)
+    rows = []
+    for bs in batch_sizes:
+        call = call_for(bs)
+        _reset_peak_memory(dev)
+        times = time_calls(call, dev, repeats, max(warmup, 1))
+        sec = statistics.median(times)
+        rows.append({
+            "sampler": "vae-decoder", "label": f"VAE decoder (sd-vae-ft-ema architecture, {weights})", "nfe": 1,
+            "nfe_label": "1 (decoder)", "params": params, "flops_per_image": flops, "batch_size": bs,
+            "ms_per_image": sec / bs * 1e3, "images_per_s": bs / sec, "speedup": None,
+            "peak_fraction": flops * bs / sec / ((peak_bf16 if amp and peak_bf16 else peak)),
+            "peak_memory_mb": _peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
+            "ms_min": min(times) / bs * 1e3,
+        })
+        _log(progress, f"vae-decoder  batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image")
     return rows
 
 

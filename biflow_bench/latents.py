@@ -88,17 +88,29 @@ def decode_latents(vae, z: Tensor, batch_size: int = 64) -> Tensor:
     return torch.cat(out)
 
 
-def make_tiny_vae(path: Path | str, seed: int = 0) -> Path:
-    """A randomly initialised AutoencoderKL in sd-vae's layout but tiny (two 32-channel blocks: 32x32 RGB -> 16x16x4),
-    written with save_pretrained so it is loaded back through `load_vae` like the real one. Its posterior samples
-    have a standard deviation of about 1, hence scaling factor 1 (sd-vae's 0.18215 plays the same role)."""
+# sd-vae-ft-ema's architecture (its config.json): 256x256 RGB <-> 32x32x4, four blocks of 128-512 channels
+SD_VAE_ARCH = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256,
+                   scaling_factor=0.18215)
+# the same layout in miniature: 32x32 RGB <-> 16x16x4 (the tiny-latent scale)
+TINY_VAE_ARCH = dict(block_out_channels=(32, 32), layers_per_block=1, sample_size=32, scaling_factor=1.0)
+
+
+def random_vae(arch: dict, seed: int = 0):
+    """A randomly initialised AutoencoderKL in sd-vae's layout with `arch`'s sizes (timing the decoder needs no
+    weights; tests need a VAE that goes through the real loading path)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=32, sample_size=32, scaling_factor=1.0)
-    vae.save_pretrained(path)
+    blocks = len(arch["block_out_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=32, **arch)
+
+
+def make_tiny_vae(path: Path | str, seed: int = 0) -> Path:
+    """A random TINY_VAE_ARCH AutoencoderKL written with save_pretrained, so it is loaded back through `load_vae`
+    like the real one. Its posterior samples have a standard deviation of about 1, hence scaling factor 1
+    (sd-vae's 0.18215 plays the same role)."""
+    random_vae(TINY_VAE_ARCH, seed).save_pretrained(path)
     return Path(path)
 
 
@@ -211,18 +223,50 @@ def prepare_latents(data_dir: Path | str, out_dir: Path | str, vae, image_size: 
 # FID reference statistics
 
 
-def load_reference(path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) float64 of a reference .npz (keys mu, sigma); a missing file is a one-line WeightsError."""
+def load_reference(path: str | Path | None, image_size: int = 256, extractor: str = "inception-v3-compat",
+                   cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) float64 of the FID reference: an .npz (keys mu, sigma; e.g. ADM's), or an image folder whose
+    statistics are computed once (center crop `image_size`, `extractor` features) and cached under
+    `cache_dir`/reference, keyed by the folder's file list. Missing or unreadable: a one-line WeightsError."""
     from .metrics import load_reference_stats
 
+    if path is not None and Path(path).is_dir():
+        return _folder_reference(Path(path), image_size, extractor, cache_dir)
     if path is None or not Path(path).is_file():
         where = f"{path} does not exist" if path else "no --ref-stats given"
-        raise WeightsError(f"FID reference statistics: {where}; pass --ref-stats PATH to an .npz with mu and sigma, "
-                           f"for ImageNet 256 ADM's {ADM_REFERENCE}")
+        raise WeightsError(f"FID reference statistics: {where}; pass --ref-stats PATH to an .npz with mu and sigma "
+                           f"(for ImageNet 256 ADM's {ADM_REFERENCE}) or to a folder of reference images")
     try:
         return load_reference_stats(path)
     except (OSError, ValueError) as e:
         raise WeightsError(f"FID reference statistics: {str(e).splitlines()[0]}") from None
+
+
+def _folder_reference(folder: Path, image_size: int, extractor: str, cache_dir: Path | None,
+                      chunk: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics of an image folder, computed in chunks (memory stays bounded) and cached as an .npz."""
+    import hashlib
+
+    from .artifacts import default_cache_dir
+    from .metrics import default_layers, extract_features, feature_stats, load_reference_stats, save_reference_stats
+
+    _, files = list_images(folder)
+    listing = [f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f, _ in files]
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), image_size, extractor, listing]).encode()).hexdigest()
+    cached = (cache_dir or default_cache_dir()) / "reference" / f"{key[:16]}.npz"
+    if cached.is_file():
+        try:
+            return load_reference_stats(cached)
+        except (OSError, ValueError):
+            print(f"{cached}: unreadable cached reference statistics; recomputing", file=sys.stderr)
+    layer = default_layers(extractor)[0]
+    images = _Images(files, image_size)
+    feats = [extract_features(torch.stack([images[i] for i in range(lo, min(lo + chunk, len(images)))]), extractor,
+                              layers=[layer])[layer]  # (Inception resizes to 299 itself)
+             for lo in range(0, len(images), chunk)]
+    mu, sigma = feature_stats(np.concatenate(feats))
+    save_reference_stats(cached, mu, sigma)
+    return mu, sigma
 
 
 def sample_postprocess(vae) -> Callable[[Tensor], Tensor]:

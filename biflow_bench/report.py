@@ -34,6 +34,7 @@ from .io import atomic_write_bytes, atomic_write_text
 from .results import results_frame, scan_records, speed_frame
 
 MANIFEST = ".report-manifest"
+COMMENTARY = "COMMENTARY.md"  # results/<scale>/<ablation>/: the hand-written reading of a table
 DASH = "—"
 # Agg writes the matplotlib version into PNG metadata by default; dropping it keeps figures byte-identical across
 # matplotlib patch releases, not only across re-renders.
@@ -190,6 +191,36 @@ def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
         return None, n, f"n/a: one side is constant over the {n} variants that have both"
     tau += 0.0  # no "-0.000"
     return tau, n, f"{tau:.3f} over {n} variants"
+
+
+def verdict(table: pd.DataFrame, sigmas: float = 2.0) -> str:
+    """One sentence on whether the paper's ordering reproduced: for every pair of variants the paper separates, do
+    ours order them the same way, and is our gap larger than `sigmas` x the combined noise of the two numbers?"""
+    both = table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
+    if len(both) < 2:
+        return "Not comparable: fewer than two variants have both our number and the paper's."
+    rows = list(both.sort_values("paper_fid").itertuples())
+    agree, flipped, pairs = [], [], 0
+    for i, better in enumerate(rows):
+        for worse in rows[i + 1:]:
+            if better.paper_fid == worse.paper_fid:
+                continue
+            pairs += 1
+            gap = worse.ours - better.ours
+            noise = math.hypot(*(0.0 if math.isnan(x) else x for x in (better.ours_std, worse.ours_std)))
+            resolved = abs(gap) > sigmas * noise
+            (agree if gap > 0 else flipped).append((better.variant, worse.variant, resolved))
+    if not pairs:
+        return "Not comparable: the paper's numbers do not order these variants."
+    best_ours, best_paper = both.loc[both["ours"].astype(float).idxmin(), "variant"], rows[0].variant
+    lead = (f"The paper's best variant (`{best_paper}`) is best here too" if best_ours == best_paper
+            else f"The paper's best variant is `{best_paper}`; ours is `{best_ours}`")
+    resolved_agree = sum(r for *_, r in agree)
+    text = f"{lead}; {len(agree)} of {pairs} pairs keep the paper's order ({resolved_agree} beyond {sigmas:g}σ noise)"
+    if flipped:
+        shown = ", ".join(f"`{w}` beats `{b}`" + ("" if r else " (within noise)") for b, w, r in flipped)
+        text += f"; reversed here: {shown}"
+    return text + "."
 
 
 def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
@@ -361,7 +392,10 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
     if spec and spec.description:
         md.append(" ".join(spec.description.split()) + "\n")
     md.append(_md_table(header, cells, "lrrlrrr"))
-    md.append(f"Kendall τ between our ranking and the paper's: {tau_text}.\n")
+    md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
+    comment = commentary(results_dir, scale, ablation)
+    if comment:
+        md.append(f"**Why.** {comment}\n")
     caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
                                          "ImageNet: compare rankings, not values.")
     md.append("± is the std across seeds where a variant has more than one seed, otherwise the bootstrap std of the "
@@ -390,6 +424,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
                                      raw_cols=(1,)))
     w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
     return table, tau, tau_text
+
+
+def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:
+    """The hand-written reading of a table, `results/<scale>/<ablation>/COMMENTARY.md`, kept with the records it
+    explains (written by whoever ran them; the report never invents one)."""
+    path = results_dir / scale / ablation / COMMENTARY
+    return " ".join(path.read_text(encoding="utf-8").split()) if path.is_file() else None
 
 
 def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpec | None,
@@ -494,7 +535,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         readme.append(f"### Headline: {main_spec.title if main_spec else 'main'} (`main`)\n")
         readme.append(_headline_md(headline_table(sdf, main_spec)))
 
-        index_rows = []
+        index_rows, readings = [], []
         main_table = None
         for ablation in sorted(set(sdf["ablation"])):
             spec = registry.get(ablation)
@@ -509,9 +550,13 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
             index_rows.append([f"[{spec.title if spec else ablation}]({p}.md)", f"`{ablation}`",
                                f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
                                f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
+            comment = commentary(results_dir, scale, ablation)
+            readings.append(f"- **{spec.title if spec else ablation}** (`{ablation}`): {verdict(table)}"
+                            + (f" {comment}" if comment else "") + "\n")
         if index_rows:
             readme.append("### Ablations\n")
             readme.append(_md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
+            readme.append("What reproduced (σ: the noise in each table):\n\n" + "".join(readings))
 
         if not sspeed.empty:
             quality_link = None

@@ -78,6 +78,9 @@ def preflight(cfg: RunConfig, seed: int) -> None:
     config, and their pretrained weights (WeightsError names the file). Raises before any work starts."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed {seed!r}: must be an integer from 0 to 2**32 - 1")
+    if cfg.dataset == "latents":  # samples must be decoded by the VAE and scored against ImageNet's statistics
+        raise ConfigError(f"scale {cfg.scale!r} trains on VAE latents: `run` covers the pixel scales (tiny, small); "
+                          "use `train-dist` and `sample-dist --vae DIR --ref-stats NPZ` (README: Paper scale)")
     s2 = cfg.stage2
     if cfg.inverse == "learned" and s2.metric != "mse":
         if s2.perceptual_weights not in WEIGHT_MODES:

@@ -117,7 +117,8 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     reference = None
     if ref_stats is not None:
         resolve_weights(INCEPTION_NAME)
-        reference = load_reference(ref_stats)
+        upsample = 2 ** (len(decoder.config.block_out_channels) - 1) if decoder is not None else 1
+        reference = load_reference(ref_stats, cfg.flow.image_size * upsample, cache_dir=cache_dir)
     cache = cache_dir or default_cache_dir()
     paths = [cache / "stage1" / cfg.stage1_key(seed) / "flow.pt"]
     if cfg.inverse == "learned":

@@ -116,6 +116,19 @@ def test_training_rows():
     assert "train-backward" in format_speed_table(rec)
 
 
+def test_latent_scale_times_the_vae_decoder_apart(monkeypatch, tmp_path):
+    monkeypatch.setenv("BIFLOW_VAE", str(tmp_path / "absent"))  # no VAE here: a random one of the same architecture
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rec = run_speed_bench("tiny-latent", batch_sizes=(2,), repeats=1, warmup=0)
+    rows = {r["sampler"]: r for r in rec["rows"]}
+    assert set(rows) == {"exact", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
+    decoder = rows.pop("vae-decoder")
+    assert set(ROW_KEYS) <= set(decoder)
+    assert "random weights" in decoder["label"] and decoder["speedup"] is None
+    assert decoder["params"] > 0 and decoder["flops_per_image"] > 0 and decoder["ms_per_image"] > 0
+    assert validation_error(rec) is None and "vae-decoder" in format_speed_table(rec)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="what"):
         run_speed_bench("tiny", batch_sizes=(1,), what="bogus")

@@ -4,6 +4,7 @@ missing VAE, Inception weights or FID reference statistics."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ from biflow_bench.config import SCALES, apply_delta, scale_config
 from biflow_bench.data import DataError, LatentDataset, data_generator, get_batch, load_dataset, shard_name
 from biflow_bench.latents import (decode_latents, load_images, load_reference, load_vae, make_tiny_vae,
                                   prepare_latents, sample_postprocess)
+from biflow_bench import metrics
 from biflow_bench.metrics import compute_fidelity, count_params, save_reference_stats
 from biflow_bench.models import PRESETS, build_models
 from biflow_bench.models.presets import PAPER_PARAMS
@@ -166,6 +168,23 @@ def test_reference_statistics(tmp_path):
         load_reference(tmp_path / "bad.npz")
 
 
+def test_reference_statistics_of_a_folder_are_computed_once(latent_setup, tmp_path):
+    root, _, _ = latent_setup
+    folder = tmp_path / "ref"
+    shutil.copytree(root / "images", folder)
+    mu, sigma = load_reference(folder, 32, extractor="effnet-lite0", cache_dir=tmp_path / "cache")
+    cached = list((tmp_path / "cache" / "reference").glob("*.npz"))
+    assert len(cached) == 1 and mu.shape == (1280,) and sigma.shape == (1280, 1280)
+    images, _ = load_images(folder, 32)
+    assert np.allclose(mu, metrics.reference_stats(images, extractor="effnet-lite0")[0], atol=1e-5)
+    cached[0].write_bytes(b"truncated")  # a corrupted cache entry is recomputed, not trusted
+    again = load_reference(folder, 32, extractor="effnet-lite0", cache_dir=tmp_path / "cache")
+    assert np.array_equal(again[0], mu) and np.array_equal(again[1], sigma)
+    (folder / "cat" / "00.png").unlink()  # another file list: other statistics
+    other = load_reference(folder, 32, extractor="effnet-lite0", cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "reference").glob("*.npz"))) == 2 and not np.array_equal(other[0], mu)
+
+
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     """`biflow-bench ARGS` in this process (the entry point's error handling included): exit code and stderr."""
     from biflow_bench import cli
@@ -187,6 +206,7 @@ def test_cli_names_what_is_missing(no_caches, capsys, monkeypatch):
         (["sample-dist", "main", "biflow", "--ref-stats", str(ref)], "weights-inception-2015-12-05-6726825d.pth"),
         (["sample-dist", "main", "biflow", "--ref-stats", str(ref)], "VIRTUAL_imagenet256_labeled.npz"),
         (["sample-dist", "main", "biflow", "--set", "stage1.steps=3"], "no trained model"),
+        (["run", "main", "--scale", "paper", "--results-dir", str(no_caches / "r")], "use `train-dist`"),
     ]
     for i, (args, message) in enumerate(cases):
         if i == 3:

@@ -12,11 +12,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # the report draws on Figure objects directly; this keeps any stray pyplot headless too
 
+import pandas as pd
 import pytest
 from PIL import Image
 
 from biflow_bench.ablations import AblationSpec, Variant
-from biflow_bench.report import ReportSummary, headline_table, render_report
+from biflow_bench.report import ReportSummary, headline_table, render_report, verdict
 from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, is_done, load_results, load_speed_records, read_record, record_path, write_record,
 )
@@ -335,3 +336,27 @@ def test_report_without_spec_registry(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "The ablation specs could not be loaded" in (out / "README.md").read_text()
     md = (out / "tiny" / "denoise.md").read_text()
     assert "Kendall τ between our ranking and the paper's: n/a: 1 variant(s)" in md
+
+
+def test_verdict_counts_pairs_against_noise(rendered: tuple[Path, Path, ReportSummary]) -> None:
+    _, out, _ = rendered
+    # ours: learned 10 ± 1.41, score 30 ± 0.5, none 20 ± 0.7; the paper: learned < score < none. Every gap is
+    # larger than 2 sigma, and score / none are the other way round.
+    expected = ("The paper's best variant (`learned`) is best here too; 2 of 3 pairs keep the paper's order "
+                "(2 beyond 2σ noise); reversed here: `none` beats `score`.")
+    assert expected in (out / "tiny" / "denoise.md").read_text()
+    assert f"- **denoise** (`denoise`): {expected}" in (out / "README.md").read_text()
+
+    table = pd.DataFrame({"variant": ["a", "b", "c"], "ours": [1.0, 1.5, float("nan")], "ours_std": [0.5, 0.5, 0.1],
+                          "paper_fid": [2.0, 1.0, 3.0]})
+    assert verdict(table) == ("The paper's best variant is `b`; ours is `a`; 0 of 1 pairs keep the paper's order "
+                              "(0 beyond 2σ noise); reversed here: `a` beats `b` (within noise).")
+    assert verdict(table.iloc[:1]).startswith("Not comparable")
+
+
+def test_commentary_beside_the_records_is_shown(results: Path, tmp_path: Path) -> None:
+    (results / "tiny" / "denoise" / "COMMENTARY.md").write_text("Score is\nbetter here because of X.\n")
+    render_report(results, tmp_path / "out", registry={})
+    assert "**Why.** Score is better here because of X." in (tmp_path / "out" / "tiny" / "denoise.md").read_text()
+    assert "Score is better here because of X." in (tmp_path / "out" / "README.md").read_text()
+    assert "**Why.**" not in (tmp_path / "out" / "tiny" / "main.md").read_text()

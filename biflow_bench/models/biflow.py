@@ -16,14 +16,14 @@ so that one pass gives the guided result (NFE 1).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import AdaLNBlock, patchify, timestep_embedding, unpatchify
+from .layers import AdaLNBlock, ImageTokens, patchify, timestep_embedding, unpatchify
 
 STRATEGIES = ("naive", "hidden-distill", "hidden-align")
 DENOISE_MODES = ("learned", "score", "none")
@@ -31,7 +31,7 @@ CFG_MODES = ("training-time", "inference", "none")
 
 
 @dataclass(frozen=True)
-class BiFlowConfig:
+class BiFlowConfig(ImageTokens):
     in_channels: int = 1
     image_size: int = 8
     patch_size: int = 2
@@ -60,17 +60,6 @@ class BiFlowConfig:
     @property
     def num_stages(self) -> int:
         return self.num_groups + (self.denoise == "learned")
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class BackwardOutput(NamedTuple):

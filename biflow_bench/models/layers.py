@@ -7,10 +7,31 @@ written in place, which the exact serial inverse of F uses to decode one token a
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class ImageTokens:
+    """Shared by the model configs (dataclasses with in_channels, image_size, patch_size): the token grid of
+    patchify, and a plain dict for checkpoints."""
+
+    in_channels: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 def patchify(x: Tensor, p: int) -> Tensor:

@@ -13,18 +13,18 @@ block by block (with a preallocated KV cache, see FlowBlock._reverse_cached). No
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CausalBlock, patchify, unpatchify
+from .layers import CausalBlock, ImageTokens, patchify, unpatchify
 
 
 @dataclass(frozen=True)
-class TARFlowConfig:
+class TARFlowConfig(ImageTokens):
     in_channels: int = 1
     image_size: int = 8
     patch_size: int = 2
@@ -38,19 +38,8 @@ class TARFlowConfig:
     nvp: bool = True  # False: volume preserving, alpha = 0 (TARFlow's VP ablation)
 
     @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
-
-    @property
     def num_dims(self) -> int:
         return self.in_channels * self.image_size**2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class FlowOutput(NamedTuple):
