@@ -7,7 +7,7 @@ ARGS    ?=
 
 .PHONY: setup test demo report reproduce-small clean \
         ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
-        ablation-training-cfg ablation-main bench-speed
+        ablation-training-cfg ablation-main bench-speed second-seed
 
 setup: .venv/.installed
 
@@ -32,9 +32,16 @@ bench-speed: setup
 report: setup
 	$(BENCH) report
 
+# seed 1 of the BiFlow baseline of the tables that vary G: the seed spread beside each run's bootstrap std
+second-seed: setup
+	$(BENCH) run inverse-strategy --variants hidden-align --scale $(SCALE) --seed 1
+	$(BENCH) run denoise --variants learned --scale $(SCALE) --seed 1
+	$(BENCH) run norm-control --variants clip --scale $(SCALE) --seed 1
+	$(BENCH) run distance-metric --variants mse --scale $(SCALE) --seed 1
+
 reproduce-small: setup
 	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
-	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed report SCALE=small
+	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed second-seed report SCALE=small
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Stage1Config:
-    """Forward flow F by maximum likelihood (TARFlow sec. 2; AdamW (0.9, 0.95), warm-up + cosine)."""
+class TrainingConfig:
+    """What both stages share: AdamW (0.9, 0.95) with warm-up + cosine, label drop, checkpoints, divergence guard."""
 
     steps: int = 1500
     batch_size: int = 128
@@ -36,22 +36,22 @@ class Stage1Config:
     warmup: int = 100
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
-    noise_sigma: float = 0.1  # Gaussian noise augmentation (TARFlow sec. 2.4)
     label_drop: float = 0.1  # classifier-free guidance training
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
 
 
 @dataclass(frozen=True)
-class Stage2Config:
+class Stage1Config(TrainingConfig):
+    """Forward flow F by maximum likelihood (TARFlow sec. 2)."""
+
+    noise_sigma: float = 0.1  # Gaussian noise augmentation (TARFlow sec. 2.4)
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainingConfig):
     """Backward model G against the frozen F (BiFlow sec. 3)."""
 
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
     metric: str = "mse"  # distance on the output (sec. 3.4): mse | mse+lpips | mse+lpips+convnext
     perceptual_weights: str = "pretrained"  # "random" only when named; every table then says so
     perceptual_size: int = 32  # images are resized to this side for the perceptual networks
@@ -59,10 +59,7 @@ class Stage2Config:
     adaptive_p: float = 1.0  # adaptive re-weighting D / sg((D + eps)^p) of perceptual terms
     hidden_weight: float = 1.0  # weight of the intermediate-state terms
     ema_decay: float = 0.999
-    label_drop: float = 0.1
     cfg_max: float = 3.0  # training-time CFG: w ~ U[0, cfg_max] per example (sec. 3.4)
-    checkpoint_every: int = 500
-    max_bad_steps: int = 20
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,8 @@ def _first(values: pd.Series) -> Any:
 def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
     """One row per variant of one (scale, ablation): ours (mean over seeds and its noise), NFE, paper FID, ranks.
 
-    Noise is the std across seeds when a variant has more than one, else the bootstrap std stored with the single
-    run. A seed whose metric is NaN makes the mean NaN: a diverged run is shown, not silently averaged away.
+    Noise is the std across seeds when a variant has more than one (floored at the runs' mean bootstrap std), else
+    the bootstrap std stored with the single run. A seed whose metric is NaN makes the mean NaN: a diverged run is shown, not silently averaged away.
     Variants the spec lists but no record has are kept with their paper number so missing runs are visible."""
     rows = []
     for v in variant_order(df, spec):
@@ -150,8 +150,9 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         sv = spec.variants.get(v) if spec else None
         vals = g["value"].astype(float)
         n = len(g)
-        if n > 1:
-            std, noise = float(vals.std(ddof=1)), "seeds"
+        if n > 1:  # a std over a few seeds can land below one run's sampling noise by chance: never report less
+            seeds_std, boot_std = float(vals.std(ddof=1)), float(g["value_std"].astype(float).mean())
+            std, noise = (seeds_std, "seeds") if not boot_std > seeds_std else (boot_std, "bootstrap")
         elif n == 1:
             std, noise = float(g["value_std"].iloc[0]), "bootstrap"
         else:
@@ -398,8 +399,9 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append(f"**Why.** {comment}\n")
     caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
                                          "ImageNet: compare rankings, not values.")
-    md.append("± is the std across seeds where a variant has more than one seed, otherwise the bootstrap std of the "
-              f"single run. Lower is better in both columns; rank 1 is the best.{caveat}\n")
+    md.append("± is the std across seeds where a variant has more than one seed (never less than the runs' mean "
+              "bootstrap std), otherwise the bootstrap std of the single run. Lower is better in both columns; "
+              f"rank 1 is the best.{caveat}\n")
     md.append(f"![{title}]({ablation}.png)\n")
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
     if notes:
@@ -434,7 +436,7 @@ def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:
 
 
 def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpec | None,
-                  quality_link: str | None) -> None:
+                  quality_link: str | None, comment: str | None) -> None:
     # Several speed records (seeds) at one scale: average each (sampler, batch size) cell.
     listed = list(spec.variants) if spec else []
     first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
@@ -465,6 +467,8 @@ def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpe
     md.append(_md_table(header, cells, "llrrrrrrrr"))
     md.append("Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
               "decoder, so compare speed-ups, not milliseconds.\n")
+    if comment:
+        md.append(f"**Why.** {comment}\n")
     md.append("![ms per image against batch size](speed.png)\n")
     md.append("Files: [CSV](speed.csv) · [LaTeX](speed.tex)"
               + (f" · [speed against quality]({quality_link})" if quality_link else "") + "\n")
@@ -564,13 +568,15 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                     main_table["ms_per_image"].astype(float) * main_table["ours"].astype(float)).any():
                 quality_link = w.bytes(f"{scale}/speed_quality.png",
                                        speed_quality_figure(main_table, f"Speed against quality (scale {scale})"))
+            comment = commentary(results_dir, scale, "speed")
             _render_speed(w, scale, sspeed, registry.get("speed"),
-                          quality_link and Path(quality_link).name)
+                          quality_link and Path(quality_link).name, comment)
             readme.append("### Speed\n")
             readme.append(f"- [Sampling speed table]({scale}/speed.md) · [CSV]({scale}/speed.csv) · "
                           f"[LaTeX]({scale}/speed.tex) · [figure]({scale}/speed.png)\n"
                           + (f"- [Speed against quality]({quality_link}) (the `main` variants)\n"
-                             if quality_link else ""))
+                             if quality_link else "")
+                          + (f"\n{comment}\n" if comment else ""))
 
     readme.append("## Skipped files\n")
     if skipped:

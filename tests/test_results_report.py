@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from biflow_bench.ablations import AblationSpec, Variant
-from biflow_bench.report import ReportSummary, headline_table, render_report, verdict
+from biflow_bench.report import ReportSummary, ablation_table, headline_table, render_report, verdict
 from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, is_done, load_results, load_speed_records, read_record, record_path, write_record,
 )
@@ -354,9 +354,27 @@ def test_verdict_counts_pairs_against_noise(rendered: tuple[Path, Path, ReportSu
     assert verdict(table.iloc[:1]).startswith("Not comparable")
 
 
+def test_seed_std_is_floored_at_the_bootstrap_std(tmp_path: Path) -> None:
+    """Two seeds that agree by chance (10.0, 10.1) do not make the number more certain than one run's own noise."""
+    for seed, value in enumerate((10.0, 10.1)):
+        write_record(tmp_path, make_record("denoise", "learned", seed, value, label="L", std=0.5, paper_fid=1.0))
+    for seed, value in enumerate((10.0, 14.0)):
+        write_record(tmp_path, make_record("denoise", "none", seed, value, label="N", std=0.5, paper_fid=2.0))
+    df, _ = load_results(tmp_path)
+    table = ablation_table(df).set_index("variant")
+    assert table.loc["learned", "ours_std"] == pytest.approx(0.5) and table.loc["learned", "noise"] == "bootstrap"
+    assert table.loc["none", "ours_std"] == pytest.approx(8 ** 0.5) and table.loc["none", "noise"] == "seeds"
+
+
 def test_commentary_beside_the_records_is_shown(results: Path, tmp_path: Path) -> None:
     (results / "tiny" / "denoise" / "COMMENTARY.md").write_text("Score is\nbetter here because of X.\n")
     render_report(results, tmp_path / "out", registry={})
     assert "**Why.** Score is better here because of X." in (tmp_path / "out" / "tiny" / "denoise.md").read_text()
     assert "Score is better here because of X." in (tmp_path / "out" / "README.md").read_text()
-    assert "**Why.**" not in (tmp_path / "out" / "tiny" / "main.md").read_text()
+    main_page = (tmp_path / "out" / "tiny" / "main.md").read_text()
+    assert "**Why.**" not in main_page
+    assert "Our metric is `fd_effnet` on this scale's data" in main_page and "{" not in main_page
+    (results / "tiny" / "speed" / "COMMENTARY.md").write_text("The CPU is\nmemory-bound.\n")
+    render_report(results, tmp_path / "out", registry={})
+    assert "**Why.** The CPU is memory-bound." in (tmp_path / "out" / "tiny" / "speed.md").read_text()
+    assert "The CPU is memory-bound." in (tmp_path / "out" / "README.md").read_text()
