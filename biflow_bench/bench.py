@@ -354,7 +354,8 @@ def run_speed_bench(
         "Models are randomly initialised from each variant's resolved config: a sampler's cost does not depend on "
         "the values of its weights, so no training is needed (zero-initialised layers get small random values).",
         "ms_per_image: median wall time of one call over `repeats` calls (after `warmup`), divided by the batch "
-        "size; at each batch size the samplers' calls are interleaved round by round. Noise generation is "
+        "size; at each batch size the samplers' calls are interleaved round by round, each timed call right after an "
+        "untimed one of the same sampler (steady state, as when sampling many batches). Noise generation is "
         "excluded, the score step and CFG are included.",
         "speedup: the exact serial inverse's ms per image over this sampler's at the same batch size.",
         "flops_per_image: torch.utils.flop_counter over one call at batch "
@@ -391,7 +392,9 @@ def run_speed_bench(
 def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
                    amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
     """One row per (variant, batch size). At each batch size the variants' timed calls are interleaved (one call of
-    each variant per round), so a burst of load on a shared machine hits every sampler alike."""
+    each variant per round), so a burst of load on a shared machine hits every sampler alike; each timed call follows
+    an untimed call of the same sampler, so none pays for the cold caches another sampler left behind (at batch 1 a
+    pass of G right after the exact inverse is ~30% slower than the next one)."""
     setups = {}
     for name, variant in spec.variants.items():
         cfg = spec.resolve(name, scale)
@@ -419,7 +422,7 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
             peak_mb[name] = _peak_memory_mb(dev)
         for _ in range(repeats):
             for name, call in calls.items():
-                times[name] += time_calls(call, dev, 1, 0)
+                times[name] += time_calls(call, dev, 1, 1)
         for name in calls:
             sec = statistics.median(times[name])
             cells[name, bs] = {"ms": sec / bs * 1e3, "ips": bs / sec, "ms_min": min(times[name]) / bs * 1e3,

@@ -85,6 +85,22 @@ def test_learned_sampling_is_one_pass_of_g_and_never_touches_f():
     assert g.nfe(1.0) == 1
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sampling_skips_the_projection_heads_and_equals_the_training_pass(strategy):
+    _, g = build_models("tiny", strategy=strategy, cfg_mode="training-time")
+    randomize(g, scale=0.5).eval()
+    head_calls = []
+    for head in g.heads:
+        head.register_forward_hook(lambda *_: head_calls.append(1))
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    x = g.sample(z, y, cfg_scale=1.5)
+    assert not head_calls
+    with torch.no_grad():
+        full = g(z, y, 1.5)
+    assert len(head_calls) == len(g.heads) and len(full.states) == (0 if strategy == "naive" else g.config.num_stages - 1)
+    torch.testing.assert_close(x, full.x, rtol=0, atol=0)
+
+
 def test_inference_cfg_evaluates_two_branches():
     _, g = build_models("tiny", cfg_mode="inference")
     stage_rows = []

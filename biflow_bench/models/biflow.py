@@ -141,9 +141,11 @@ class BiFlow(nn.Module):
             cond = cond + self.cfg_embed(timestep_embedding(w, self.config.width).to(cond.dtype))
         return F.silu(cond)
 
-    def forward(self, z: Tensor, y: Tensor | None = None, w: Tensor | float | None = None) -> BackwardOutput:
+    def forward(self, z: Tensor, y: Tensor | None = None, w: Tensor | float | None = None,
+                with_states: bool = True) -> BackwardOutput:
         """One pass of G. `w`: the guidance scale, a float or (B,) tensor (a condition for training-time CFG; the
-        extrapolation weight of the two lockstep branches for inference CFG)."""
+        extrapolation weight of the two lockstep branches for inference CFG). `with_states=False` skips the
+        projection heads of the supervised states, which only training needs."""
         b, cfg = z.shape[0], self.config
         if isinstance(w, (int, float)):
             w = torch.full((b,), float(w), device=z.device, dtype=z.dtype)
@@ -164,7 +166,7 @@ class BiFlow(nn.Module):
             if guided:
                 h_guided = (1 + wk) * h[:b] - wk * h[b:]
                 h = torch.cat([h_guided, h_guided])
-            if k < len(self.stages) - 1 and cfg.strategy != "naive":
+            if with_states and k < len(self.stages) - 1 and cfg.strategy != "naive":
                 state = h[:b] if cfg.strategy == "hidden-distill" else self.heads[k](h[:b])
                 states.append(self._image(state))
         out = h[:b] if cfg.strategy == "hidden-distill" else self.out(h[:b])
@@ -180,4 +182,4 @@ class BiFlow(nn.Module):
         the noisy x~, and the sampler applies F's Tweedie step afterwards."""
         if cfg_scale and self.config.cfg_mode == "none":
             raise ValueError("cfg_scale needs a model trained with cfg_mode 'training-time' or 'inference'")
-        return self(z, y, cfg_scale if self.config.cfg_mode != "none" else None).x
+        return self(z, y, cfg_scale if self.config.cfg_mode != "none" else None, with_states=False).x
