@@ -5,9 +5,10 @@ SCALE   ?= small
 SEED    ?= 0
 ARGS    ?=
 
-.PHONY: setup test demo report reproduce-small clean \
-        ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
-        ablation-training-cfg ablation-main bench-speed second-seed
+ABLATIONS := ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
+             ablation-training-cfg ablation-main
+
+.PHONY: setup test demo report reproduce-small clean bench-speed second-seed $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -20,10 +21,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
-	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed report SCALE=tiny
+	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny
 
-ablation-%: setup
+# a static pattern rule: make skips implicit rules for phony targets, so a plain `ablation-%:` would never run
+$(ABLATIONS): ablation-%: setup
 	$(BENCH) run $* --scale $(SCALE) --seed $(SEED) $(ARGS)
 
 bench-speed: setup
@@ -40,8 +41,7 @@ second-seed: setup
 	$(BENCH) run distance-metric --variants mse --scale $(SCALE) --seed 1
 
 reproduce-small: setup
-	$(MAKE) --no-print-directory ablation-inverse-strategy ablation-denoise ablation-norm-control \
-	        ablation-distance-metric ablation-training-cfg ablation-main bench-speed second-seed report SCALE=small
+	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed second-seed report SCALE=small
 
 clean:
 	rm -rf .venv build *.egg-info

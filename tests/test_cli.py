@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,19 @@ def test_missing_dataset_names_package(tmp_path):
 def test_unknown_option_is_a_usage_error():
     out = cli("run", "denoise", "--bogus")
     assert out.returncode == 2 and "No such option" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_and_reproduce_small_run_every_ablation():
+    """`make -n` lists the commands each target would run: every registered table but speed (a bench, not a run)."""
+    from biflow_bench.ablations import load_registry
+
+    root = Path(__file__).resolve().parents[1]
+    tables = [name for name in load_registry() if name != "speed"]
+    for target, scale in (("demo", "tiny"), ("reproduce-small", "small")):
+        plan = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=root, capture_output=True,
+                              text=True, check=True).stdout
+        for name in tables:
+            assert f"biflow-bench run {name} --scale {scale} --seed 0" in plan, (target, name)
+        assert f"bench speed --scale {scale}" in plan and "biflow-bench report" in plan
+    assert "--seed 1" in plan  # reproduce-small adds the second seed of the baselines
