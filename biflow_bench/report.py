@@ -142,7 +142,8 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
     """One row per variant of one (scale, ablation): ours (mean over seeds and its noise), NFE, paper FID, ranks.
 
     Noise is the std across seeds when a variant has more than one (floored at the runs' mean bootstrap std), else
-    the bootstrap std stored with the single run. A seed whose metric is NaN makes the mean NaN: a diverged run is shown, not silently averaged away.
+    the bootstrap std stored with the single run. A seed whose metric is NaN makes the mean NaN: a diverged run is
+    shown, not silently averaged away.
     Variants the spec lists but no record has are kept with their paper number so missing runs are visible."""
     rows = []
     for v in variant_order(df, spec):
@@ -152,7 +153,7 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         n = len(g)
         if n > 1:  # a std over a few seeds can land below one run's sampling noise by chance: never report less
             seeds_std, boot_std = float(vals.std(ddof=1)), float(g["value_std"].astype(float).mean())
-            std, noise = (seeds_std, "seeds") if not boot_std > seeds_std else (boot_std, "bootstrap")
+            std, noise = (boot_std, "bootstrap") if boot_std > seeds_std else (seeds_std, "seeds")
         elif n == 1:
             std, noise = float(g["value_std"].iloc[0]), "bootstrap"
         else:
@@ -359,7 +360,7 @@ def _dedup(items: Sequence[str]) -> list[str]:
 
 
 def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
-                     spec: AblationSpec | None) -> tuple[pd.DataFrame, float | None, str]:
+                     spec: AblationSpec | None, comment: str | None) -> tuple[pd.DataFrame, float | None, str]:
     table = ablation_table(df, spec)
     tau, _, tau_text = kendall(table)
     # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
@@ -394,7 +395,6 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append(" ".join(spec.description.split()) + "\n")
     md.append(_md_table(header, cells, "lrrlrrr"))
     md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
-    comment = commentary(results_dir, scale, ablation)
     if comment:
         md.append(f"**Why.** {comment}\n")
     caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
@@ -543,8 +543,9 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         main_table = None
         for ablation in sorted(set(sdf["ablation"])):
             spec = registry.get(ablation)
+            comment = commentary(results_dir, scale, ablation)
             table, tau, tau_text = _render_ablation(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
-                                                    spec)
+                                                    spec, comment)
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
             if ablation == "main":
@@ -554,7 +555,6 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
             index_rows.append([f"[{spec.title if spec else ablation}]({p}.md)", f"`{ablation}`",
                                f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
                                f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
-            comment = commentary(results_dir, scale, ablation)
             readings.append(f"- **{spec.title if spec else ablation}** (`{ablation}`): {verdict(table)}"
                             + (f" {comment}" if comment else "") + "\n")
         if index_rows:
