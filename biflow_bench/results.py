@@ -33,7 +33,8 @@ SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
 RESULT_COLUMNS = (
     "scale", "ablation", "variant", "seed", "kind", "label", "metric", "value", "value_std", "nfe", "nfe_label",
     "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
-    "inverse", "spec_version", "config_hash", "samples_png", "notes", "wall_time_s", "path",
+    "inverse", "spec_version", "config_hash", "samples_png", "notes", "wall_time_s", "best_w", "guidance_curve",
+    "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path",
 )
 SPEED_COLUMNS = (
     "scale", "seed", "order", "sampler", "label", "nfe", "params", "flops_per_image", "batch_size", "ms_per_image",
@@ -198,6 +199,28 @@ def _notes(rec: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(n) for n in rec.get("notes") or ())
 
 
+def _guidance(rec: Mapping[str, Any], metric: Any) -> dict[str, Any]:
+    """A guided row's best w and its curve [(w, primary metric), ...] when it swept more than one scale."""
+    guidance = _dict(rec, "guidance")
+    curve = [(float(p["w"]), _float(_dict(p, "metrics").get(metric))) for p in guidance.get("curve") or ()
+             if isinstance(p, Mapping) and _is_number(p.get("w"))]
+    if len(curve) < 2:
+        return {"best_w": math.nan, "guidance_curve": ()}
+    return {"best_w": _float(guidance.get("best_w")), "guidance_curve": tuple(curve)}
+
+
+def _flow_norms(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """F's trajectory RMS per state, its clip value, the percentile of |pre-clip parameter| the clip sits at, and
+    the largest per-block 99th percentile of |alpha|, |mu| (norm_control.flow_norms)."""
+    norms = _dict(rec, "flow_norms")
+    rms = norms.get("trajectory_rms")
+    p99 = [_float(_dict(b, k).get("p99")) for b in norms.get("blocks") or () if isinstance(b, dict)
+           for k in ("alpha", "mu")]
+    return {"trajectory_rms": tuple(_float(v) for v in rms) if isinstance(rms, list) else (),
+            "flow_clip": _float(norms.get("clip")), "clip_percentile": _float(norms.get("clip_percentile")),
+            "pre_clip_p99": max(p99) if p99 else math.nan}
+
+
 def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
     metrics, paper, timing = _dict(rec, "metrics"), _dict(rec, "paper"), _dict(rec, "timing")
     params = [v for v in _dict(rec, "params").values() if _is_number(v) and v is not None]
@@ -216,7 +239,8 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "params_total": float(sum(params)) if params else math.nan,
         "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
         "config_hash": rec.get("config_hash"), "samples_png": rec.get("samples_png"), "notes": _notes(rec),
-        "wall_time_s": _float(rec.get("wall_time_s")), "path": str(path),
+        "wall_time_s": _float(rec.get("wall_time_s")), **_guidance(rec, metric), **_flow_norms(rec),
+        "path": str(path),
     }
     row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
     return row

@@ -13,6 +13,7 @@ the stage it was in, because every artifact and checkpoint is keyed by the hash 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 import subprocess
@@ -33,7 +34,8 @@ from .io import dir_lock
 from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, compute_fidelity, count_params, reference_stats
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
-from .perceptual import WEIGHT_MODES
+from .norm_control import flow_norms
+from .perceptual import WEIGHT_MODES, describe, require_weights
 from .results import RESULT_SCHEMA, _check_name, is_done, record_path, write_record
 from .sample import Sampler, generate
 from .weights import resolve_weights
@@ -87,9 +89,8 @@ def preflight(cfg: RunConfig, seed: int) -> None:
             raise ConfigError(f"stage2.perceptual_weights={s2.perceptual_weights!r} is not one of "
                               f"{', '.join(WEIGHT_MODES)}")
         if s2.perceptual_weights == "pretrained":
-            resolve_weights("vgg16")
-            if "convnext" in s2.metric:
-                resolve_weights("convnextv2")
+            for term, network in perceptual_networks(s2).items():
+                require_weights(term, network)
     if cfg.eval.extractor not in RESULT_KEYS:
         raise ConfigError(f"eval.extractor={cfg.eval.extractor!r} is not one of {', '.join(RESULT_KEYS)}")
     if cfg.eval.extractor == INCEPTION_NAME:
@@ -109,14 +110,41 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     return Trained(cfg, flow, g, splits, train)
 
 
-def sample_variant(t: Trained, seed: int, num: int | None = None) -> tuple[torch.Tensor, float]:
-    """`num` images (default: the config's) with class-balanced labels; returns them and ms per image."""
+def sample_variant(t: Trained, seed: int, num: int | None = None,
+                   cfg_scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """`num` images (default: the config's) with class-balanced labels at guidance `cfg_scale` (default: the
+    config's); returns them and ms per image."""
     cfg = t.cfg
     num = num or cfg.sample.num_samples
     labels = class_balanced_labels(num, cfg.flow.num_classes) if cfg.flow.num_classes else None
+    sampler = Sampler.from_config(cfg)
+    if cfg_scale is not None:
+        sampler = dataclasses.replace(sampler, cfg_scale=cfg_scale)
     start = time.perf_counter()
-    images = generate(Sampler.from_config(cfg), t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed)
+    images = generate(sampler, t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed)
     return images, (time.perf_counter() - start) * 1000 / num
+
+
+def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
+    """The guidance scales a run is evaluated at: the sweep for a guided row (cfg_scale > 0), else its cfg_scale."""
+    return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
+
+
+def sweep_guidance(t: Trained, seed: int, data_dir: Path | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample and evaluate at every guidance scale of the run (sampling only, no retraining); the best w by the
+    primary metric is the row's result, as the paper reports each guided row at its best w. Returns the guidance
+    record {'scales', 'curve', 'best_w', 'selected_by'} and the images of the best w."""
+    curve, best_images, best = [], None, None
+    for w in guidance_scales(t.cfg):
+        images, ms = sample_variant(t, seed, cfg_scale=w)
+        metrics = evaluate(t, images, seed, data_dir, nll=False)  # F's NLL does not depend on w: once, below
+        metric = primary_metric(metrics)
+        curve.append({"w": w, "metrics": metrics, "ms_per_image": ms})
+        if best is None or metrics[metric] < best["metrics"][metric]:
+            best, best_images = curve[-1], images
+    assert best is not None and best_images is not None
+    return {"scales": list(guidance_scales(t.cfg)), "curve": curve, "best_w": best["w"],
+            "selected_by": primary_metric(best["metrics"])}, best_images
 
 
 @cache
@@ -126,22 +154,40 @@ def _reference_stats(dataset: str, data_dir: str | None, num_real: int, extracto
     return reference_stats(to_uint8(real), extractor=extractor, resize=resize)
 
 
-def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None) -> dict[str, float]:
-    """Sample quality against held-out real images, and F's NLL on held-out noisy data (what F models)."""
-    cfg, test = t.cfg, t.splits.test
+def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None,
+             nll: bool = True) -> dict[str, float]:
+    """Sample quality against held-out real images, and (`nll`) F's NLL on held-out noisy data (what F models)."""
+    cfg = t.cfg
     reference = _reference_stats(cfg.dataset, str(data_dir) if data_dir else None, cfg.eval.num_real,
                                  cfg.eval.extractor, cfg.eval.resize)
     metrics = compute_fidelity(to_uint8(images), reference, extractor=cfg.eval.extractor, resize=cfg.eval.resize)
-    n = cfg.eval.nll_samples
-    gen = torch.Generator().manual_seed(seed)
-    noisy = test.images[:n] + cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
-    labels = test.labels[:n] if cfg.flow.num_classes else None
-    metrics["bpd"] = bits_per_dim(t.flow, noisy, labels, test.levels)
+    if nll:
+        metrics["bpd"] = held_out_bpd(t, seed)
     return metrics
+
+
+def held_out_bpd(t: Trained, seed: int) -> float:
+    """F's bits/dim on held-out noisy images."""
+    noisy, labels = held_out_noisy(t, seed, t.cfg.eval.nll_samples)
+    return bits_per_dim(t.flow, noisy, labels, t.splits.test.levels)
+
+
+def held_out_noisy(t: Trained, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first n held-out images with the training noise (what F models) and their labels."""
+    test = t.splits.test
+    gen = torch.Generator().manual_seed(seed)
+    noisy = test.images[:n] + t.cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
+    return noisy, test.labels[:n] if t.cfg.flow.num_classes else None
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
     return next(k for k in ("fid", "fd_effnet") if k in metrics)
+
+
+def perceptual_networks(s2) -> dict[str, str]:
+    """The network of each perceptual term of a stage-2 config: {'lpips': 'effnet-lite1', ...}."""
+    nets = {"lpips": s2.lpips_net, "convnext": s2.convnext_net}
+    return {term: nets[term] for term in s2.metric.split("+") if term != "mse"}
 
 
 def notes_for(cfg: RunConfig) -> list[str]:
@@ -149,9 +195,21 @@ def notes_for(cfg: RunConfig) -> list[str]:
     if cfg.eval.extractor != "inception-v3-compat":
         notes.append(f"fd_effnet / is_effnet: Frechet distance and Inception Score in {cfg.eval.extractor} features "
                      f"(ImageNet weights) on {cfg.sample.num_samples} samples; not comparable to FID in absolute terms")
-    if cfg.inverse == "learned" and cfg.stage2.metric != "mse" and cfg.stage2.perceptual_weights == "random":
-        notes.append(f"perceptual terms ({cfg.stage2.metric}) use randomly initialised networks: pretrained VGG / "
-                     "ConvNeXt V2 weights are not available offline")
+    if cfg.inverse == "learned":
+        s2 = cfg.stage2
+        nets = perceptual_networks(s2)
+        if nets:
+            notes.append("perceptual terms: " + "; ".join(describe(t, n, s2.perceptual_weights) for t, n in nets.items()))
+            if s2.perceptual_weights != "random" and any(n.startswith("effnet") for n in nets.values()):
+                notes.append("a loss in ImageNet features can flatter an ImageNet-feature metric (fd_effnet): judge "
+                             "the perceptual rows by the domain metrics as well")
+        if cfg.backward.strategy == "hidden-distill":
+            form = "residual input-space updates" if cfg.backward.distill_residual else \
+                "each stage's state re-embedded from input space (the paper's form)"
+            notes.append(f"hidden distillation: {form}")
+    if len(guidance_scales(cfg)) > 1:
+        notes.append("guided row: reported at its best w of the sweep " +
+                     ", ".join(f"{w:g}" for w in cfg.sample.cfg_sweep) + " (selected by the primary metric)")
     return notes
 
 
@@ -170,12 +228,14 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     cfg = spec.resolve(variant, scale, opts.overrides)
     log(f"[{spec.name}/{variant}] scale={scale} seed={seed}")
     t = train_variant(cfg, seed, opts)
-    images, ms_per_image = sample_variant(t, seed)
-    metrics = evaluate(t, images, seed, opts.data_dir)
+    guidance, images = sweep_guidance(t, seed, opts.data_dir)
+    best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
+    metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
+    metrics["bpd"] = held_out_bpd(t, seed)
     scale_dir = opts.results_dir / scale
     samples_png = Path("samples") / spec.name / f"{variant}__seed{seed}.png"
     save_image_grid(images, scale_dir / samples_png, nrow=10)
-    sampler = Sampler.from_config(cfg)
+    sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
     nfe, nfe_label = sampler.nfe(t.flow, t.g)
     metric = primary_metric(metrics)
     v = spec.variants[variant]
@@ -183,18 +243,20 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
         "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
         "config": cfg.to_dict(), "config_hash": cfg.stage2_key(seed), "metric": metric, "metrics": metrics,
-        "nfe": nfe, "nfe_label": nfe_label,
+        "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance,
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
         "paper": {**v.paper, "table": spec.paper_table}, "notes": notes_for(cfg),
+        "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
         "samples_png": str(samples_png), "train": t.train, "env": environment(),
         "wall_time_s": time.perf_counter() - start,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     path = write_record(opts.results_dir, record)
-    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f} bpd={metrics['bpd']:.3f} nfe={nfe_label} -> {path}")
+    at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
+    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} nfe={nfe_label} -> {path}")
     return path
 
 

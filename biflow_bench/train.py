@@ -66,6 +66,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_update(ema: list[Tensor], params: list[Tensor], decay: float, step: int) -> None:
+    """EMA of the weights after optimiser step `step` (0-based), in place: e <- d e + (1 - d) p with the decay
+    warmed up as d = min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the init."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema, params, 1 - d)
+
+
 def step_generator(seed: int, step: int, chunk: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """The loss's randomness for micro-batch `chunk` of step `step` (chunk 0 on CPU: the single-process stream)."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step + chunk * 1_000_000_007)
@@ -228,8 +235,7 @@ def fit(
                 bad_in_row = 0
                 opt.step()
                 if ema is not None:
-                    decay = min(ema_decay, (1 + step) / (10 + step))
-                    torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
+                    ema_update(ema, [p.detach() for p in model.parameters()], ema_decay, step)
                 for k, v in step_terms.items():
                     recent.setdefault(k, []).append(v)
                     del recent[k][:-50]
@@ -286,15 +292,16 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
     s2 = cfg.stage2
     device = (env or DistEnv()).device
     flow.to(device).eval().requires_grad_(False)
-    perceptual = build_perceptual_terms(s2.metric, s2.perceptual_weights, s2.perceptual_size).to(device)
+    perceptual = build_perceptual_terms(s2).to(device)
+    decode = None
+    if perceptual and cfg.dataset == "latents":  # perceptual terms see VAE-decoded images, as in the paper
+        from .latents import differentiable_decoder, load_vae
+
+        decode = differentiable_decoder(load_vae(None, device))
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        return stage2_loss(
-            model, flow, x, y if cfg.backward.num_classes else None,  # type: ignore[arg-type]
-            sigma=cfg.stage1.noise_sigma, label_drop=s2.label_drop, cfg_max=s2.cfg_max,
-            hidden_weight=s2.hidden_weight, adaptive_p=s2.adaptive_p, perceptual=perceptual,
-            perceptual_batch=s2.perceptual_batch, generator=gen,
-        )
+        return stage2_loss(model, flow, x, y if cfg.backward.num_classes else None, s2,  # type: ignore[arg-type]
+                           sigma=cfg.stage1.noise_sigma, perceptual=perceptual, generator=gen, decode=decode)
 
     result = fit(
         g, loss_fn, dataset, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr, warmup=s2.warmup,

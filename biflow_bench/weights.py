@@ -27,9 +27,9 @@ class KnownWeights:
 KNOWN_WEIGHTS: dict[str, KnownWeights] = {
     "vgg16": KnownWeights("BIFLOW_VGG16_WEIGHTS", "vgg16-397923af.pth", "torchvision VGG-16 (LPIPS backbone)",
                           "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "convnextv2": KnownWeights("BIFLOW_CONVNEXTV2_WEIGHTS", "convnextv2_atto.fcmae_ft_in1k.pth",
-                               "timm convnextv2_atto ImageNet state dict (ConvNeXt V2 feature distance)",
-                               "timm: convnextv2_atto.fcmae_ft_in1k (save its state_dict)"),
+    "convnextv2": KnownWeights("BIFLOW_CONVNEXTV2_WEIGHTS", "convnextv2_base.fcmae_ft_in22k_in1k.pth",
+                               "timm convnextv2_base ImageNet-22k fine-tuned state dict (ConvNeXt V2 feature distance)",
+                               "timm: convnextv2_base.fcmae_ft_in22k_in1k (save its state_dict)"),
     "inception-v3-compat": KnownWeights("BIFLOW_INCEPTION_WEIGHTS", "weights-inception-2015-12-05-6726825d.pth",
                                         "torch-fidelity inception-v3-compat (FID / IS)",
                                         "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

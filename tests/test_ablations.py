@@ -45,10 +45,15 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     if cfg.inverse == "exact":  # serial: one evaluation per decoded token per block
         assert record["nfe"] == 4 * 15 + score_step and record["params"]["backward"] == 0
     else:
-        two_branch = cfg.backward.cfg_mode == "inference" and cfg.sample.cfg_scale
+        two_branch = cfg.backward.cfg_mode == "inference" and record["guidance"]["best_w"]
         assert record["nfe"] == (2 if two_branch else 1) + score_step and record["params"]["backward"] > 0
-    if "lpips" in cfg.stage2.metric:
-        assert any("random" in n for n in record["notes"])
+    if "lpips" in cfg.stage2.metric:  # the offline stand-in with ImageNet weights, named in the record
+        assert any("lpips: effnet-lite1 (ImageNet weights, offline stand-in for vgg16)" in n for n in record["notes"])
+    guided = cfg.sample.cfg_scale > 0
+    curve = record["guidance"]["curve"]
+    assert [p["w"] for p in curve] == (list(cfg.sample.cfg_sweep) if guided else [cfg.sample.cfg_scale])
+    best = min(curve, key=lambda p: p["metrics"]["fd_effnet"])
+    assert record["guidance"]["best_w"] == best["w"] and record["metrics"]["fd_effnet"] == best["metrics"]["fd_effnet"]
     assert (shared.results_dir / "tiny" / record["samples_png"]).exists()
     assert is_done(shared.results_dir, "tiny", ablation, variant, 0)
 

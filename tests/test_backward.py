@@ -11,7 +11,7 @@ import torch
 
 from conftest import randomize
 
-from biflow_bench.config import scale_config
+from biflow_bench.config import Stage2Config, scale_config
 from biflow_bench.data import load_digits
 from biflow_bench.losses import build_perceptual_terms, stage2_loss
 from biflow_bench.models import BiFlow, TARFlow, build_models
@@ -38,8 +38,8 @@ def _optimise(g: BiFlow, flow: TARFlow, x, y, perceptual=None, steps: int = 8) -
     losses = []
     for step in range(steps):
         gen = torch.Generator().manual_seed(step % 2)  # two fixed noise draws: a fixed problem to descend on
-        loss, terms = stage2_loss(g, flow, x, y, sigma=0.1, label_drop=0.1, cfg_max=2.0, hidden_weight=1.0,
-                                  adaptive_p=1.0, perceptual=perceptual or {}, perceptual_batch=8, generator=gen)
+        s2 = Stage2Config(label_drop=0.1, cfg_max=2.0, perceptual_batch=8)
+        loss, terms = stage2_loss(g, flow, x, y, s2, sigma=0.1, perceptual=perceptual or {}, generator=gen)
         assert torch.isfinite(loss) and all(v == v for v in terms.values())
         opt.zero_grad()
         loss.backward()
@@ -61,7 +61,8 @@ def test_every_option_trains(strategy, denoise, cfg_mode, normalize, batch, froz
 @pytest.mark.parametrize("metric", ["mse+lpips", "mse+lpips+convnext"])
 def test_perceptual_metrics_train(metric, batch, frozen_flow):
     _, g = build_models("tiny", **SMALL, cfg_mode="none")
-    perceptual = build_perceptual_terms(metric, "random", size=32)
+    perceptual = build_perceptual_terms(Stage2Config(metric=metric, lpips_net="effnet-lite1",
+                                                     convnext_net="effnet-lite2", perceptual_size=32))
     losses = _optimise(g, frozen_flow, *batch, perceptual=perceptual, steps=8)
     assert sum(losses[-2:]) < sum(losses[:2])
     assert all(not p.requires_grad for p in perceptual.parameters())
@@ -129,8 +130,8 @@ def test_cfg_scale_without_cfg_training_is_refused():
 def test_projection_heads_receive_gradients(batch, frozen_flow):
     _, g = build_models("tiny", **SMALL, strategy="hidden-align", cfg_mode="none")
     assert len(g.heads) == g.config.num_stages - 1
-    loss, _ = stage2_loss(g, frozen_flow, *batch, sigma=0.1, label_drop=0.0, cfg_max=0.0, hidden_weight=1.0,
-                          adaptive_p=1.0, perceptual={}, generator=torch.Generator().manual_seed(0))
+    loss, _ = stage2_loss(g, frozen_flow, *batch, Stage2Config(label_drop=0.0), sigma=0.1, perceptual={},
+                          generator=torch.Generator().manual_seed(0))
     loss.backward()
     for head in g.heads:
         assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0

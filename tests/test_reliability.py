@@ -109,6 +109,8 @@ def comparable(record: dict, drop: tuple[str, ...] = ("seconds",)) -> dict:
     r = copy.deepcopy(record)
     for key in TIMING:
         r.pop(key)
+    for point in r.get("guidance", {}).get("curve", []):
+        point.pop("ms_per_image")
     for stage in r["train"].values():
         for key in drop:
             stage.pop(key)
@@ -436,7 +438,7 @@ BROKEN_SPECS = {
     "syntax": (lambda d: _sub(d / "denoise.toml", "[variants.none]", "[variants.none"), "denoise.toml",
                "not valid TOML"),
     "missing-include": (lambda d: (d / "_base.toml").unlink(), "_base.toml", "file not found"),
-    "unknown-key": (lambda d: _sub(d / "main.toml", "version = 1", "version = 1\nauthor = 'x'"), "main.toml",
+    "unknown-key": (lambda d: _sub(d / "main.toml", "version = 2", "version = 2\nauthor = 'x'"), "main.toml",
                     "unknown key(s) author"),
     "path-in-variant-name": (lambda d: _sub(d / "denoise.toml", "[variants.learned]", '[variants."../learned"]'),
                              "denoise.toml", "the variant name must be lower-case letters"),
@@ -473,7 +475,8 @@ def test_missing_weights_stop_before_training(case, tmp_path, monkeypatch, capsy
         expected = f"not found: put vgg16-397923af.pth (from https://download.pytorch.org/models/vgg16-397923af.pth) " \
                    f"in {empty / 'hub' / 'checkpoints'} or set BIFLOW_VGG16_WEIGHTS"
     code, _, err = invoke(["run", "distance-metric", "--variants", "mse+lpips", *SETS, "--set",
-                           "stage2.perceptual_weights=pretrained", "--results-dir", str(tmp_path / "r")],
+                           "stage2.perceptual_weights=pretrained", "--set", "stage2.lpips_net=vgg16",
+                           "--results-dir", str(tmp_path / "r")],
                           monkeypatch, capsys)
     assert code == 2 and expected in one_line_error(err), err
     assert not (tmp_path / "cache").exists()  # nothing was trained before the check

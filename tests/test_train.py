@@ -97,3 +97,27 @@ def test_persistent_nan_stops_with_step_terms_and_checkpoint(tmp_path):
     nan_after_five.calls = 0
     with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 7 \(nll=nan\).*a.pt"):
         _fit(model, nan_after_five, tmp_path / "a.pt", steps=30, max_bad_steps=3)
+
+
+def test_learning_rate_schedule_golden_values():
+    """Linear warm-up to the peak over `warmup` steps, then a half cosine to zero at the last step."""
+    from biflow_bench.train import lr_at
+
+    assert lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)  # (step + 1) / warmup
+    assert lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert lr_at(10, 100, 1e-3, 10) == pytest.approx(1e-3)  # cosine progress 0
+    assert lr_at(55, 100, 1e-3, 10) == pytest.approx(0.5e-3)  # progress 1/2: cos(pi/2) = 0
+    assert lr_at(40, 100, 1e-3, 10) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert lr_at(100, 100, 1e-3, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(150, 100, 1e-3, 10) == pytest.approx(0.0, abs=1e-12)  # clamped past the end
+
+
+def test_ema_update_golden_values():
+    from biflow_bench.train import ema_update
+
+    ema, p = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
+    ema_update(ema, p, decay=0.99, step=0)  # warm-up decay min(0.99, 1/10) = 0.1
+    torch.testing.assert_close(ema[0], torch.tensor([0.1 * 1 + 0.9 * 3, 0.1 * 2 + 0.9 * -2]))
+    ema = [torch.tensor([1.0])]
+    ema_update(ema, [torch.tensor([0.0])], decay=0.9, step=1000)  # min(0.9, 1001/1010) = 0.9
+    torch.testing.assert_close(ema[0], torch.tensor([0.9]))

@@ -5,7 +5,9 @@ corresponds to the forward state x_{B-k} (B = number of flow blocks); with learn
 noisy x~ = x_0 to the clean x (BiFlow sec. 3.2). How the stages are supervised is the inverse strategy (sec. 3.1):
 
 - naive:          only the output, D(x, G(z)).
-- hidden-distill: every stage's state is forced back into input space and fed on: sum_k D(x_{B-k}, s_k).
+- hidden-distill: every stage's state is forced back into input space and re-embedded by the next stage:
+                  sum_k D(x_{B-k}, s_k) (the paper's reading; `distill_residual` keeps a zero-initialised residual
+                  update in input space instead, so each stage starts as the identity map).
 - hidden-align:   states stay in G's hidden space; a learnable head phi_k projects each one for the loss,
                   sum_k D(x_{B-k}, phi_k(h_k)), with phi = identity on the output (the paper's method).
 
@@ -45,6 +47,7 @@ class BiFlowConfig(ImageTokens):
     denoise: str = "learned"
     cfg_mode: str = "training-time"
     normalize_hidden: bool = True  # norm control on G's side: states normalised before alignment (sec. 3.3)
+    distill_residual: bool = False  # hidden-distill only: stages update input space residually (not the paper's)
 
     def __post_init__(self) -> None:
         for field, value, valid in (
@@ -68,35 +71,39 @@ class BackwardOutput(NamedTuple):
 
 
 class Stage(nn.Module):
-    """A group of bidirectional blocks. For hidden-distill it reads and writes input-space tokens (a residual
-    update through its own embedding and read-out); otherwise it maps hidden states to hidden states."""
+    """A group of bidirectional blocks. For hidden-distill it reads input-space tokens, embeds them, and writes
+    input-space tokens through its read-out (or, with `distill_residual`, adds the read-out to its input); otherwise
+    it maps hidden states to hidden states."""
 
     def __init__(self, cfg: BiFlowConfig, token_io: bool):
         super().__init__()
         width = cfg.width
         self.blocks = nn.ModuleList(AdaLNBlock(width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_group))
-        self.token_io = token_io
+        self.token_io, self.residual = token_io, cfg.distill_residual
         if token_io:
             self.embed = nn.Linear(cfg.token_dim, width)
             self.pos = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
-            self.readout = ReadOut(width, cfg.token_dim)
+            self.readout = ReadOut(width, cfg.token_dim, zero_init=self.residual)
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:
         x = self.embed(h) + self.pos if self.token_io else h
         for block in self.blocks:
             x = block(x, cond)
-        return h + self.readout(x) if self.token_io else x
+        if not self.token_io:
+            return x
+        return h + self.readout(x) if self.residual else self.readout(x)
 
 
 class ReadOut(nn.Module):
-    """Hidden state -> input-space tokens: RMSNorm + linear, zero-initialised."""
+    """Hidden state -> input-space tokens: RMSNorm + linear (zero-initialised unless a stage's whole output)."""
 
-    def __init__(self, width: int, token_dim: int):
+    def __init__(self, width: int, token_dim: int, zero_init: bool = True):
         super().__init__()
         self.norm = nn.RMSNorm(width)
         self.proj = nn.Linear(width, token_dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.proj(self.norm(h))
@@ -108,6 +115,8 @@ class BiFlow(nn.Module):
         self.config = cfg
         width, distill = cfg.width, cfg.strategy == "hidden-distill"
         self.class_embed = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
+        if self.class_embed is not None:  # small, as in TARFlow's reference code (N(0, 1) swamps the condition)
+            nn.init.normal_(self.class_embed.weight, std=0.01)
         self.base_cond = nn.Parameter(torch.zeros(width))
         self.cfg_embed = (
             nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
