@@ -23,7 +23,7 @@ from .weights import WeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of every sampler.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of every sampler; F beside a reference TARFlow.")
 app.add_typer(bench_app, name="bench")
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
@@ -291,6 +291,29 @@ def bench_speed(
         path = write_record(results_dir, record)
     typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
     typer.echo(f"record: {path}", err=True)
+
+
+@bench_app.command("flow-reference")
+def bench_flow_reference(
+    reference: Annotated[Path | None, typer.Option(
+        help="a checkout of apple/ml-tarflow (its transformer_flow.py is imported from there); needed for the "
+             "'reference' variant")] = None,
+    steps: Annotated[int, typer.Option(help="training steps per model (batch 64)")] = 1500,
+    variants: Annotated[str, typer.Option(help="comma-separated: ours, ours-embed-std1, ours-no-out-norm, "
+                                               "ours-out-bias-default, reference")] = "ours,reference",
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+) -> None:
+    """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
+    from .flow_reference import format_rows, run_flow_reference
+    from .io import atomic_write_json
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())
+    if out is not None:
+        atomic_write_json(out, result)
+    typer.echo(format_rows(result))
 
 
 def main() -> None:

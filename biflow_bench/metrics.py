@@ -9,7 +9,12 @@ Two feature extractors, both run through torch-fidelity's extractor interface (u
                          keys fid, is, fid_std.
 
 The `*_std` keys are bootstrap standard deviations of the Frechet distance over resamples of the generated set: the
-run-to-run noise a report prints next to the score.
+run-to-run noise a report prints next to the score. Given the real images' features (not only their statistics),
+`compute_fidelity` adds k-NN precision and recall (Kynkaanniemi et al., 2019; torch-fidelity's implementation, k = 3)
+in the same features: precision_effnet / recall_effnet (precision / recall with Inception).
+
+Image diagnostics: `box_blur` and `median_filter` (3x3, edges replicated) and `residual_noise`, the mean squared
+difference between images and their median-filtered copy (the noise left in samples, beside real images' value).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_full
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
@@ -41,6 +47,10 @@ RESULT_KEYS: dict[str, tuple[str, str, str]] = {
     EFFNET_NAME: ("fd_effnet", "is_effnet", "fd_effnet_std"),
     INCEPTION_NAME: ("fid", "is", "fid_std"),
 }
+# (precision, recall) keys per extractor, and the k of their k-NN balls (torch-fidelity's default)
+PRC_KEYS: dict[str, tuple[str, str]] = {EFFNET_NAME: ("precision_effnet", "recall_effnet"),
+                                        INCEPTION_NAME: ("precision", "recall")}
+PRC_NEIGHBORHOOD = 3
 MIN_PER_ISC_SPLIT = 50  # fewer samples per split and each split's marginal is mostly its own samples (IS biased to 1)
 
 
@@ -109,15 +119,49 @@ def frechet_bootstrap_std(gen_features: np.ndarray, mu_ref: np.ndarray, sigma_re
     n, d = f.shape
     root_ref = _psd_sqrt(sigma_ref) if n >= d else None
     tr_ref = float(np.trace(sigma_ref))
-    distances = []
-    for idx in np.random.default_rng(seed).integers(0, n, size=(num, n)):
-        mu = f[idx].mean(axis=0)
-        xc = (f[idx] - mu) / math.sqrt(n - 1)  # S = xc^T xc
-        sym = xc @ sigma_ref @ xc.T if root_ref is None else root_ref @ (xc.T @ xc) @ root_ref
-        tr_covmean = np.sqrt(np.clip(linalg.eigvalsh(sym), 0, None)).sum()
-        diff = mu - mu_ref
-        distances.append(diff @ diff + float(np.sum(xc**2)) + tr_ref - 2 * tr_covmean)
+    distances = [_frechet_rows(f[idx], mu_ref, sigma_ref, tr_ref, root_ref)
+                 for idx in np.random.default_rng(seed).integers(0, n, size=(num, n))]
     return float(np.std(distances, ddof=1))
+
+
+def _frechet_rows(f: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, tr_ref: float,
+                  root_ref: np.ndarray | None) -> float:
+    """The Frechet distance of the rows `f` to (mu_ref, sigma_ref) by the small symmetric eigenproblem of
+    `frechet_bootstrap_std` (root_ref = sigma_ref^{1/2} when N >= D, else None)."""
+    n = f.shape[0]
+    mu = f.mean(axis=0)
+    xc = (f - mu) / math.sqrt(n - 1)  # S = xc^T xc
+    sym = xc @ sigma_ref @ xc.T if root_ref is None else root_ref @ (xc.T @ xc) @ root_ref
+    tr_covmean = np.sqrt(np.clip(linalg.eigvalsh(sym), 0, None)).sum()
+    diff = mu - mu_ref
+    return float(diff @ diff + float(np.sum(xc**2)) + tr_ref - 2 * tr_covmean)
+
+
+def frechet_distance_to(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """`frechet_distance(*feature_stats(features), mu_ref, sigma_ref)` without scipy's D x D sqrtm (seconds at
+    D = 1280): the same number from an N x N eigenproblem when N < D, else from one D x D eigendecomposition."""
+    f = np.asarray(features, dtype=np.float64)
+    mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2 or mu_ref.shape != (f.shape[1],) or sigma_ref.shape != (f.shape[1],) * 2:
+        raise ValueError(f"features {f.shape} do not match reference statistics {mu_ref.shape}, {sigma_ref.shape}")
+    root_ref = _psd_sqrt(sigma_ref) if f.shape[0] >= f.shape[1] else None
+    return _frechet_rows(f, mu_ref, sigma_ref, float(np.trace(sigma_ref)), root_ref)
+
+
+def precision_recall(gen_features: np.ndarray, real_features: np.ndarray,
+                     k: int = PRC_NEIGHBORHOOD) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) by torch-fidelity, in float64:
+
+        precision = mean over generated g of [exists real r: |g - r| <= |r - NN_k(r, real)|]
+        recall    = mean over real r of      [exists generated g: |r - g| <= |g - NN_k(g, generated)|]
+
+    NN_k(a, A) is a's k-th nearest neighbour in A other than itself."""
+    gen, real = (torch.as_tensor(np.asarray(f, np.float64)) for f in (gen_features, real_features))
+    if gen.dim() != 2 or real.dim() != 2 or gen.shape[1] != real.shape[1] or min(len(gen), len(real)) <= k:
+        raise ValueError(f"precision/recall need (N > {k}, D) feature sets of one width, got {tuple(gen.shape)} and "
+                         f"{tuple(real.shape)}")
+    precision, recall = calculate_precision_recall_full(gen, real, neighborhood=k)
+    return float(precision), float(recall)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,13 +307,23 @@ def reference_stats(reference_uint8: Tensor, extractor: str = EFFNET_NAME, resiz
     return feature_stats(extract_features(reference_uint8, extractor, resize, batch_size, [layer])[layer])
 
 
-def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | tuple[np.ndarray, np.ndarray],
+def reference_features(reference_uint8: Tensor, extractor: str = EFFNET_NAME, resize: int = 224,
+                       batch_size: int = 100) -> np.ndarray:
+    """The reference images' features on the extractor's Frechet layer (N, D): what `compute_fidelity` needs for
+    precision and recall besides the statistics."""
+    layer = default_layers(extractor)[0]
+    return extract_features(reference_uint8, extractor, resize, batch_size, [layer])[layer]
+
+
+def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | np.ndarray | tuple[np.ndarray, np.ndarray],
                      extractor: str = EFFNET_NAME, resize: int = 224, batch_size: int = 100, bootstrap: int = 10,
                      isc_splits: int = 10, seed: int = 0) -> dict[str, float]:
-    """Frechet distance and score of generated images against reference images (or cached (mu, sigma)).
+    """Frechet distance and score of generated images against reference images, their features (N, D) from
+    `reference_features`, or cached (mu, sigma). With images or features, also precision and recall (PRC_KEYS).
 
     One pass of the extractor over the generated set yields both the Frechet features and the logits; the score is
-    torch-fidelity's own `isc_features_to_metric` (unshuffled), the distance `frechet_distance` on float64 statistics,
+    torch-fidelity's own `isc_features_to_metric` (unshuffled), the distance `frechet_distance_to` (the value of
+    `frechet_distance` on the float64 statistics),
     so both match `torch_fidelity.calculate_metrics` on the same extractor (the tests pin this). Score splits:
     `isc_splits`, reduced so each split has at least MIN_PER_ISC_SPLIT images. `resize` is the EfficientNet input side
     (Inception always uses 299). The std key is `frechet_bootstrap_std` with `bootstrap` resamples (NaN if < 2).
@@ -279,8 +333,13 @@ def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | tuple[np
     fd_layer, is_layer = default_layers(extractor)
     model = _extractor(extractor, [fd_layer, is_layer], resize)
     gen = _run_extractor(model, generated_uint8, batch_size)
+    real = None
     if isinstance(reference_uint8, Tensor):
-        mu_ref, sigma_ref = feature_stats(_run_extractor(model, reference_uint8, batch_size)[fd_layer].numpy())
+        real = _run_extractor(model, reference_uint8, batch_size)[fd_layer].numpy()
+    elif isinstance(reference_uint8, np.ndarray):
+        real = reference_uint8
+    if real is not None:
+        mu_ref, sigma_ref = feature_stats(real)
     else:
         mu_ref, sigma_ref = (np.asarray(a, np.float64) for a in reference_uint8)
     gen_fd = gen[fd_layer].numpy()
@@ -288,11 +347,14 @@ def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | tuple[np
         raise ValueError(f"reference statistics have dimension {mu_ref.shape}, {extractor} features {gen_fd.shape[1]}")
     splits = max(1, min(isc_splits, gen_fd.shape[0] // MIN_PER_ISC_SPLIT))
     score = isc_features_to_metric(gen[is_layer], splits=splits, shuffle=False)["inception_score_mean"]
-    return {
-        fd_key: frechet_distance(*feature_stats(gen_fd), mu_ref, sigma_ref),
+    out = {
+        fd_key: frechet_distance_to(gen_fd, mu_ref, sigma_ref),
         is_key: float(score),
         std_key: frechet_bootstrap_std(gen_fd, mu_ref, sigma_ref, bootstrap, seed) if bootstrap >= 2 else math.nan,
     }
+    if real is not None:
+        out.update(zip(PRC_KEYS[extractor], precision_recall(gen_fd, real)))
+    return out
 
 
 def save_reference_stats(path: Path | str, mu: np.ndarray, sigma: np.ndarray) -> Path:
@@ -313,6 +375,33 @@ def load_reference_stats(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image diagnostics
+
+
+def _neighbourhoods(images: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W, 9): each pixel's 3x3 neighbourhood, edges replicated."""
+    n, c, h, w = images.shape
+    padded = F.pad(images.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    return F.unfold(padded, 3).view(n, c, 9, h, w).permute(0, 1, 3, 4, 2)
+
+
+def box_blur(images: Tensor) -> Tensor:
+    """3x3 box filter (mean of each pixel's neighbourhood), edges replicated."""
+    return _neighbourhoods(images).mean(-1)
+
+
+def median_filter(images: Tensor) -> Tensor:
+    """3x3 median filter, edges replicated."""
+    return _neighbourhoods(images).median(-1).values
+
+
+def residual_noise(images: Tensor) -> float:
+    """Mean over pixels of (x - median3x3(x))^2 on images in [-1, 1]: high-frequency content, mostly noise."""
+    x = images.double().clamp(-1, 1)
+    return float((x - median_filter(x)).pow(2).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The report: Markdown, CSV and LaTeX tables and PNG figures regenerated from the result records alone.
 
     <out>/README.md                          index per scale: headline (`main`), ablation tables, speed, skipped files
-    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID, ranks and Kendall's tau
+    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID, ranks and Kendall's tau;
+                                               real-data calibration rows on top (results/<scale>/calibration.json)
+                                               and the domain-classifier / precision-recall columns records have
     <out>/<scale>/speed.{md,csv,tex,png}       ms per image against batch size for every sampler
     <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
                                                records exist at that scale too), beside the paper's where known
@@ -15,6 +17,7 @@ Every file is written atomically; files a previous render wrote that this one no
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import textwrap
@@ -106,7 +109,8 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 def _tex_escape(s: Any) -> str:
     out = "".join(_TEX.get(c, c) for c in str(s))
-    for uni, tex in (("±", r"$\pm$"), ("—", "--"), ("×", r"$\times$"), ("↓", r"$\downarrow$"), ("τ", r"$\tau$")):
+    for uni, tex in (("±", r"$\pm$"), ("—", "--"), ("×", r"$\times$"), ("↓", r"$\downarrow$"), ("↑", r"$\uparrow$"),
+                     ("τ", r"$\tau$")):
         out = out.replace(uni, tex)
     return out
 
@@ -252,6 +256,73 @@ def _order_scales(scales: set[str]) -> list[str]:
     return [s for s in SCALES if s in scales] + sorted(s for s in scales if s not in SCALES)
 
 
+# ---------------------------------------------------------------------------------- calibration, metric columns
+
+CALIBRATION = "calibration.json"  # results/<scale>/: written by the runner (runner.ensure_calibration)
+# Metrics shown beside the primary one where records have them: (metric key, column header).
+EXTRA_METRICS = (("acc_cls", "acc_cls ↑"), ("conf_cls", "conf_cls ↑"), ("fd_cls", "fd_cls ↓"),
+                 ("precision_effnet", "precision ↑"), ("recall_effnet", "recall ↑"), ("precision", "precision ↑"),
+                 ("recall", "recall ↑"))
+
+
+def load_calibration(results_dir: Path, scale: str) -> dict[str, dict[str, Any]]:
+    """The calibration entries of a scale by key ({} when the file is missing or unreadable)."""
+    path = results_dir / scale / CALIBRATION
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: e for k, e in entries.items() if isinstance(e, dict) and isinstance(e.get("rows"), list)} \
+        if isinstance(entries, dict) else {}
+
+
+def table_calibration(df: pd.DataFrame, entries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The calibration entry the table's records name (the most common one), or None."""
+    keys = [k for k in df["calibration"] if isinstance(k, str) and k in entries] if "calibration" in df else []
+    return entries[max(sorted(set(keys)), key=keys.count)] if keys else None
+
+
+def _noise(values: pd.Series, stds: pd.Series) -> float:
+    """The table's noise rule: the std across seeds, floored at the runs' mean bootstrap std (one run: its own)."""
+    boot = float(stds.astype(float).mean()) if len(stds) else math.nan
+    return max(float(values.std(ddof=1)), boot) if len(values) > 1 else boot
+
+
+def extra_columns(df: pd.DataFrame, variants: Sequence[str]) -> list[tuple[str, str, list[tuple[float, float]]]]:
+    """(key, header, [(mean, noise) per variant]) for each EXTRA_METRICS key some record has a number for."""
+    out = []
+    for key, header in EXTRA_METRICS:
+        col = f"metric_{key}"
+        if col not in df or not np.isfinite(df[col].astype(float)).any():
+            continue
+        std_col = f"metric_{key}_std"
+        cells = []
+        for v in variants:
+            g = df[df["variant"] == v]
+            vals = g[col].astype(float)
+            std = _noise(vals, g[std_col]) if std_col in g and len(g) else math.nan
+            cells.append((float(vals.mean()) if len(g) else math.nan, std))
+        out.append((key, header, cells))
+    return out
+
+
+def _calibration_cells(metrics: dict[str, Any], keys: Sequence[str], fill: int, tex: bool = False) -> list[str]:
+    """A calibration row's cells: the primary metric (± its bootstrap std), `fill` dashes (no seeds / NFE / best w /
+    paper / ranks), then the extra metric columns."""
+    def cell(k: str) -> str:
+        return _ours(_float_or_nan(metrics.get(k)), _float_or_nan(metrics.get(f"{k}_std")), tex=tex)
+
+    return [cell(keys[0]), *[DASH] * fill, *[cell(k) for k in keys[1:]]]
+
+
+def _calibration_names(calibration: dict[str, Any]) -> list[str]:
+    return [str(r.get("name")) for r in calibration.get("rows", []) if isinstance(r, dict)]
+
+
+def _float_or_nan(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
 # ------------------------------------------------------------------------------------------------------ figures
 
 
@@ -394,7 +465,9 @@ def _dedup(items: Sequence[str]) -> list[str]:
 
 
 def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
-                     spec: AblationSpec | None, comment: str | None) -> tuple[pd.DataFrame, float | None, str]:
+                     spec: AblationSpec | None, comment: str | None,
+                     calibration_entries: dict[str, dict[str, Any]] | None = None,
+                     ) -> tuple[pd.DataFrame, float | None, str]:
     table = ablation_table(df, spec)
     tau, _, tau_text = kendall(table)
     # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
@@ -413,9 +486,21 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
     cells = [[r.label, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label),
               *([_text(r.best_w)] if guided else []), _num(r.paper_fid), _rank(r.our_rank), _rank(r.paper_rank)]
              for r in table.itertuples()]
-    align = "lrrl" + "r" * (len(header) - 4)
+    fill = len(header) - 2  # the calibration rows' empty cells between our metric and the extra metrics
     tex_cells = [[c if i != 1 else _ours(r.ours, r.ours_std, tex=True) for i, c in enumerate(row)]
                  for row, r in zip(cells, table.itertuples())]
+    extras = extra_columns(df, list(table["variant"]))
+    header += [h for _, h, _ in extras]
+    for i, row in enumerate(cells):
+        row += [_ours(*col[i]) for _, _, col in extras]
+        tex_cells[i] += [_ours(*col[i], tex=True) for _, _, col in extras]
+    align = "lrrl" + "r" * (len(header) - 4)
+    calibration = table_calibration(df, calibration_entries or {}) or {}
+    cal_rows = [(str(r.get("label") or r.get("name")), r.get("metrics") if isinstance(r.get("metrics"), dict) else {})
+                for r in calibration.get("rows", []) if isinstance(r, dict)]
+    keys = [metric, *[k for k, _, _ in extras]]
+    cells[:0] = [[f"*{label}*", *_calibration_cells(m, keys, fill)] for label, m in cal_rows]  # real data on top
+    tex_cells[:0] = [[label, *_calibration_cells(m, keys, fill, tex=True)] for label, m in cal_rows]
 
     notes = []
     if len(metrics) > 1:
@@ -432,6 +517,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
     if spec and spec.description:
         md.append(" ".join(spec.description.split()) + "\n")
     md.append(_md_table(header, cells, align))
+    if cal_rows:
+        accuracy = (calibration.get("classifier") or {}).get("test_accuracy")
+        md.append(f"Rows in italics are real data, not models: {calibration.get('num_images')} training images scored "
+                  "by the same code against the same held-out images (as they are: the floor; with the training "
+                  f"noise sigma = {calibration.get('noise_sigma')}; blurred by a 3x3 box)."
+                  + (f" The domain classifier (acc_cls, conf_cls, fd_cls) has {_num(100 * accuracy, 1)}% test accuracy."
+                     if isinstance(accuracy, (int, float)) else "") + "\n")
     md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
     if comment:
         md.append(f"**Why.** {comment}\n")
@@ -466,9 +558,17 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append("## Samples\n\n" + "\n".join(samples))
     w.text(f"{base}.md", "\n".join(md))
 
-    csv = table.assign(scale=scale, ablation=ablation)[
+    csv = table.assign(scale=scale, ablation=ablation, **{k: [c[0] for c in col] for k, _, col in extras})[
         ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank"]]
+         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank", *[k for k, _, _ in extras]]]
+    if cal_rows:
+        real = pd.DataFrame([{"scale": scale, "ablation": ablation, "variant": f"calibration:{name}", "label": label,
+                              "metric": metric, "ours": m.get(metric, math.nan),
+                              "ours_std": m.get(f"{metric}_std", math.nan), "noise": "bootstrap",
+                              **{k: m.get(k, math.nan) for k, _, _ in extras}}
+                             for name, (label, m) in zip(_calibration_names(calibration), cal_rows)],
+                            columns=csv.columns)
+        csv = pd.concat([real, csv], ignore_index=True)
     w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
     w.text(f"{base}.tex", _tex_table(header, tex_cells, align, f"{title} ({paper_table}); scale {scale}, "
                                      f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
@@ -608,11 +708,12 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
 
         index_rows, readings = [], []
         main_table = None
+        calibration_entries = load_calibration(results_dir, scale)
         for ablation in sorted(set(sdf["ablation"])):
             spec = registry.get(ablation)
             comment = commentary(results_dir, scale, ablation)
             table, tau, tau_text = _render_ablation(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
-                                                    spec, comment)
+                                                    spec, comment, calibration_entries)
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
             if ablation == "main":

@@ -34,7 +34,7 @@ RESULT_COLUMNS = (
     "scale", "ablation", "variant", "seed", "kind", "label", "metric", "value", "value_std", "nfe", "nfe_label",
     "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
     "inverse", "spec_version", "config_hash", "samples_png", "notes", "wall_time_s", "best_w", "guidance_curve",
-    "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path",
+    "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
 )
 SPEED_COLUMNS = (
     "scale", "seed", "order", "sampler", "label", "nfe", "params", "flops_per_image", "batch_size", "ms_per_image",
@@ -240,7 +240,7 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
         "config_hash": rec.get("config_hash"), "samples_png": rec.get("samples_png"), "notes": _notes(rec),
         "wall_time_s": _float(rec.get("wall_time_s")), **_guidance(rec, metric), **_flow_norms(rec),
-        "path": str(path),
+        "path": str(path), "calibration": rec.get("calibration") if isinstance(rec.get("calibration"), str) else None,
     }
     row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
     return row

@@ -4,7 +4,11 @@
     stage 1     F from the artifact cache, trained on a miss; shared by every variant with the same F config
     stage 2     G likewise (none for the exact inverse)
     sample      one seed per image, class-balanced labels                               (sample.py)
-    evaluate    Frechet distance / IS in the scale's feature space, NLL of F, NFE, params, latency
+    evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
+                acc_cls / conf_cls / fd_cls (classifier.py), NLL of F; diagnostics (noise left in the samples, for
+                a learned inverse how far G is from F's inverse); NFE, params, latency
+    calibrate   the same metrics on real images (train vs test, + training noise, 3x3 box blur), once per
+                (dataset, eval config, number of images, noise): results/<scale>/calibration.json
     record      results/<scale>/<ablation>/<variant>__seed<N>.json, written atomically under a directory lock
 
 A variant already recorded (a valid record) is skipped unless `force`; a killed run resumes from the checkpoint of
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import platform
 import subprocess
 import sys
@@ -28,10 +33,13 @@ import torch
 
 from .ablations import AblationSpec, get_spec
 from .artifacts import default_cache_dir, get_backward, get_flow
-from .config import ConfigError, RunConfig
-from .data import DataSplits, class_balanced_labels, load_dataset, save_image_grid, to_uint8
-from .io import dir_lock
-from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, compute_fidelity, count_params, reference_stats
+from .classifier import DomainClassifier, classifier_config, classifier_key, classifier_metrics, get_classifier, \
+    reference_features_stats
+from .config import ConfigError, RunConfig, config_hash
+from .data import DataSplits, add_noise, class_balanced_labels, load_dataset, save_image_grid, to_uint8
+from .io import atomic_write_json, dir_lock
+from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, box_blur, compute_fidelity, count_params, \
+    reference_features, residual_noise
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .norm_control import flow_norms
@@ -41,6 +49,8 @@ from .sample import Sampler, generate
 from .weights import resolve_weights
 
 DEFAULT_RESULTS = Path("results")
+CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
+INVERSE_PAIRS = 256  # held-out images on which G is compared with F's inverse
 
 
 @dataclass
@@ -130,14 +140,15 @@ def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
     return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
 
 
-def sweep_guidance(t: Trained, seed: int, data_dir: Path | None) -> tuple[dict[str, Any], torch.Tensor]:
+def sweep_guidance(t: Trained, seed: int, data_dir: Path | None,
+                   cache_dir: Path | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample and evaluate at every guidance scale of the run (sampling only, no retraining); the best w by the
     primary metric is the row's result, as the paper reports each guided row at its best w. Returns the guidance
     record {'scales', 'curve', 'best_w', 'selected_by'} and the images of the best w."""
     curve, best_images, best = [], None, None
     for w in guidance_scales(t.cfg):
         images, ms = sample_variant(t, seed, cfg_scale=w)
-        metrics = evaluate(t, images, seed, data_dir, nll=False)  # F's NLL does not depend on w: once, below
+        metrics = evaluate(t, images, seed, data_dir, cache_dir, nll=False)  # F's NLL does not depend on w
         metric = primary_metric(metrics)
         curve.append({"w": w, "metrics": metrics, "ms_per_image": ms})
         if best is None or metrics[metric] < best["metrics"][metric]:
@@ -148,19 +159,54 @@ def sweep_guidance(t: Trained, seed: int, data_dir: Path | None) -> tuple[dict[s
 
 
 @cache
-def _reference_stats(dataset: str, data_dir: str | None, num_real: int, extractor: str, resize: int):
-    """Feature mean and covariance of the held-out real images, once per process."""
+def _reference_features(dataset: str, data_dir: str | None, num_real: int, extractor: str, resize: int):
+    """Features of the held-out real images (for the Frechet distance, precision and recall), once per process."""
     real = _dataset(dataset, data_dir).test.images[:num_real]
-    return reference_stats(to_uint8(real), extractor=extractor, resize=resize)
+    return reference_features(to_uint8(real), extractor=extractor, resize=resize)
+
+
+_CLASSIFIERS: dict[tuple[str, str | None, str], tuple[DomainClassifier, dict[str, Any]]] = {}
+
+
+def domain_classifier(dataset: str, data_dir: str | None, cache_dir: Path) -> tuple[DomainClassifier, dict[str, Any]]:
+    """The dataset's classifier (cached artifact), kept in memory per process: it is a function of its key."""
+    splits = _dataset(dataset, data_dir)
+    memo = (dataset, data_dir, classifier_key(dataset, classifier_config(splits)))
+    if memo not in _CLASSIFIERS:
+        _CLASSIFIERS[memo] = get_classifier(dataset, splits, cache_dir)
+    return _CLASSIFIERS[memo]
+
+
+@cache
+def _classifier_reference(dataset: str, data_dir: str | None, num_real: int, cache_dir: Path):
+    model, _ = domain_classifier(dataset, data_dir, cache_dir)
+    return reference_features_stats(model, _dataset(dataset, data_dir).test.images[:num_real])
+
+
+def image_metrics(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor | None, data_dir: Path | None = None,
+                  cache_dir: Path | None = None) -> dict[str, float]:
+    """Every sample-quality metric of a set of [-1, 1] images against the held-out real images: the extractor's
+    Frechet distance / score / precision / recall, the domain classifier's acc_cls / conf_cls (with labels) and
+    fd_cls, its test accuracy (cls_test_acc), and the noise left in the images (noise_residual)."""
+    dd, cache_dir = (str(data_dir) if data_dir else None), cache_dir or default_cache_dir()
+    ev = cfg.eval
+    real = _reference_features(cfg.dataset, dd, ev.num_real, ev.extractor, ev.resize)
+    metrics = compute_fidelity(to_uint8(images), real, extractor=ev.extractor, resize=ev.resize)
+    model, meta = domain_classifier(cfg.dataset, dd, cache_dir)
+    metrics.update(classifier_metrics(model, images, labels, _classifier_reference(cfg.dataset, dd, ev.num_real,
+                                                                                    cache_dir)))
+    metrics["cls_test_acc"] = float(meta["test_accuracy"])
+    metrics["noise_residual"] = residual_noise(images)
+    return metrics
 
 
 def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None,
-             nll: bool = True) -> dict[str, float]:
-    """Sample quality against held-out real images, and (`nll`) F's NLL on held-out noisy data (what F models)."""
+             cache_dir: Path | None = None, nll: bool = True) -> dict[str, float]:
+    """Sample quality against held-out real images (`image_metrics`, the labels being those `sample_variant` drew),
+    and (`nll`) F's NLL on held-out noisy data (what F models)."""
     cfg = t.cfg
-    reference = _reference_stats(cfg.dataset, str(data_dir) if data_dir else None, cfg.eval.num_real,
-                                 cfg.eval.extractor, cfg.eval.resize)
-    metrics = compute_fidelity(to_uint8(images), reference, extractor=cfg.eval.extractor, resize=cfg.eval.resize)
+    labels = class_balanced_labels(images.shape[0], cfg.flow.num_classes) if cfg.flow.num_classes else None
+    metrics = image_metrics(cfg, images, labels, data_dir, cache_dir)
     if nll:
         metrics["bpd"] = held_out_bpd(t, seed)
     return metrics
@@ -178,6 +224,89 @@ def held_out_noisy(t: Trained, seed: int, n: int) -> tuple[torch.Tensor, torch.T
     gen = torch.Generator().manual_seed(seed)
     noisy = test.images[:n] + t.cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
     return noisy, test.labels[:n] if t.cfg.flow.num_classes else None
+
+
+@torch.no_grad()
+def inverse_gap(flow: TARFlow, g: BiFlow, x: torch.Tensor, y: torch.Tensor | None, sigma: float,
+                seed: int = 0) -> float:
+    """How far G is from F's inverse on held-out pairs: mean over pixels of (G(F(x~)) - target)^2 with
+    x~ = x + sigma * eps, unguided; the target is the clean x when G denoises itself (denoise 'learned'), else x~
+    (what G was trained to return, BiFlow sec. 3.2)."""
+    noisy = add_noise(x, sigma, torch.Generator().manual_seed(seed))
+    z = flow(noisy, y).z
+    target = x if g.config.denoise == "learned" else noisy
+    return float((g(z, y, 0.0, with_states=False).x - target).double().pow(2).mean())
+
+
+def diagnostics(t: Trained, seed: int) -> dict[str, float]:
+    """Measurements the tables' readings cite: the noise left in real test images (noise_residual_real, beside the
+    samples' noise_residual in the metrics) and, for a learned inverse, G's gap to F's inverse (`inverse_gap`) on
+    INVERSE_PAIRS held-out images, with sigma^2 (the noise F was trained on) for scale."""
+    cfg, test = t.cfg, t.splits.test
+    n = min(INVERSE_PAIRS, len(test))
+    out = {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples]),
+           "noise_sigma_sq": cfg.stage1.noise_sigma**2}
+    if t.g is not None:
+        labels = test.labels[:n] if cfg.flow.num_classes else None
+        key = "inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"
+        out[key] = inverse_gap(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- calibration
+
+CALIBRATION_ROWS = {  # name -> label; the same metric code on the same number of real images
+    "real": "real data: training images (the floor)",
+    "real+noise": "real data: training images + training noise",
+    "real+blur": "real data: training images, 3x3 box blur",
+}
+
+
+def calibration_key(cfg: RunConfig, data_dir: Path | None = None) -> str:
+    """What determines the calibration rows: dataset, eval config, number of images, noise, classifier."""
+    splits = _dataset(cfg.dataset, str(data_dir) if data_dir else None)
+    return config_hash({"dataset": cfg.dataset, "eval": cfg.eval, "num_images": cfg.sample.num_samples,
+                        "noise_sigma": cfg.stage1.noise_sigma,
+                        "classifier": classifier_key(cfg.dataset, classifier_config(splits))})
+
+
+def calibration_rows(cfg: RunConfig, data_dir: Path | None = None,
+                     cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """`image_metrics` of num_samples training images (a fixed random subset, their own labels) as they are, with
+    Gaussian noise of the training sigma, and blurred by a 3x3 box: where real data lands on every metric."""
+    train = _dataset(cfg.dataset, str(data_dir) if data_dir else None).train
+    n = min(cfg.sample.num_samples, len(train))
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    images, labels = train.images[rows], train.labels[rows] if cfg.flow.num_classes else None
+    noisy = add_noise(images, cfg.stage1.noise_sigma, torch.Generator().manual_seed(1)).clamp(-1, 1)
+    out = []
+    for name, x in (("real", images), ("real+noise", noisy), ("real+blur", box_blur(images))):
+        out.append({"name": name, "label": CALIBRATION_ROWS[name],
+                    "metrics": image_metrics(cfg, x, labels, data_dir, cache_dir)})
+    return out
+
+
+def ensure_calibration(cfg: RunConfig, opts: RunOptions) -> str:
+    """The calibration entry of `cfg` in results/<scale>/calibration.json, computed and added (atomically) when
+    missing or unreadable; returns its key (which each record names)."""
+    key = calibration_key(cfg, opts.data_dir)
+    path = opts.results_dir / cfg.scale / CALIBRATION
+    try:
+        entries = json.loads(path.read_text())["entries"] if path.exists() else {}
+        if not isinstance(entries, dict):
+            raise ValueError("entries is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"warning: {path} unreadable ({e}); computing the calibration rows again")
+        entries = {}
+    if key not in entries:
+        log(f"[calibration] real-data rows for {cfg.dataset}, {cfg.sample.num_samples} images")
+        model_meta = domain_classifier(cfg.dataset, str(opts.data_dir) if opts.data_dir else None, opts.cache)[1]
+        entries[key] = {"key": key, "dataset": cfg.dataset, "eval": dataclasses.asdict(cfg.eval),
+                        "num_images": cfg.sample.num_samples, "noise_sigma": cfg.stage1.noise_sigma,
+                        "classifier": {"key": model_meta["key"], "test_accuracy": model_meta["test_accuracy"]},
+                        "rows": calibration_rows(cfg, opts.data_dir, opts.cache)}
+        atomic_write_json(path, {"schema": 1, "entries": entries})
+    return key
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
@@ -228,10 +357,11 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     cfg = spec.resolve(variant, scale, opts.overrides)
     log(f"[{spec.name}/{variant}] scale={scale} seed={seed}")
     t = train_variant(cfg, seed, opts)
-    guidance, images = sweep_guidance(t, seed, opts.data_dir)
+    guidance, images = sweep_guidance(t, seed, opts.data_dir, opts.cache)
     best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
     metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
     metrics["bpd"] = held_out_bpd(t, seed)
+    calibration = ensure_calibration(cfg, opts)
     scale_dir = opts.results_dir / scale
     samples_png = Path("samples") / spec.name / f"{variant}__seed{seed}.png"
     save_image_grid(images, scale_dir / samples_png, nrow=10)
@@ -243,7 +373,8 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
         "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
         "config": cfg.to_dict(), "config_hash": cfg.stage2_key(seed), "metric": metric, "metrics": metrics,
-        "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance,
+        "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance, "diagnostics": diagnostics(t, seed),
+        "calibration": calibration,
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,

@@ -18,15 +18,21 @@ from biflow_bench.metrics import (
     FeatureExtractorEffNetLite0,
     UInt8Images,
     bits_per_dim,
+    box_blur,
     compute_fidelity,
     count_params,
     extract_features,
     feature_stats,
     frechet_bootstrap_std,
     frechet_distance,
+    frechet_distance_to,
     load_reference_stats,
+    median_filter,
+    precision_recall,
+    reference_features,
     reference_stats,
     register_effnet_lite0,
+    residual_noise,
     save_reference_stats,
 )
 from biflow_bench.models import TARFlow, TARFlowConfig
@@ -71,6 +77,18 @@ def test_frechet_golden_and_independent_reference():
     assert fd == pytest.approx(_reference_fd(ma, sa, mb, sb), rel=1e-10)
     assert fd == pytest.approx(0.7486284136991506, rel=1e-9)  # golden: pins the value across refactors
     assert frechet_distance(mb, sb, ma, sa) == pytest.approx(fd, rel=1e-9)  # symmetric
+
+
+def test_frechet_distance_to_features_equals_sqrtm_path():
+    fa, fb = _features()
+    mb, sb = feature_stats(fb)
+    assert frechet_distance_to(fa, mb, sb) == pytest.approx(frechet_distance(*feature_stats(fa), mb, sb), rel=1e-9)
+    wide = np.concatenate([fa, fa**2], axis=1)[:8]  # N=8 < D=10: the N x N branch
+    m_ref, s_ref = feature_stats(np.concatenate([fb, fb**2], axis=1))
+    expected = frechet_distance(*feature_stats(wide), m_ref, s_ref)
+    assert frechet_distance_to(wide, m_ref, s_ref) == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance_to(fa, mb[:3], sb)
 
 
 def test_frechet_identical_sets_zero_even_when_rank_deficient():
@@ -188,7 +206,8 @@ def fidelity_sets():
 
 def test_compute_fidelity_keys_and_values(fidelity_sets):
     _, _, out = fidelity_sets
-    assert set(out) == {"fd_effnet", "is_effnet", "fd_effnet_std"}  # offline scale: never called FID
+    # offline scale: never called FID; real images given, so precision and recall too
+    assert set(out) == {"fd_effnet", "is_effnet", "fd_effnet_std", "precision_effnet", "recall_effnet"}
     assert all(math.isfinite(v) for v in out.values())
     assert out["fd_effnet"] > 10 and out["fd_effnet_std"] > 0 and out["is_effnet"] >= 1
 
@@ -203,12 +222,23 @@ def test_compute_fidelity_matches_torch_fidelity(fidelity_sets):
     assert out["is_effnet"] == pytest.approx(ref["inception_score_mean"], rel=1e-3)
 
 
+def test_compute_fidelity_from_reference_features_equals_images(fidelity_sets):
+    noise, ramps, out = fidelity_sets
+    feats = reference_features(ramps, resize=64)
+    assert feats.shape == (64, 1280)
+    again = compute_fidelity(noise, feats, resize=64, bootstrap=5)
+    for key, value in out.items():
+        assert again[key] == pytest.approx(value, rel=1e-6)
+    assert 0 <= out["precision_effnet"] <= 1 and 0 <= out["recall_effnet"] <= 1
+
+
 def test_compute_fidelity_self_distance_via_cached_stats(fidelity_sets, tmp_path):
     # the set against its own saved statistics: ~0 (64 samples in 1280 dims, so a singular sqrtm on the way)
     noise, _, out = fidelity_sets
     path = save_reference_stats(tmp_path / "ref.npz", *reference_stats(noise, resize=64))
     same = compute_fidelity(noise, load_reference_stats(path), resize=64, bootstrap=0)
     assert abs(same["fd_effnet"]) < 1e-5 * out["fd_effnet"] and math.isnan(same["fd_effnet_std"])
+    assert "precision_effnet" not in same  # statistics alone cannot give precision / recall
     assert same["is_effnet"] == pytest.approx(out["is_effnet"], rel=1e-6)  # the score only sees generated images
 
 
@@ -263,6 +293,57 @@ def test_load_reference_stats(tmp_path):
     with pytest.raises(ValueError, match="missing sigma") as err:
         load_reference_stats(tmp_path / "bad.npz")
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ precision and recall
+
+
+def _reference_prc(gen: np.ndarray, real: np.ndarray, k: int) -> tuple[float, float]:
+    """Plain loops: a point is covered by a set when it lies in some member's ball of radius = that member's distance
+    to its k-th nearest neighbour in its own set (itself excluded)."""
+    def radii(a):
+        return [sorted(np.linalg.norm(a - p, axis=1))[k] for p in a]  # [0] is the point itself
+
+    def covered(points, centres):
+        r = radii(centres)
+        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r)) for p in points])
+
+    return float(covered(gen, real)), float(covered(real, gen))
+
+
+def test_precision_recall_golden_1d():
+    # real at 0, 1, 2, 3 (k=1 radii 1, 1, 1, 1); generated at 0.5, 10, 11 (radii 9.5, 1, 1)
+    real, gen = np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([[0.5], [10.0], [11.0]])
+    p, r = precision_recall(gen, real, k=1)
+    assert p == pytest.approx(1 / 3)  # only 0.5 lies in a real ball
+    assert r == pytest.approx(1.0)  # every real point lies in 0.5's ball of radius 9.5
+    assert (p, r) == pytest.approx(_reference_prc(gen, real, 1))
+
+
+def test_precision_recall_matches_plain_reference():
+    fa, fb = _features()
+    assert precision_recall(fa, fb + 0.5) == pytest.approx(_reference_prc(fa, fb + 0.5, 3))
+    assert precision_recall(fa, fa) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="N > 3"):
+        precision_recall(fa[:3], fb)
+
+
+# ----------------------------------------------------------------------------------------------- image diagnostics
+
+
+def test_box_blur_and_median_filter_golden():
+    x = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4) ** 2 / 100
+    padded = np.pad(x[0, 0].numpy(), 1, mode="edge")
+    windows = np.array([[padded[i : i + 3, j : j + 3].ravel() for j in range(4)] for i in range(4)])
+    np.testing.assert_allclose(box_blur(x)[0, 0].numpy(), windows.mean(-1), rtol=1e-12)
+    np.testing.assert_allclose(median_filter(x)[0, 0].numpy(), np.median(windows, -1), rtol=1e-12)
+    img = torch.zeros(1, 1, 5, 5)
+    img[0, 0, 2, 2] = 1.0  # one hot pixel: the median removes it, the box spreads it over 9 pixels
+    assert median_filter(img).abs().max() == 0
+    assert torch.allclose(box_blur(img)[0, 0, 1:4, 1:4], torch.full((3, 3), 1 / 9))
+    assert residual_noise(img) == pytest.approx(1 / 25)
+    assert residual_noise(torch.full((2, 1, 4, 4), 0.3)) == 0
+    assert residual_noise(torch.full((1, 1, 3, 3), 5.0)) == 0  # clamped to [-1, 1] first
 
 
 # ------------------------------------------------------------------------------------------------- bits/dim, params

@@ -58,6 +58,8 @@ class FlowBlock(nn.Module):
         self.proj_in = nn.Linear(cfg.token_dim, width)
         self.pos = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
+        if self.class_embed is not None:  # small, like the positions: N(0, 1) rows drown the first steps' signal
+            nn.init.normal_(self.class_embed.weight, std=0.01)
         self.layers = nn.ModuleList(CausalBlock(width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_block))
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, 2 * cfg.token_dim)

@@ -1,0 +1,195 @@
+"""The domain classifier and its metrics (acc_cls, conf_cls, fd_cls), the real-data calibration rows, the record's
+diagnostics, and the report's calibration rows and metric columns."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize
+
+from biflow_bench import classifier as cls
+from biflow_bench import runner
+from biflow_bench.ablations import get_spec
+from biflow_bench.data import DataSplits, ImageDataset
+from biflow_bench.metrics import feature_stats, frechet_distance
+from biflow_bench.models import TARFlow, TARFlowConfig
+from biflow_bench.models.biflow import BiFlow, BiFlowConfig
+from biflow_bench.report import render_report
+from biflow_bench.results import write_record
+
+# ------------------------------------------------------------------------------------------------ acc_cls, conf_cls
+
+
+def test_label_accuracy_golden():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 3.0, 1.0], [math.log(3), 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    acc, conf = cls.label_accuracy(logits, labels)
+    # argmax: 0, 0 (tie -> first), 1, 0 -> right, wrong, wrong, right
+    assert acc == pytest.approx(0.5)
+    p = [math.exp(2) / (math.exp(2) + 2), 1 / 3, math.exp(1) / (math.exp(3) + math.exp(1) + 1), 3 / 5]
+    assert conf == pytest.approx(sum(p) / 4, rel=1e-6)  # float32 logits
+
+
+def test_quantize_is_eight_bit():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.003, 0.5, 1.0, 3.0])
+    q = cls.quantize(x)
+    assert torch.allclose(q, torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1)
+    assert q[0] == -1 and q[-1] == 1 and q[3] == q[2] + 0  # 0.003 rounds to the 0 level's neighbour at most
+    assert torch.equal(cls.quantize(q), q)
+
+
+def _toy_splits(n: int = 96, side: int = 8, seed: int = 0) -> DataSplits:
+    """Two classes a CNN separates at once: a bright left half or a bright right half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    x = torch.full((n, 1, side, side), -0.8)
+    for i in range(n):
+        half = slice(0, side // 2) if labels[i] == 0 else slice(side // 2, side)
+        x[i, :, :, half] = 0.8
+    x = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    full = ImageDataset("toy", x, labels, 2, 256)
+    return DataSplits(full.subset(slice(0, n // 2)), full.subset(slice(n // 2, n)))
+
+
+def _toy_cfg() -> cls.ClassifierConfig:
+    return cls.ClassifierConfig(image_size=8, num_classes=2, width=4, features=8, steps=30, batch_size=16)
+
+
+def test_classifier_metrics_reuse_frechet_and_accuracy():
+    torch.manual_seed(0)
+    model = cls.DomainClassifier(_toy_cfg()).eval()
+    splits = _toy_splits()
+    images, labels = splits.test.images, splits.test.labels
+    ref_images = splits.train.images
+    out = cls.classifier_metrics(model, images, labels, cls.reference_features_stats(model, ref_images), bootstrap=3)
+    with torch.no_grad():  # plain reference: the same network by hand on 8-bit images
+        q = lambda x: torch.round((x + 1) * 127.5) / 127.5 - 1  # noqa: E731
+        f_gen = model.penultimate(model.body(q(images)))
+        f_ref = model.penultimate(model.body(q(ref_images)))
+        logits = model.head(f_gen)
+    expected_fd = frechet_distance(*feature_stats(f_gen.double().numpy()), *feature_stats(f_ref.double().numpy()))
+    assert out["fd_cls"] == pytest.approx(expected_fd, rel=1e-6)
+    acc, conf = cls.label_accuracy(logits, labels)
+    assert out["acc_cls"] == pytest.approx(acc) and out["conf_cls"] == pytest.approx(conf, rel=1e-6)
+    assert out["fd_cls_std"] > 0
+    assert "acc_cls" not in cls.classifier_metrics(model, images, None, cls.reference_features_stats(model, images))
+
+
+def test_classifier_trains_deterministically_and_is_cached(tmp_path, capsys):
+    splits, cfg = _toy_splits(), _toy_cfg()
+    model, meta = cls.get_classifier("toy", splits, tmp_path, cfg)
+    assert not meta["cached"] and meta["test_accuracy"] >= 0.9  # the toy classes are trivially separable
+    again, _ = cls.train_classifier(cfg, splits)  # the same seed: the same weights
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    path = tmp_path / "classifier" / meta["key"] / "classifier.pt"
+    assert path.exists() and Path(str(path) + ".sha256").exists()
+    hit, hit_meta = cls.get_classifier("toy", splits, tmp_path, cfg)
+    assert hit_meta["cached"] and hit_meta["test_accuracy"] == meta["test_accuracy"]
+    assert torch.equal(hit.head.weight, model.head.weight)
+    data = bytearray(path.read_bytes())  # a flipped byte: reported by name, rebuilt, never loaded
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    rebuilt, rebuilt_meta = cls.get_classifier("toy", splits, tmp_path, cfg)
+    assert not rebuilt_meta["cached"] and "checksum mismatch" in capsys.readouterr().err
+    assert torch.equal(rebuilt.head.weight, model.head.weight)
+    assert cls.get_classifier("toy", splits, tmp_path, cfg)[1]["cached"]
+
+
+def test_classifier_config_per_dataset():
+    digits_like = _toy_splits()
+    assert cls.classifier_config(digits_like).steps == 200
+    assert cls.classifier_key("a", _toy_cfg()) != cls.classifier_key("b", _toy_cfg())
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+
+
+def _tiny_models(denoise: str) -> tuple[TARFlow, BiFlow]:
+    flow = randomize(TARFlow(TARFlowConfig(image_size=4, patch_size=2, channels=16, num_blocks=2, num_heads=2,
+                                           num_classes=3, clip=None))).double().eval()
+    g = randomize(BiFlow(BiFlowConfig(image_size=4, patch_size=2, width=16, num_groups=2, num_heads=2, num_classes=3,
+                                      denoise=denoise)), seed=1).double().eval()
+    return flow, g
+
+
+@pytest.mark.parametrize("denoise", ["learned", "score"])
+def test_inverse_gap_compares_with_the_right_target(denoise):
+    flow, g = _tiny_models(denoise)
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0, 1])
+    gap = runner.inverse_gap(flow, g, x, y, sigma=0.1, seed=7)
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        out = g(flow(noisy, y).z, y, 0.0).x
+    target = x if denoise == "learned" else noisy
+    assert gap == pytest.approx(float(((out - target) ** 2).mean()), rel=1e-10)
+    other = noisy if denoise == "learned" else x
+    assert gap != pytest.approx(float(((out - other) ** 2).mean()), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ calibration and report
+
+QUICK = {"stage1.steps": 30, "stage1.batch_size": 32, "stage2.steps": 12, "stage2.batch_size": 32,
+         "sample.num_samples": 40, "eval.num_real": 40, "eval.nll_samples": 40, "eval.resize": 32}
+
+
+def test_calibration_rows_written_once_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
+    cfg = get_spec("denoise").resolve("learned", "tiny", QUICK)
+    opts = runner.RunOptions(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", progress=False)
+    key = runner.ensure_calibration(cfg, opts)
+    path = tmp_path / "results" / "tiny" / runner.CALIBRATION
+    entry = json.loads(path.read_text())["entries"][key]
+    rows = {r["name"]: r["metrics"] for r in entry["rows"]}
+    assert list(rows) == ["real", "real+noise", "real+blur"] and entry["num_images"] == 40
+    for m in rows.values():
+        assert {"fd_effnet", "precision_effnet", "recall_effnet", "acc_cls", "conf_cls", "fd_cls",
+                "noise_residual", "cls_test_acc"} <= set(m)
+    # real data is the floor: blurring moves it away in the classifier's features and removes high frequencies
+    assert rows["real+blur"]["fd_cls"] > rows["real"]["fd_cls"]
+    assert rows["real+blur"]["noise_residual"] < rows["real"]["noise_residual"]
+    calls = []
+    monkeypatch.setattr(runner, "calibration_rows", lambda *a, **k: calls.append(1) or [])
+    assert runner.ensure_calibration(cfg, opts) == key and not calls  # recorded: not computed again
+    path.write_text("{not json")
+    assert runner.ensure_calibration(cfg, opts) == key and calls == [1]
+    assert json.loads(path.read_text())["entries"][key]["rows"] == []
+
+
+def _record(variant: str, value: float, acc: float, calibration: str | None) -> dict:
+    return {"schema": 1, "kind": "ablation", "ablation": "denoise", "variant": variant, "label": variant,
+            "scale": "tiny", "seed": 0, "spec_version": 1, "config": {"inverse": "learned"}, "config_hash": variant,
+            "metric": "fd_effnet", "metrics": {"fd_effnet": value, "fd_effnet_std": 0.5, "acc_cls": acc,
+                                               "fd_cls": 2 * value, "fd_cls_std": 0.25},
+            "nfe": 1, "nfe_label": "1", "params": {}, "timing": {"ms_per_image": 1.0},
+            "paper": {"fid": None, "table": "T"}, "notes": [], "samples_png": None, "calibration": calibration}
+
+
+def test_report_puts_calibration_rows_on_top_with_metric_columns(tmp_path):
+    from biflow_bench.results import RESULT_SCHEMA
+
+    rdir = tmp_path / "results"
+    for variant, value, acc in (("learned", 10.0, 0.9), ("none", 20.0, 0.5)):
+        write_record(rdir, {**_record(variant, value, acc, "k1"), "schema": RESULT_SCHEMA})
+    rows = [{"name": "real", "label": "real data: the floor", "metrics": {"fd_effnet": 1.5, "fd_effnet_std": 0.1,
+                                                                         "acc_cls": 0.97, "fd_cls": 0.75}},
+            {"name": "real+blur", "label": "real data: blurred", "metrics": {"fd_effnet": 7.0, "acc_cls": 0.6}}]
+    entry = {"key": "k1", "num_images": 40, "noise_sigma": 0.1, "classifier": {"test_accuracy": 0.93}, "rows": rows}
+    other = {**entry, "key": "k0", "rows": [{"name": "real", "label": "another config", "metrics": {}}]}
+    (rdir / "tiny" / "calibration.json").write_text(json.dumps({"schema": 1, "entries": {"k0": other, "k1": entry}}))
+    render_report(rdir, tmp_path / "out", registry={})
+    md = (tmp_path / "out" / "tiny" / "denoise.md").read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert "acc_cls ↑" in lines[0] and "fd_cls ↓" in lines[0]
+    del lines[1]  # the alignment row
+    assert lines[1].startswith("| *real data: the floor* | 1.50 ± 0.10 |")
+    assert lines[1].rstrip().endswith("| 0.97 | 0.75 |")
+    assert lines[2].startswith("| *real data: blurred* | 7.00 |")
+    assert lines[3].startswith("| learned | 10.00 ± 0.50 |") and "| 0.90 | 20.00 ± 0.25 |" in lines[3]
+    assert "another config" not in md and "93.0% test accuracy" in md
+    csv = (tmp_path / "out" / "tiny" / "denoise.csv").read_text().splitlines()
+    assert csv[0].endswith(",acc_cls,fd_cls") and csv[1].split(",")[2] == "calibration:real"
