@@ -118,6 +118,8 @@ def report(
     summary = render_report(results_dir, out)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
+    for note in summary.separated:
+        typer.echo(f"separated {note}", err=True)
     typer.echo(f"wrote {len(summary.files)} files to {out} ({out / 'README.md'})")
 
 

@@ -6,6 +6,10 @@
     <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
                                                records exist at that scale too), beside the paper's where known
 
+Seeds are averaged only within one config hash (results.py): each table row is a variant's default config; records
+of other configs (--set overrides, a micro-batch, an older spec's default) are rows of their own under "Other
+configurations", labelled by how their config differs, and the report says what it separated.
+
 Output is a pure function of the records (and the spec registry, for variant order and labels): no timestamps,
 sorted iteration and fixed figure metadata, so regenerating an unchanged results directory is byte-identical.
 Every file is written atomically; files a previous render wrote that this one no longer produces are removed
@@ -47,6 +51,7 @@ class ReportSummary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # bad record files and why
     ablations: list[tuple[str, str]] = field(default_factory=list)  # (scale, ablation) rendered
     removed: list[Path] = field(default_factory=list)  # stale files of a previous render deleted
+    separated: list[str] = field(default_factory=list)  # records of other configs shown apart from the tables
     kendall: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (scale, ablation) -> tau
 
 
@@ -136,6 +141,42 @@ def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[st
 def _first(values: pd.Series) -> Any:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return vals[0] if vals else None
+
+
+def split_configs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(records of each variant's default config, records of every other config) of one (scale, ablation).
+
+    A variant's table row averages seeds of one config hash only: the records without overrides, and when those
+    hold several configs (an older spec's defaults) the one of the newest spec version (then the most seeds). The
+    rest gets an `overrides` label (how it differs, or which earlier default it is) and is shown apart."""
+    df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
+    keep = pd.Series(df["overrides"] == "", index=df.index)
+    labels = df["overrides"].copy()
+    for _, g in df[keep].groupby("variant", sort=True):
+        if g["config_hash"].nunique() < 2:
+            continue
+        ranked = sorted(g.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
+        for h, older in ranked[1:]:
+            keep[older.index] = False
+            labels[older.index] = f"default of spec v{_version(older)} (config {h})"
+    df = df.assign(overrides=labels)
+    return df[keep], df[~keep]
+
+
+def _version(g: pd.DataFrame) -> int:
+    versions = [int(v) for v in g["spec_version"] if isinstance(v, (int, float)) and not pd.isna(v)]
+    return max(versions, default=0)
+
+
+def other_configs_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
+    """One row per (variant, config hash) of the records `split_configs` set apart: mean over its seeds and noise."""
+    rows = []
+    for v in variant_order(df, spec):
+        for h, g in df[df["variant"] == v].groupby("config_hash", sort=True):
+            row = ablation_table(g, None).iloc[0].to_dict()
+            rows.append({**row, "config_hash": h, "overrides": _first(g["overrides"]) or ""})
+    cols = ["variant", "label", "overrides", "config_hash", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
@@ -360,7 +401,8 @@ def _dedup(items: Sequence[str]) -> list[str]:
 
 
 def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
-                     spec: AblationSpec | None, comment: str | None) -> tuple[pd.DataFrame, float | None, str]:
+                     spec: AblationSpec | None, comment: str | None,
+                     others: pd.DataFrame | None = None) -> tuple[pd.DataFrame, float | None, str]:
     table = ablation_table(df, spec)
     tau, _, tau_text = kendall(table)
     # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
@@ -406,6 +448,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
     if notes:
         md.append("## Notes\n\n" + _notes_block(notes))
+    other = other_configs_table(others, spec) if others is not None and len(others) else None
+    if other is not None:
+        md.append("## Other configurations\n\nRecords of configs other than each variant's default, one row per "
+                  "config (seeds averaged within it only); not ranked against the paper.\n\n"
+                  + _md_table(["Variant", "Config", f"Ours ({metric}, ↓)", "Seeds", "NFE"],
+                              [[r.label, r.overrides, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label)]
+                               for r in other.itertuples()], "llrrl"))
     samples = []
     for r in ordered.itertuples():
         if isinstance(r.samples_png, str) and r.samples_png:
@@ -417,9 +466,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append("## Samples\n\n" + "\n".join(samples))
     w.text(f"{base}.md", "\n".join(md))
 
-    csv = table.assign(scale=scale, ablation=ablation)[
+    csv = table.assign(scale=scale, ablation=ablation, config="")[
         ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-         "ms_per_image", "paper_fid", "our_rank", "paper_rank"]]
+         "ms_per_image", "paper_fid", "our_rank", "paper_rank", "config"]]
+    if other is not None:
+        csv = pd.concat([csv, other.assign(scale=scale, ablation=ablation, config=other["overrides"])[
+            [c for c in csv.columns if c in other.columns or c in ("scale", "ablation", "config")]]],
+            ignore_index=True)
     w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
     w.text(f"{base}.tex", _tex_table(header, tex_cells, "lrrlrrr", f"{title} ({paper_table}); scale {scale}, "
                                      f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
@@ -530,9 +583,12 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         readme.append("No records found.\n")
     for scale in chosen:
         readme.append(f"## Scale `{scale}`\n")
-        sdf = df[df["scale"] == scale]
+        sdf, others = split_configs(df[df["scale"] == scale])
+        for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
+            summary.separated.append(f"{scale}/{ablation}/{variant}: {len(g)} record(s) of another config "
+                                     f"({label}) shown apart from the table, under Other configurations")
         sspeed = speed[speed["scale"] == scale]
-        if sdf.empty and sspeed.empty:
+        if sdf.empty and others.empty and sspeed.empty:
             readme.append("No records at this scale.\n")
             continue
         main_spec = registry.get("main")
@@ -541,11 +597,11 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
 
         index_rows, readings = [], []
         main_table = None
-        for ablation in sorted(set(sdf["ablation"])):
+        for ablation in sorted(set(sdf["ablation"]) | set(others["ablation"])):
             spec = registry.get(ablation)
             comment = commentary(results_dir, scale, ablation)
             table, tau, tau_text = _render_ablation(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
-                                                    spec, comment)
+                                                    spec, comment, others[others["ablation"] == ablation])
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
             if ablation == "main":
@@ -578,6 +634,9 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                              if quality_link else "")
                           + (f"\n{comment}\n" if comment else ""))
 
+    if summary.separated:
+        readme.append("## Other configurations\n\nSeeds are averaged within one config only; these records were "
+                      "shown apart from their tables:\n\n" + "".join(f"- {n}\n" for n in summary.separated))
     readme.append("## Skipped files\n")
     if skipped:
         readme.append("These files under the results directory are not valid records and were left out:\n\n"

@@ -38,7 +38,7 @@ from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.artifacts import load_model
 from biflow_bench.io import verified_torch_load
-from biflow_bench.results import read_record, record_path
+from biflow_bench.results import find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"stage1.steps": 40, "stage1.checkpoint_every": 10, "stage2.steps": 20, "stage2.checkpoint_every": 5,
@@ -47,6 +47,8 @@ SETS = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={v}")]
 RUN = ["run", "denoise", "--variants", "learned", "--scale", "tiny", *SETS]
 CFG = get_spec("denoise").resolve("learned", "tiny", OVERRIDES)
 KEY1, KEY2 = CFG.stage1_key(0), CFG.stage2_key(0)
+# the config hash of RUN's record: its overrides put it at learned__seed0__<hash>.json, beside the default's
+HASH = runner.identity(get_spec("denoise"), "learned", "tiny", runner.RunOptions(overrides=OVERRIDES))[1].config_hash
 TIMING = ("timing", "wall_time_s", "created")
 
 
@@ -101,7 +103,9 @@ def sidecar(path: Path) -> Path:
 
 
 def record_of(results: Path) -> dict:
-    return read_record(record_path(results, "tiny", "denoise", "learned", 0))
+    path = find_record(results, "tiny", "denoise", "learned", 0, HASH)
+    assert path == record_path(results, "tiny", "denoise", "learned", 0, HASH)
+    return read_record(path)
 
 
 def comparable(record: dict, drop: tuple[str, ...] = ("seconds",)) -> dict:
@@ -331,7 +335,7 @@ def test_damaged_artifacts_are_named_rebuilt_and_never_loaded(clean, tmp_path, c
 def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     shutil.copytree(clean.results, results)
-    good = record_path(results, "tiny", "denoise", "learned", 0)
+    good = record_path(results, "tiny", "denoise", "learned", 0, HASH)
     truncated = good.with_name("score__seed0.json")
     truncated.write_text(good.read_text()[:200])
     foreign = good.with_name("package.json")
@@ -344,9 +348,12 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
     for path, reason in ((truncated, "not valid JSON"), (foreign, "no 'schema' key"), (listed, "top-level JSON is a list")):
         assert re.search(rf"^skipped {re.escape(str(path))}: .*{reason}", err, re.M), err
     readme = (tmp_path / "reports" / "README.md").read_text()
-    assert "| `denoise` | 1/3 |" in readme  # the valid record is rendered, the truncated one is not counted
+    # the valid record (of an overridden config: a row of its own, not a default row) is rendered, the truncated
+    # one is not counted
+    assert "| `denoise` | 0/3 |" in readme and "tiny/denoise/learned: 1 record(s) of another config" in readme
     table = (tmp_path / "reports" / "tiny" / "denoise.md").read_text()
-    assert f"| Learned denoising (extra stage of G) | {clean.record['metrics']['fd_effnet']:.2f} ± " in table
+    assert re.search(rf"^\| Learned denoising \(extra stage of G\) \| [^|]*stage1.steps=40[^|]* \| "
+                     rf"{clean.record['metrics']['fd_effnet']:.2f} ± ", table, re.M), table
     assert "| Score-based denoising through F | — | 0 |" in table
 
 
@@ -354,7 +361,7 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
 def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     shutil.copytree(clean.results, results)
-    path = record_path(results, "tiny", "denoise", "learned", 0)
+    path = record_path(results, "tiny", "denoise", "learned", 0, HASH)
     if damage == "truncated":
         truncate(path)
     else:  # a valid record of another seed, copied to this name
@@ -362,6 +369,24 @@ def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage)
     runner.run("denoise", ["learned"], "tiny", 0, opts(results, cache))
     assert "already recorded" not in capfd.readouterr().err
     assert comparable(read_record(path), CACHED) == comparable(clean.record, CACHED)
+
+
+def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd):
+    """The README's `--set` example: not "already recorded", and the record without it stays as it was."""
+    results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
+    shutil.copytree(clean.results, results)
+    first = record_path(results, "tiny", "denoise", "learned", 0, HASH)
+    before = first.read_bytes()
+    longer = runner.RunOptions(results_dir=results, cache_dir=cache, overrides={**OVERRIDES, "stage2.steps": 8},
+                               progress=False)
+    (path,) = runner.run("denoise", ["learned"], "tiny", 0, longer)
+    assert "already recorded" not in capfd.readouterr().err
+    record = read_record(path)
+    assert path != first and path.name == f"learned__seed0__{record['config_hash']}.json"
+    assert record["overrides"]["stage2.steps"] == 8 and record["train"]["stage1"]["cached"] is True
+    assert first.read_bytes() == before  # kept beside it, untouched
+    assert runner.run("denoise", ["learned"], "tiny", 0, longer) == [path]  # now this config is done too
+    assert "already recorded" in capfd.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -391,7 +416,8 @@ def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_p
     out = finish(first)
     assert out.returncode == 0, out.stderr
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-    assert files == ["tiny/.lock", "tiny/denoise/learned__seed0.json", "tiny/samples/denoise/learned__seed0.png"]
+    assert files == ["tiny/.lock", f"tiny/denoise/learned__seed0__{HASH}.json",
+                     f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
     assert comparable(record_of(results), CACHED) == comparable(clean.record, CACHED)
 
 
