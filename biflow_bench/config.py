@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message is one line that says how to fix it."""
 
 
+def did_you_mean(name: str, valid: Any) -> str:
+    """"; did you mean 'x'?" for the closest valid name (difflib), or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """What both stages share: AdamW (0.9, 0.95) with warm-up + cosine, label drop, checkpoints, divergence guard."""
@@ -200,7 +208,7 @@ SCALES["paper-xl"] = dataclasses.replace(SCALES["paper"], scale="paper-xl", flow
 
 def scale_config(scale: str) -> RunConfig:
     if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}{did_you_mean(scale, SCALES)}")
     return SCALES[scale]
 
 
