@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -285,6 +286,18 @@ def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
     return pd.concat(parts, ignore_index=True)[cols]
 
 
+MODEL_SIZE = {"paper": "B/2", "paper-xl": "XL/2"}  # the paper's model names; other scales train small models
+
+
+def scale_label(label: Any, scale: str) -> Any:
+    """A spec label names the paper's models ("BiFlow-B/2"); at a scale that trains other models, drop the size
+    ("BiFlow"), and at paper-xl say XL/2."""
+    if not isinstance(label, str):
+        return label
+    size = MODEL_SIZE.get(scale)
+    return re.sub(r"-(B|XL)/2\b", f"-{size}" if size else "", label)
+
+
 def _order_scales(scales: set[str]) -> list[str]:
     """Preset order (tiny, small, ...) first, unknown scales after by name."""
     return [s for s in SCALES if s in scales] + sorted(s for s in scales if s not in SCALES)
@@ -495,7 +508,7 @@ def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpe
     first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
     order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
     agg = (speed.groupby(["sampler", "batch_size"], sort=False)
-           .agg(label=("label", "first"), nfe=("nfe", "first"), params=("params", "mean"),
+           .agg(label=("label", "first"), nfe=("nfe_label", "first"), params=("params", "mean"),
                 ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
                 speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
                 paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
@@ -505,7 +518,7 @@ def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpe
 
     header = ["Sampler", "NFE", "Params", "Batch", "ms / image", "images / s", "Speed-up", "% of matmul peak",
               "Paper ms", "Paper speed-up"]
-    cells = [[r.label, DASH if r.nfe is None or (isinstance(r.nfe, float) and math.isnan(r.nfe)) else str(r.nfe),
+    cells = [[r.label, _text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
               _count(r.params), _count(r.batch_size), _num(r.ms_per_image, 3), _num(r.images_per_s, 1),
               DASH if math.isnan(r.speedup) else f"×{_num(r.speedup, 1)}",
               DASH if math.isnan(r.peak_fraction) else f"{_num(100 * r.peak_fraction)}%", _num(r.paper_ms),
@@ -583,11 +596,13 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         readme.append("No records found.\n")
     for scale in chosen:
         readme.append(f"## Scale `{scale}`\n")
-        sdf, others = split_configs(df[df["scale"] == scale])
+        sdf, others = split_configs(df[df["scale"] == scale].assign(
+            label=lambda d: d["label"].map(lambda x: scale_label(x, scale))))
         for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
             summary.separated.append(f"{scale}/{ablation}/{variant}: {len(g)} record(s) of another config "
                                      f"({label}) shown apart from the table, under Other configurations")
         sspeed = speed[speed["scale"] == scale]
+        sspeed = sspeed.assign(label=sspeed["label"].map(lambda x: scale_label(x, scale)))
         if sdf.empty and others.empty and sspeed.empty:
             readme.append("No records at this scale.\n")
             continue

@@ -47,7 +47,7 @@ RESULT_COLUMNS = (
     "inverse", "spec_version", "config_hash", "overrides", "samples_png", "notes", "wall_time_s", "path",
 )
 SPEED_COLUMNS = (
-    "scale", "seed", "order", "sampler", "label", "nfe", "params", "flops_per_image", "batch_size", "ms_per_image",
+    "scale", "seed", "order", "sampler", "label", "nfe", "nfe_label", "params", "flops_per_image", "batch_size", "ms_per_image",
     "images_per_s", "speedup", "peak_fraction", "paper_ms", "paper_speedup", "device", "matmul_peak_flops", "notes",
     "path",
 )
@@ -356,6 +356,7 @@ def speed_frame(records: Iterable[tuple[Path, Mapping[str, Any]]]) -> pd.DataFra
             out.append({
                 "scale": rec["scale"], "seed": rec["seed"], "order": i, "sampler": str(row["sampler"]),
                 "label": row.get("label") or str(row["sampler"]), "nfe": row.get("nfe"),
+                "nfe_label": str(row.get("nfe_label") or row.get("nfe") or "") or None,
                 **{k: _float(row.get(k)) for k in ("params", "flops_per_image", "batch_size", "ms_per_image",
                                                    "images_per_s", "speedup", "peak_fraction", "paper_ms",
                                                    "paper_speedup")},

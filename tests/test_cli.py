@@ -72,6 +72,12 @@ def test_make_demo_and_reproduce_small_run_every_ablation():
             assert f"biflow-bench run {name} --scale {scale} --seed 0" in plan, (target, name)
         assert f"bench speed --scale {scale}" in plan and "biflow-bench report" in plan
     assert "--seed 1" in plan  # reproduce-small adds the second seed of the baselines
+    demo = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    assert "biflow-bench report --out runs/demo/reports" in demo  # an ignored place: the git tree stays clean
+    ignored = subprocess.run(["git", "check-ignore", "runs/demo/reports/README.md", "results/tiny/x.json"], cwd=root,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["runs/demo/reports/README.md", "results/tiny/x.json"]
 
 
 def invoke(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:

@@ -448,3 +448,17 @@ def test_stage_keys_cover_micro_batch_and_device() -> None:
     assert cfg.stage1_key(0, 32) != cfg.stage1_key(0) and cfg.stage2_key(0, 32) != cfg.stage2_key(0)
     assert cfg.stage1_key(0, device="cuda") != cfg.stage1_key(0)  # bf16 autocast on CUDA
     assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
+
+
+def test_speed_page_nfe_matches_the_cli_and_tiny_labels_drop_b2(tmp_path: Path) -> None:
+    from biflow_bench.report import scale_label
+
+    rec = speed_record()
+    rec["rows"] = [{**r, "nfe_label": "4x15 serial" if r["sampler"] == "exact" else "1"} for r in rec["rows"]]
+    write_record(tmp_path / "results", rec)
+    render_report(tmp_path / "results", tmp_path / "report", registry={})
+    rows = table_rows((tmp_path / "report" / "tiny" / "speed.md").read_text())
+    assert rows["exact inverse"][1] == "4x15 serial"  # the label `bench speed` prints, not the count 64
+    assert scale_label("BiFlow-B/2 (learned inverse, 1-NFE)", "tiny") == "BiFlow (learned inverse, 1-NFE)"
+    assert scale_label("iTARFlow-B/2 (exact inverse)", "paper-xl") == "iTARFlow-XL/2 (exact inverse)"
+    assert scale_label("BiFlow-B/2", "paper") == "BiFlow-B/2"
