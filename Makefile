@@ -4,6 +4,7 @@ BENCH   := .venv/bin/biflow-bench
 SCALE   ?= small
 SEED    ?= 0
 ARGS    ?=
+REPORT_OUT ?= reports
 
 ABLATIONS := ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg ablation-main
@@ -20,8 +21,10 @@ setup: .venv/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
+# the demo's records (results/tiny), cache (runs/cache) and report (runs/demo/reports) are all git-ignored: it
+# leaves the tracked small-scale report alone and `git status` clean
 demo: setup
-	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny
+	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_OUT=runs/demo/reports
 
 # a static pattern rule: make skips implicit rules for phony targets, so a plain `ablation-%:` would never run
 $(ABLATIONS): ablation-%: setup
@@ -31,7 +34,7 @@ bench-speed: setup
 	$(BENCH) bench speed --scale $(SCALE)
 
 report: setup
-	$(BENCH) report
+	$(BENCH) report --out $(REPORT_OUT)
 
 # seed 1 of the BiFlow baseline of the tables that vary G: the seed spread beside each run's bootstrap std
 second-seed: setup

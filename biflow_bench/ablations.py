@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, apply_delta, scale_config
+from .config import ConfigError, RunConfig, apply_delta, did_you_mean, scale_config
 
 SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "variants", "kind"}
 VARIANT_KEYS = {"set", "paper", "label"}
@@ -60,7 +60,8 @@ class AblationSpec:
     def resolve(self, variant: str, scale: str, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Scale preset + baseline + variant delta (+ user overrides) -> the run's config."""
         if variant not in self.variants:
-            raise SpecError(f"unknown variant {variant!r} of ablation {self.name!r}; valid: {', '.join(self.variants)}")
+            raise SpecError(f"unknown variant {variant!r} of ablation {self.name!r}; valid: {', '.join(self.variants)}"
+                            + did_you_mean(variant, self.variants))
         cfg = apply_delta(scale_config(scale), self.baseline, source=f"{self.path} [baseline]")
         cfg = apply_delta(cfg, self.variants[variant].delta, source=f"{self.path} [variants.{variant}]")
         return apply_delta(cfg, overrides or {}, source="--set")
@@ -173,5 +174,5 @@ def load_registry(spec_dir: str | Path | None = None) -> dict[str, AblationSpec]
 def get_spec(name: str, registry: dict[str, AblationSpec] | None = None) -> AblationSpec:
     registry = load_registry() if registry is None else registry
     if name not in registry:
-        raise SpecError(f"unknown ablation {name!r}; valid: {', '.join(registry)}")
+        raise SpecError(f"unknown ablation {name!r}; valid: {', '.join(registry)}{did_you_mean(name, registry)}")
     return registry[name]

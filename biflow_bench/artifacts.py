@@ -1,6 +1,7 @@
 """Artifact cache: trained models keyed by a hash of everything that determines them.
 
-    <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree
+    <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree (and
+                                        micro-batch / device, where they change the weights: config.stage1_key)
     <cache>/stage2/<key>/backward.pt    G, keyed by its own config and the key of the F it was trained against
     <cache>/*/<key>/checkpoint.pt       the in-progress training state (resumed after a kill, removed when done)
 
@@ -84,20 +85,22 @@ def _finish(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str,
     return Artifact(path, False, meta)
 
 
-def get_flow(cfg: RunConfig, seed: int, dataset: ImageDataset, cache_dir: Path, progress: bool = True) -> tuple[TARFlow, Artifact]:
-    directory = cache_dir / "stage1" / cfg.stage1_key(seed)
+def get_flow(cfg: RunConfig, seed: int, dataset: ImageDataset, cache_dir: Path, progress: bool = True,
+             micro_batch: int | None = None) -> tuple[TARFlow, Artifact]:
+    directory = cache_dir / "stage1" / cfg.stage1_key(seed, micro_batch)
     hit = _cached(directory / "flow.pt", cfg.flow)
     if hit is not None:
         return hit[0], Artifact(directory / "flow.pt", True, hit[1])  # type: ignore[return-value]
-    flow, result = train_flow(cfg, dataset, seed, directory / "checkpoint.pt", progress)
+    flow, result = train_flow(cfg, dataset, seed, directory / "checkpoint.pt", progress, micro_batch=micro_batch)
     return flow, _finish(flow, directory, "flow.pt", _meta(result))
 
 
 def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset, cache_dir: Path,
-                 progress: bool = True) -> tuple[BiFlow, Artifact]:
-    directory = cache_dir / "stage2" / cfg.stage2_key(seed)
+                 progress: bool = True, micro_batch: int | None = None) -> tuple[BiFlow, Artifact]:
+    directory = cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch)
     hit = _cached(directory / "backward.pt", cfg.backward)
     if hit is not None:
         return hit[0], Artifact(directory / "backward.pt", True, hit[1])  # type: ignore[return-value]
-    g, result = train_backward(cfg, flow, dataset, seed, directory / "checkpoint.pt", progress)
+    g, result = train_backward(cfg, flow, dataset, seed, directory / "checkpoint.pt", progress,
+                               micro_batch=micro_batch)
     return g, _finish(g, directory, "backward.pt", _meta(result))

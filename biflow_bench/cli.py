@@ -1,12 +1,15 @@
 """`biflow-bench`: list, run and report the ablations, plus single steps (train, sample, eval) and benchmarks.
 
 Every user mistake (unknown ablation / variant / scale, malformed spec, missing data or weights, wrong override
-type, busy or unwritable results directory) ends in one line on stderr and exit code 2; nothing is half-written.
+type, a count that is not positive, a device that is not there, busy, missing or unwritable directories) ends in one
+line on stderr and exit code 2, checked here before any work starts; nothing is half-written. Ctrl-C ends with one
+line and exit code 130.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 import tomllib
@@ -16,14 +19,28 @@ from typing import Annotated, Any
 import typer
 
 from .ablations import load_registry
-from .config import SCALES, ConfigError
+from .config import SCALES, ConfigError, did_you_mean
 from .data import DataError
 from .io import LockBusy
 from .weights import WeightsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+def _plain_help() -> None:
+    """Click-style help: this typer prints option types as "<int>" and required arguments as "{ABLATION}"; show
+    "INT" and "ABLATION" instead (arguments carry their own help text)."""
+    core = typer.core
+    if hasattr(core.TyperOption, "display_type_rich") and hasattr(core.TyperArgument, "_usage_display_name"):
+        option_type = core.TyperOption.display_type_rich
+        core.TyperOption.display_type_rich = lambda self, ctx: (option_type(self, ctx) or "").strip("<>").upper()
+        core.TyperArgument.display_type_rich = lambda self, ctx: None
+        core.TyperArgument._usage_display_name = lambda self: self.display_name_raw + ("" if self.required else "?")
+
+
+_plain_help()
+# rich_markup_mode=None: plain click help (no "<bool>" type column, no "{ablation}" placeholders)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of every sampler; F beside a reference TARFlow.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Benchmarks: speed of every sampler; F beside a reference TARFlow.")
 app.add_typer(bench_app, name="bench")
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
@@ -31,8 +48,11 @@ USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
 Scale = Annotated[str, typer.Option(help=f"scale preset: {', '.join(SCALES)}")]
 Seed = Annotated[int, typer.Option(help="training and sampling seed")]
 ResultsDir = Annotated[Path, typer.Option(help="where records are written (results/<scale>/<ablation>/)")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override KEY=VALUE (TOML value), repeatable")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                     help="config override (TOML value), repeatable")]
 DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files)")]
+Ablation = Annotated[str, typer.Argument(metavar="ABLATION", help="ablation name (see `biflow-bench list`)")]
+Variant = Annotated[str, typer.Argument(metavar="VARIANT", help="variant of the ablation (see `biflow-bench list`)")]
 
 
 def fail(message: str) -> None:
@@ -63,16 +83,32 @@ def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: l
 
 def _check_scale(scale: str) -> None:
     if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}{did_you_mean(scale, SCALES)}")
 
 
-def _writable(directory: Path) -> None:
+def _positive(option: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{option} {value}: must be a positive integer")
+    return value
+
+
+def _writable(directory: Path, option: str = "--results-dir") -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):  # unique: runs may share the folder
             pass
     except OSError as e:
-        raise ConfigError(f"results directory {directory} is not writable ({e.strerror}); pass --results-dir") from None
+        raise ConfigError(f"{option} {directory}: directory is not writable ({e.strerror or e}); pass another "
+                          f"{option}") from None
+
+
+def _check_out_file(out: Path, suffixes: tuple[str, ...]) -> None:
+    """--out names a file of a format we write, in a directory we can write to."""
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"--out {out}: use a {' or '.join(suffixes)} path (the file is written in that format)")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; name a file")
+    _writable(out.parent if str(out.parent) else Path("."), "--out")
 
 
 @app.command("list")
@@ -87,37 +123,53 @@ def list_ablations() -> None:
 
 @app.command()
 def run(
-    ablation: Annotated[str, typer.Argument(help="ablation name (see `biflow-bench list`)")],
+    ablation: Ablation,
     variants: Annotated[str | None, typer.Option(help="comma-separated variants (default: all)")] = None,
     scale: Scale = "tiny",
     seed: Seed = 0,
     results_dir: ResultsDir = Path("results"),
     data_dir: DataDir = None,
-    force: Annotated[bool, typer.Option(help="re-run variants that already have a record")] = False,
+    force: Annotated[bool, typer.Option("--force", help="re-run variants that already have a record of this config")
+                     ] = False,
     set_: Overrides = None,
 ) -> None:
-    """Train, sample and evaluate each variant of an ablation; one JSON record per variant."""
+    """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config."""
     from . import runner
+    from .ablations import get_spec
 
     _check_scale(scale)
-    _writable(results_dir)
+    spec = get_spec(ablation)
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    if variants is not None and not names:
+        raise ConfigError(f"--variants {variants!r}: name at least one variant of {ablation} (see `biflow-bench list`)")
+    if spec.kind == "speed" and (variants or set_):
+        raise ConfigError(f"{ablation} is the speed benchmark: it takes no --variants or --set (it times every "
+                          "sampler); use `biflow-bench bench speed` for its options")
+    for name in names or []:
+        spec.resolve(name, scale)  # an unknown variant: one line with the valid names
+    _writable(results_dir)
     paths = runner.run(ablation, names, scale, seed, _options(results_dir, data_dir, force, set_))
     typer.echo("\n".join(str(p) for p in paths))
 
 
 @app.command()
 def report(
-    results_dir: ResultsDir = Path("results"),
+    results_dir: Annotated[Path, typer.Option(help="where the records are (results/<scale>/<ablation>/)")
+                           ] = Path("results"),
     out: Annotated[Path, typer.Option(help="report directory")] = Path("reports"),
 ) -> None:
     """Regenerate the tables, figures and reports/README.md from the records in results/."""
     from .report import render_report
 
-    _writable(out)
+    if not results_dir.is_dir():
+        raise ConfigError(f"--results-dir {results_dir}: no such directory; run an ablation first (biflow-bench run "
+                          "...) or pass the directory holding the records")
+    _writable(out, "--out")
     summary = render_report(results_dir, out)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
+    for note in summary.separated:
+        typer.echo(f"separated {note}", err=True)
     typer.echo(f"wrote {len(summary.files)} files to {out} ({out / 'README.md'})")
 
 
@@ -132,7 +184,7 @@ def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path 
 
 
 @app.command()
-def train(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+def train(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
           set_: Overrides = None) -> None:
     """Train (or load from the artifact cache) F and G of one variant."""
     _, t = _trained(ablation, variant, scale, seed, data_dir, set_)
@@ -140,12 +192,15 @@ def train(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, da
 
 
 @app.command()
-def sample(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, num: int = 100,
+def sample(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0,
+           num: Annotated[int, typer.Option(help="images in the grid")] = 100,
            out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
            data_dir: DataDir = None, set_: Overrides = None) -> None:
     """Sample a grid from one variant (trains it first when not cached)."""
     from .data import save_image_grid
 
+    _positive("--num", num)
+    _check_out_file(out, (".png",))
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed, num)
     save_image_grid(images, out, nrow=max(1, int(num**0.5)))
@@ -153,7 +208,7 @@ def sample(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, n
 
 
 @app.command("eval")
-def eval_(ablation: str, variant: str, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+def eval_(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
           set_: Overrides = None) -> None:
     """Evaluate one variant and print its metrics (no record written)."""
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
@@ -169,6 +224,11 @@ VaePath = Annotated[str | None, typer.Option("--vae", help="diffusers Autoencode
 def _check_device(device: str | None) -> None:
     if device not in (None, "cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: use cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
 @app.command("prepare-latents")
@@ -199,8 +259,8 @@ def prepare_latents(
 
 @app.command("train-dist")
 def train_dist(
-    ablation: str,
-    variant: str,
+    ablation: Ablation,
+    variant: Variant,
     scale: Scale = "tiny",
     seed: Seed = 0,
     data_dir: DataDir = None,
@@ -219,6 +279,8 @@ def train_dist(
 
     _check_scale(scale)
     _check_device(device)
+    if micro_batch is not None:
+        _positive("--micro-batch", micro_batch)
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     dataset = load_dataset(cfg.dataset, data_dir).train
     env = init_from_env(device)
@@ -230,8 +292,8 @@ def train_dist(
 
 @app.command("sample-dist")
 def sample_dist(
-    ablation: str,
-    variant: str,
+    ablation: Ablation,
+    variant: Variant,
     scale: Scale = "tiny",
     seed: Seed = 0,
     num: Annotated[int | None, typer.Option("--num-images", help="images (default: the scale's, 50,000 at paper "
@@ -252,8 +314,11 @@ def sample_dist(
 
     _check_scale(scale)
     _check_device(device)
-    if out is not None and out.suffix not in (".npz", ".png"):
-        raise ConfigError(f"--out {out}: use a .npz or .png path")
+    for option, value in (("--num-images", num), ("--batch-size", batch_size)):
+        if value is not None:
+            _positive(option, value)
+    if out is not None:
+        _check_out_file(out, (".npz", ".png"))
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     env = init_from_env(device)
     result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out)
@@ -268,20 +333,25 @@ def bench_speed(
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
-    repeats: int = 5,
+    repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
     results_dir: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
+    from .bench import WHATS, format_speed_table, run_speed_bench
+
     _check_scale(scale)
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: use cpu or cuda")
+    _check_device(device)
+    if what not in WHATS:
+        raise ConfigError(f"--what {what!r}: use one of {', '.join(WHATS)}{did_you_mean(what, WHATS)}")
+    _positive("--repeats", repeats)
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
+    if any(b < 1 for b in sizes):
+        raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
     _writable(results_dir)
-    from .bench import format_speed_table, run_speed_bench
     from .io import dir_lock
     from .results import write_record
 
@@ -314,12 +384,20 @@ def bench_flow_reference(
     if out is not None:
         atomic_write_json(out, result)
     typer.echo(format_rows(result))
+class CtrlC(Exception):
+    """Ctrl-C outside training (click would turn KeyboardInterrupt into a silent exit 130)."""
+
+
+def _raise_ctrl_c(_signum: int, _frame: object) -> None:
+    raise CtrlC
 
 
 def main() -> None:
-    """Entry point: user errors become one line and exit code 2; Ctrl-C after a checkpoint says how to resume."""
+    """Entry point: user errors become one line and exit code 2; Ctrl-C says what was kept and how to resume (exit
+    130): training saves a checkpoint at the next step (train._StopFlag), anywhere else the command stops at once."""
     from .train import TrainingDiverged, TrainingInterrupted
 
+    previous = signal.signal(signal.SIGINT, _raise_ctrl_c)
     try:
         app()  # click handles its own usage errors (exit 2) and typer.Exit
     except USER_ERRORS as e:
@@ -328,9 +406,16 @@ def main() -> None:
     except TrainingInterrupted as e:
         typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
+    except CtrlC:
+        typer.echo("interrupted: stopped by Ctrl-C; trained models stay in the cache and no record or output was "
+                   "written for the step in progress; re-run the same command to finish", err=True)
+        sys.exit(130)
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 if __name__ == "__main__":
     main()

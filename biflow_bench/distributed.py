@@ -128,12 +128,15 @@ def train_stages(cfg, seed: int, dataset, cache_dir: Path, env: DistEnv, micro_b
         barrier(env)
         return model, {**meta, "cached": False, "key": directory.name}
 
-    flow, summary = stage(cache_dir / "stage1" / cfg.stage1_key(seed), "flow.pt",
+    # the micro-batch size changes the randomness drawn (one stream per micro-batch), so it is part of the key
+    micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
+    device = env.device.type
+    flow, summary = stage(cache_dir / "stage1" / cfg.stage1_key(seed, micro_batch, device), "flow.pt",
                           lambda ck: train_flow(cfg, dataset, seed, ck, progress and env.is_main, env=env,
                                                 micro_batch=micro_batch))
     out = {"stage1": summary}
     if cfg.inverse == "learned":
-        _, out["stage2"] = stage(cache_dir / "stage2" / cfg.stage2_key(seed), "backward.pt",
+        _, out["stage2"] = stage(cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch, device), "backward.pt",
                                  lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main,
                                                            env=env, micro_batch=micro_batch))
     return out

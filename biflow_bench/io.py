@@ -31,11 +31,19 @@ class LockBusy(RuntimeError):
     """Another process holds the results-directory lock."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_temp(path: Path, data: bytes) -> str:
-    """`data` in a fsynced temp file beside `path` (same filesystem, so it can be renamed over it)."""
+    """`data` in a fsynced temp file beside `path` (same filesystem, so it can be renamed over it), with the mode an
+    ordinary file gets under the process's umask (mkstemp's 0600 would hide records in a shared results folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,6 +8,10 @@
     <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
                                                records exist at that scale too), beside the paper's where known
 
+Seeds are averaged only within one config hash (results.py): each table row is a variant's default config; records
+of other configs (--set overrides, a micro-batch, an older spec's default) are rows of their own under "Other
+configurations", labelled by how their config differs, and the report says what it separated.
+
 Output is a pure function of the records (and the spec registry, for variant order and labels): no timestamps,
 sorted iteration and fixed figure metadata, so regenerating an unchanged results directory is byte-identical.
 Every file is written atomically; files a previous render wrote that this one no longer produces are removed
@@ -20,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +55,7 @@ class ReportSummary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # bad record files and why
     ablations: list[tuple[str, str]] = field(default_factory=list)  # (scale, ablation) rendered
     removed: list[Path] = field(default_factory=list)  # stale files of a previous render deleted
+    separated: list[str] = field(default_factory=list)  # records of other configs shown apart from the tables
     kendall: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (scale, ablation) -> tau
 
 
@@ -140,6 +146,42 @@ def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[st
 def _first(values: pd.Series) -> Any:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return vals[0] if vals else None
+
+
+def split_configs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(records of each variant's default config, records of every other config) of one (scale, ablation).
+
+    A variant's table row averages seeds of one config hash only: the records without overrides, and when those
+    hold several configs (an older spec's defaults) the one of the newest spec version (then the most seeds). The
+    rest gets an `overrides` label (how it differs, or which earlier default it is) and is shown apart."""
+    df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
+    keep = pd.Series(df["overrides"] == "", index=df.index)
+    labels = df["overrides"].copy()
+    for _, g in df[keep].groupby("variant", sort=True):
+        if g["config_hash"].nunique() < 2:
+            continue
+        ranked = sorted(g.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
+        for h, older in ranked[1:]:
+            keep[older.index] = False
+            labels[older.index] = f"default of spec v{_version(older)} (config {h})"
+    df = df.assign(overrides=labels)
+    return df[keep], df[~keep]
+
+
+def _version(g: pd.DataFrame) -> int:
+    versions = [int(v) for v in g["spec_version"] if isinstance(v, (int, float)) and not pd.isna(v)]
+    return max(versions, default=0)
+
+
+def other_configs_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
+    """One row per (variant, config hash) of the records `split_configs` set apart: mean over its seeds and noise."""
+    rows = []
+    for v in variant_order(df, spec):
+        for h, g in df[df["variant"] == v].groupby("config_hash", sort=True):
+            row = ablation_table(g, None).iloc[0].to_dict()
+            rows.append({**row, "config_hash": h, "overrides": _first(g["overrides"]) or ""})
+    cols = ["variant", "label", "overrides", "config_hash", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
@@ -249,6 +291,18 @@ def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)[cols]
+
+
+MODEL_SIZE = {"paper": "B/2", "paper-xl": "XL/2"}  # the paper's model names; other scales train small models
+
+
+def scale_label(label: Any, scale: str) -> Any:
+    """A spec label names the paper's models ("BiFlow-B/2"); at a scale that trains other models, drop the size
+    ("BiFlow"), and at paper-xl say XL/2."""
+    if not isinstance(label, str):
+        return label
+    size = MODEL_SIZE.get(scale)
+    return re.sub(r"-(B|XL)/2\b", f"-{size}" if size else "", label)
 
 
 def _order_scales(scales: set[str]) -> list[str]:
@@ -467,7 +521,7 @@ def _dedup(items: Sequence[str]) -> list[str]:
 def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
                      spec: AblationSpec | None, comment: str | None,
                      calibration_entries: dict[str, dict[str, Any]] | None = None,
-                     ) -> tuple[pd.DataFrame, float | None, str]:
+                     others: pd.DataFrame | None = None) -> tuple[pd.DataFrame, float | None, str]:
     table = ablation_table(df, spec)
     tau, _, tau_text = kendall(table)
     # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
@@ -547,6 +601,13 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append(norms)
     if notes:
         md.append("## Notes\n\n" + _notes_block(notes))
+    other = other_configs_table(others, spec) if others is not None and len(others) else None
+    if other is not None:
+        md.append("## Other configurations\n\nRecords of configs other than each variant's default, one row per "
+                  "config (seeds averaged within it only); not ranked against the paper.\n\n"
+                  + _md_table(["Variant", "Config", f"Ours ({metric}, ↓)", "Seeds", "NFE"],
+                              [[r.label, r.overrides, _ours(r.ours, r.ours_std), str(r.seeds), _text(r.nfe_label)]
+                               for r in other.itertuples()], "llrrl"))
     samples = []
     for r in ordered.itertuples():
         if isinstance(r.samples_png, str) and r.samples_png:
@@ -558,9 +619,9 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
         md.append("## Samples\n\n" + "\n".join(samples))
     w.text(f"{base}.md", "\n".join(md))
 
-    csv = table.assign(scale=scale, ablation=ablation, **{k: [c[0] for c in col] for k, _, col in extras})[
+    csv = table.assign(scale=scale, ablation=ablation, config="", **{k: [c[0] for c in col] for k, _, col in extras})[
         ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank", *[k for k, _, _ in extras]]]
+         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank", "config", *[k for k, _, _ in extras]]]
     if cal_rows:
         real = pd.DataFrame([{"scale": scale, "ablation": ablation, "variant": f"calibration:{name}", "label": label,
                               "metric": metric, "ours": m.get(metric, math.nan),
@@ -569,6 +630,10 @@ def _render_ablation(w: _Writer, results_dir: Path, scale: str, ablation: str, d
                              for name, (label, m) in zip(_calibration_names(calibration), cal_rows)],
                             columns=csv.columns)
         csv = pd.concat([real, csv], ignore_index=True)
+    if other is not None:
+        csv = pd.concat([csv, other.assign(scale=scale, ablation=ablation, config=other["overrides"])[
+            [c for c in csv.columns if c in other.columns or c in ("scale", "ablation", "config")]]],
+            ignore_index=True)
     w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
     w.text(f"{base}.tex", _tex_table(header, tex_cells, align, f"{title} ({paper_table}); scale {scale}, "
                                      f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
@@ -609,7 +674,7 @@ def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpe
     first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
     order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
     agg = (speed.groupby(["sampler", "batch_size"], sort=False)
-           .agg(label=("label", "first"), nfe=("nfe", "first"), params=("params", "mean"),
+           .agg(label=("label", "first"), nfe=("nfe_label", "first"), params=("params", "mean"),
                 ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
                 speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
                 paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
@@ -619,7 +684,7 @@ def _render_speed(w: _Writer, scale: str, speed: pd.DataFrame, spec: AblationSpe
 
     header = ["Sampler", "NFE", "Params", "Batch", "ms / image", "images / s", "Speed-up", "% of matmul peak",
               "Paper ms", "Paper speed-up"]
-    cells = [[r.label, DASH if r.nfe is None or (isinstance(r.nfe, float) and math.isnan(r.nfe)) else str(r.nfe),
+    cells = [[r.label, _text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
               _count(r.params), _count(r.batch_size), _num(r.ms_per_image, 3), _num(r.images_per_s, 1),
               DASH if math.isnan(r.speedup) else f"×{_num(r.speedup, 1)}",
               DASH if math.isnan(r.peak_fraction) else f"{_num(100 * r.peak_fraction)}%", _num(r.paper_ms),
@@ -697,9 +762,14 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         readme.append("No records found.\n")
     for scale in chosen:
         readme.append(f"## Scale `{scale}`\n")
-        sdf = df[df["scale"] == scale]
+        sdf, others = split_configs(df[df["scale"] == scale].assign(
+            label=lambda d: d["label"].map(lambda x: scale_label(x, scale))))
+        for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
+            summary.separated.append(f"{scale}/{ablation}/{variant}: {len(g)} record(s) of another config "
+                                     f"({label}) shown apart from the table, under Other configurations")
         sspeed = speed[speed["scale"] == scale]
-        if sdf.empty and sspeed.empty:
+        sspeed = sspeed.assign(label=sspeed["label"].map(lambda x: scale_label(x, scale)))
+        if sdf.empty and others.empty and sspeed.empty:
             readme.append("No records at this scale.\n")
             continue
         main_spec = registry.get("main")
@@ -709,11 +779,11 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         index_rows, readings = [], []
         main_table = None
         calibration_entries = load_calibration(results_dir, scale)
-        for ablation in sorted(set(sdf["ablation"])):
+        for ablation in sorted(set(sdf["ablation"]) | set(others["ablation"])):
             spec = registry.get(ablation)
             comment = commentary(results_dir, scale, ablation)
             table, tau, tau_text = _render_ablation(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
-                                                    spec, comment, calibration_entries)
+                                                    spec, comment, calibration_entries, others[others["ablation"] == ablation])
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
             if ablation == "main":
@@ -746,6 +816,9 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                              if quality_link else "")
                           + (f"\n{comment}\n" if comment else ""))
 
+    if summary.separated:
+        readme.append("## Other configurations\n\nSeeds are averaged within one config only; these records were "
+                      "shown apart from their tables:\n\n" + "".join(f"- {n}\n" for n in summary.separated))
     readme.append("## Skipped files\n")
     if skipped:
         readme.append("These files under the results directory are not valid records and were left out:\n\n"

@@ -1,6 +1,15 @@
-"""Result records: one JSON file per (scale, ablation, variant, seed), written atomically and read defensively.
+"""Result records: one JSON file per run, keyed by its whole resolved config, written atomically and read defensively.
 
-    <results_dir>/<scale>/<ablation>/<variant>__seed<N>.json
+    <results_dir>/<scale>/<ablation>/<variant>__seed<N>.json            the variant's default config
+    <results_dir>/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    any other config (--set, --micro-batch)
+
+A run's identity is (scale, ablation, variant, seed, config hash); the config hash (`config_id`) covers the whole
+resolved RunConfig and, where it changes the numbers, the micro-batch the training was split into (the number of
+processes alone does not: it only changes float reduction order). A record says how its config differs from the
+variant's default (`overrides`, dotted keys); a record with no overrides takes the readable name, every other
+record carries its hash in the file name, so records of different configs sit side by side and none replaces
+another: a default-named record of another config (an older spec) is moved to its hashed name before a new default
+record takes its place. A run is done only when a record with its exact config hash exists (`find_record`).
 
 A record is the only thing a report is built from, so each carries everything a table needs: the primary metric
 and its bootstrap std, NFE, timing, the paper's number for its row, notes and the path of its sample grid.
@@ -12,12 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .config import config_hash
 from .io import atomic_write_json
 
 RESULT_SCHEMA = 1
@@ -33,11 +44,11 @@ SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
 RESULT_COLUMNS = (
     "scale", "ablation", "variant", "seed", "kind", "label", "metric", "value", "value_std", "nfe", "nfe_label",
     "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
-    "inverse", "spec_version", "config_hash", "samples_png", "notes", "wall_time_s", "best_w", "guidance_curve",
-    "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
+    "inverse", "spec_version", "config_hash", "overrides", "samples_png", "notes", "wall_time_s", "best_w",
+    "guidance_curve", "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
 )
 SPEED_COLUMNS = (
-    "scale", "seed", "order", "sampler", "label", "nfe", "params", "flops_per_image", "batch_size", "ms_per_image",
+    "scale", "seed", "order", "sampler", "label", "nfe", "nfe_label", "params", "flops_per_image", "batch_size", "ms_per_image",
     "images_per_s", "speedup", "peak_fraction", "paper_ms", "paper_speedup", "device", "matmul_peak_flops", "notes",
     "path",
 )
@@ -52,8 +63,62 @@ class BadRecord(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def record_path(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int) -> Path:
-    return Path(results_dir) / scale / ablation / f"{variant}__seed{seed}.json"
+def record_path(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int,
+                config_hash: str | None = None) -> Path:
+    """Where a record lives: the readable name for the variant's default config (`config_hash` None), else the
+    name carrying the config hash."""
+    tag = f"__{config_hash}" if config_hash else ""
+    return Path(results_dir) / scale / ablation / f"{variant}__seed{seed}{tag}.json"
+
+
+def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
+    """The hash of a whole resolved config (RunConfig.to_dict()) and, when the training batch was split into
+    micro-batches (each draws its own randomness), their size. The seed is not part of it: seeds of one config
+    share it, and the report averages seeds only within one config hash."""
+    return config_hash(dict(config) if micro_batch is None else {"config": dict(config), "micro_batch": micro_batch})
+
+
+def record_config_hash(rec: Mapping[str, Any]) -> str:
+    """The config hash of a record, recomputed from its config (records written before hashes covered the whole
+    config carry a stage key in `config_hash`)."""
+    return config_id(_dict(rec, "config"), rec.get("micro_batch"))
+
+
+def config_overrides(config: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys whose value in `config` differs from `default` (both RunConfig.to_dict() forms)."""
+    a, b = _flatten(config), _flatten(default)
+    return {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def overrides_label(overrides: Mapping[str, Any] | None) -> str:
+    """`stage2.steps=100, micro_batch=8`: how a row's config differs from its variant's default ("" for none)."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted((overrides or {}).items()))
+
+
+def _home(rec: Mapping[str, Any], results_dir: Path) -> Path:
+    """The path a record is written to: hashed unless it is its variant's default config."""
+    tag = record_config_hash(rec) if rec["kind"] == "ablation" and rec.get("overrides") else None
+    return record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"], tag)
+
+
+def _homes(rec: Mapping[str, Any], results_dir: Path) -> list[Path]:
+    """Every path a valid record may be found at: its home, or its hashed name (moved aside, see write_record)."""
+    homes = [_home(rec, results_dir)]
+    if rec["kind"] == "ablation":
+        hashed = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"],
+                             record_config_hash(rec))
+        homes += [hashed] if hashed not in homes else []
+    return homes
 
 
 def _check_name(value: Any, key: str) -> str | None:
@@ -106,21 +171,37 @@ def validation_error(record: Any) -> str | None:
                 return f"rows[{i}] lacks {', '.join(absent)}"
             if not all(_is_number(row[k]) and row[k] is not None for k in ("batch_size", "ms_per_image")):
                 return f"rows[{i}]: batch_size and ms_per_image must be numbers"
-    for key in ("paper", "timing", "params", "config", "env"):
+    for key in ("paper", "timing", "params", "config", "env", "overrides"):
         if record.get(key) is not None and not isinstance(record[key], dict):
             return f"{key!r} must be an object"
+    micro = record.get("micro_batch")
+    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
+        return f"'micro_batch' must be a positive integer or null, got {micro!r}"
     if record.get("notes") is not None and not isinstance(record["notes"], list):
         return "'notes' must be a list of strings"
     return None
 
 
 def write_record(results_dir: Path | str, record: Mapping[str, Any]) -> Path:
-    """Validate and atomically write `record` at its `record_path`; the schema is stamped when absent."""
+    """Validate and atomically write `record` at its home (see the module docstring); the schema is stamped when
+    absent and an ablation record's `config_hash` is computed from its config. A valid record of another config
+    at the readable name is moved to its own hashed name first: records of other configs are never overwritten."""
+    results_dir = Path(results_dir)
     rec = {"schema": RESULT_SCHEMA, **record}
     scale, ablation, variant, seed = (rec.get(k, "?") for k in ("scale", "ablation", "variant", "seed"))
     path = record_path(results_dir, str(scale), str(ablation), str(variant), seed)
     if err := validation_error(rec):
         raise BadRecord(path, f"refusing to write: {err}")
+    if rec["kind"] == "ablation":
+        rec["config_hash"] = record_config_hash(rec)
+    path = _home(rec, results_dir)
+    try:
+        old = read_record(path)
+    except (FileNotFoundError, BadRecord):
+        old = None
+    if old is not None and old["kind"] == "ablation" and record_config_hash(old) != rec.get("config_hash"):
+        aside = record_path(results_dir, str(scale), str(ablation), str(variant), seed, record_config_hash(old))
+        os.replace(path, aside)
     return atomic_write_json(path, rec)
 
 
@@ -146,8 +227,28 @@ def read_record(path: Path | str) -> dict[str, Any]:
     return record
 
 
-def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int) -> bool:
-    """True only when a valid record for exactly this run is stored: a corrupt file means the run must be redone."""
+def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int,
+                config_hash: str) -> Path | None:
+    """The path of a valid record of exactly this run (this config hash), or None: the run must be done."""
+    results_dir = Path(results_dir)
+    for path in (record_path(results_dir, scale, ablation, variant, seed),
+                 record_path(results_dir, scale, ablation, variant, seed, config_hash)):
+        try:
+            rec = read_record(path)
+        except (FileNotFoundError, BadRecord):
+            continue
+        if ((rec["scale"], rec["ablation"], rec["variant"], rec["seed"]) == (scale, ablation, variant, seed)
+                and rec["kind"] == "ablation" and record_config_hash(rec) == config_hash):
+            return path
+    return None
+
+
+def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int,
+            config_hash: str | None = None) -> bool:
+    """True only when a valid record for exactly this run is stored: a corrupt file means the run must be redone.
+    Without `config_hash`, any config's record at the readable name counts."""
+    if config_hash is not None:
+        return find_record(results_dir, scale, ablation, variant, seed, config_hash) is not None
     path = record_path(results_dir, scale, ablation, variant, seed)
     try:
         rec = read_record(path)
@@ -165,6 +266,7 @@ def scan_records(results_dir: Path | str) -> tuple[list[tuple[Path, dict[str, An
     results_dir = Path(results_dir)
     records: list[tuple[Path, dict[str, Any]]] = []
     skipped: list[tuple[Path, str]] = []
+    seen: dict[tuple[Any, ...], Path] = {}
     for path in sorted(results_dir.glob("*/*/*.json")):
         if path.name.startswith(".") or not path.is_file():
             continue
@@ -175,11 +277,18 @@ def scan_records(results_dir: Path | str) -> tuple[list[tuple[Path, dict[str, An
         except BadRecord as e:
             skipped.append((path, e.reason))
             continue
-        expected = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"])
-        if expected != path:
-            skipped.append((path, f"its fields say it belongs at {expected.relative_to(results_dir).as_posix()} "
+        homes = _homes(rec, results_dir)
+        if path not in homes:
+            skipped.append((path, f"its fields say it belongs at {homes[0].relative_to(results_dir).as_posix()} "
                                   "(copied or moved file?)"))
             continue
+        identity = (rec["kind"], rec["scale"], rec["ablation"], rec["variant"], rec["seed"],
+                    record_config_hash(rec) if rec["kind"] == "ablation" else None)
+        if identity in seen:
+            skipped.append((path, f"the same run (config {identity[-1]}) as {seen[identity].relative_to(results_dir)}"
+                                  "; duplicate left out"))
+            continue
+        seen[identity] = path
         records.append((path, rec))
     return records, skipped
 
@@ -238,7 +347,8 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "ms_per_image": _float(timing.get("ms_per_image")), "images_per_s": _float(timing.get("images_per_s")),
         "params_total": float(sum(params)) if params else math.nan,
         "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
-        "config_hash": rec.get("config_hash"), "samples_png": rec.get("samples_png"), "notes": _notes(rec),
+        "config_hash": record_config_hash(rec), "overrides": overrides_label(_dict(rec, "overrides")),
+        "samples_png": rec.get("samples_png"), "notes": _notes(rec),
         "wall_time_s": _float(rec.get("wall_time_s")), **_guidance(rec, metric), **_flow_norms(rec),
         "path": str(path), "calibration": rec.get("calibration") if isinstance(rec.get("calibration"), str) else None,
     }
@@ -270,6 +380,7 @@ def speed_frame(records: Iterable[tuple[Path, Mapping[str, Any]]]) -> pd.DataFra
             out.append({
                 "scale": rec["scale"], "seed": rec["seed"], "order": i, "sampler": str(row["sampler"]),
                 "label": row.get("label") or str(row["sampler"]), "nfe": row.get("nfe"),
+                "nfe_label": str(row.get("nfe_label") or row.get("nfe") or "") or None,
                 **{k: _float(row.get(k)) for k in ("params", "flops_per_image", "batch_size", "ms_per_image",
                                                    "images_per_s", "speedup", "peak_fraction", "paper_ms",
                                                    "paper_speedup")},

@@ -6,13 +6,16 @@
     sample      one seed per image, class-balanced labels                               (sample.py)
     evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
                 acc_cls / conf_cls / fd_cls (classifier.py), NLL of F; diagnostics (noise left in the samples, for
-                a learned inverse how far G is from F's inverse); NFE, params, latency
+                a learned inverse how far G is from F's inverse); NFE, params, latency; guided rows at every w of
+                the shared sweep, reported at the best
     calibrate   the same metrics on real images (train vs test, + training noise, 3x3 box blur), once per
                 (dataset, eval config, number of images, noise): results/<scale>/calibration.json
-    record      results/<scale>/<ablation>/<variant>__seed<N>.json, written atomically under a directory lock
+    record      results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json, written atomically under a
+                directory lock (results.py: the hash names every config but the variant's default)
 
-A variant already recorded (a valid record) is skipped unless `force`; a killed run resumes from the checkpoint of
-the stage it was in, because every artifact and checkpoint is keyed by the hash of what determines it.
+A variant already recorded with the same config hash (a valid record) is skipped unless `force`; records of other
+configs stay beside it. A killed run resumes from the checkpoint of the stage it was in, because every artifact and
+checkpoint is keyed by the hash of what determines it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .norm_control import flow_norms
 from .perceptual import WEIGHT_MODES, describe, require_weights
-from .results import RESULT_SCHEMA, _check_name, is_done, record_path, write_record
+from .results import RESULT_SCHEMA, _check_name, config_id, config_overrides, find_record, record_path, write_record
 from .sample import Sampler, generate
 from .weights import resolve_weights
 
@@ -61,6 +64,7 @@ class RunOptions:
     force: bool = False
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
+    micro_batch: int | None = None  # rows per forward pass in training (None: the whole batch)
 
     @property
     def cache(self) -> Path:
@@ -111,12 +115,13 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
     preflight(cfg, seed)
     splits = _dataset(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
-    flow, flow_art = get_flow(cfg, seed, splits.train, opts.cache, opts.progress)
-    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(seed)}}
+    micro = opts.micro_batch
+    flow, flow_art = get_flow(cfg, seed, splits.train, opts.cache, opts.progress, micro)
+    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(seed, micro)}}
     g = None
     if cfg.inverse == "learned":
-        g, g_art = get_backward(cfg, seed, flow, splits.train, opts.cache, opts.progress)
-        train["stage2"] = {**g_art.meta, "cached": g_art.cached, "key": cfg.stage2_key(seed)}
+        g, g_art = get_backward(cfg, seed, flow, splits.train, opts.cache, opts.progress, micro)
+        train["stage2"] = {**g_art.meta, "cached": g_art.cached, "key": cfg.stage2_key(seed, micro)}
     return Trained(cfg, flow, g, splits, train)
 
 
@@ -352,10 +357,30 @@ def environment() -> dict[str, str]:
             "device": "cpu", "threads": str(torch.get_num_threads())}
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a record is keyed by beyond (scale, ablation, variant, seed): results.py's config hash, and how the
+    config differs from the variant's default (empty: the readable file name)."""
+
+    config_hash: str
+    overrides: dict[str, Any]
+    micro_batch: int | None
+
+
+def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions) -> tuple[RunConfig, RunIdentity]:
+    cfg = spec.resolve(variant, scale, opts.overrides)
+    micro = cfg.effective_micro_batch(opts.micro_batch)
+    overrides = config_overrides(cfg.to_dict(), spec.resolve(variant, scale).to_dict())
+    if micro is not None:
+        overrides["micro_batch"] = micro
+    return cfg, RunIdentity(config_id(cfg.to_dict(), micro), overrides, micro)
+
+
 def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path:
     start = time.perf_counter()
-    cfg = spec.resolve(variant, scale, opts.overrides)
-    log(f"[{spec.name}/{variant}] scale={scale} seed={seed}")
+    cfg, ident = identity(spec, variant, scale, opts)
+    shown = ", ".join(f"{k}={v}" for k, v in ident.overrides.items())
+    log(f"[{spec.name}/{variant}] scale={scale} seed={seed}" + (f" config {ident.config_hash} ({shown})" if shown else ""))
     t = train_variant(cfg, seed, opts)
     guidance, images = sweep_guidance(t, seed, opts.data_dir, opts.cache)
     best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
@@ -363,7 +388,9 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     metrics["bpd"] = held_out_bpd(t, seed)
     calibration = ensure_calibration(cfg, opts)
     scale_dir = opts.results_dir / scale
-    samples_png = Path("samples") / spec.name / f"{variant}__seed{seed}.png"
+    name = record_path(opts.results_dir, scale, spec.name, variant, seed,
+                       ident.config_hash if ident.overrides else None).stem
+    samples_png = Path("samples") / spec.name / f"{name}.png"
     save_image_grid(images, scale_dir / samples_png, nrow=10)
     sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
     nfe, nfe_label = sampler.nfe(t.flow, t.g)
@@ -372,7 +399,8 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     record = {
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
         "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
-        "config": cfg.to_dict(), "config_hash": cfg.stage2_key(seed), "metric": metric, "metrics": metrics,
+        "config": cfg.to_dict(), "config_hash": ident.config_hash, "overrides": ident.overrides,
+        "micro_batch": ident.micro_batch, "metric": metric, "metrics": metrics,
         "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance, "diagnostics": diagnostics(t, seed),
         "calibration": calibration,
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
@@ -393,7 +421,8 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
 
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
         opts: RunOptions | None = None) -> list[Path]:
-    """Run (or skip, when recorded) each variant of an ablation; returns the record paths."""
+    """Run (or skip, when a record of the same config hash exists) each variant of an ablation; returns the record
+    paths."""
     opts = opts or RunOptions()
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
@@ -410,9 +439,12 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
     paths = []
     with dir_lock(opts.results_dir / scale, wait=False):
         for name in names:
-            if not opts.force and is_done(opts.results_dir, scale, spec.name, name, seed):
-                log(f"[{spec.name}/{name}] already recorded, skipping (--force to re-run)")
-                paths.append(record_path(opts.results_dir, scale, spec.name, name, seed))
+            _, ident = identity(spec, name, scale, opts)
+            found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash)
+            if found is not None and not opts.force:
+                log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
+                    "(--force to re-run)")
+                paths.append(found)
                 continue
             paths.append(run_variant(spec, name, scale, seed, opts))
     return paths

@@ -97,7 +97,8 @@ def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor |
 
 def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num: int | None = None,
                    batch_size: int | None = None, vae: str | Path | None = None, ref_stats: str | Path | None = None,
-                   out: Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+                   out: Path | None = None, cache_dir: Path | None = None,
+                   micro_batch: int | None = None) -> dict[str, Any]:
     """`num` class-balanced samples (image i of class i mod K) of a variant trained into the artifact cache, split
     over the processes of `env`; latent scales are decoded by the VAE. Rank 0 gathers them as uint8, writes `out`
     (.npz: arr_0 uint8 NHWC + labels, ADM's evaluator format; .png: a grid) and, given reference statistics,
@@ -120,13 +121,15 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
         upsample = 2 ** (len(decoder.config.block_out_channels) - 1) if decoder is not None else 1
         reference = load_reference(ref_stats, cfg.flow.image_size * upsample, cache_dir=cache_dir)
     cache = cache_dir or default_cache_dir()
-    paths = [cache / "stage1" / cfg.stage1_key(seed) / "flow.pt"]
+    micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
+    keys = (seed, micro_batch, env.device.type)  # what train-dist trained with (distributed.train_stages)
+    paths = [cache / "stage1" / cfg.stage1_key(*keys) / "flow.pt"]
     if cfg.inverse == "learned":
-        paths.append(cache / "stage2" / cfg.stage2_key(seed) / "backward.pt")
+        paths.append(cache / "stage2" / cfg.stage2_key(*keys) / "backward.pt")
     for p in paths:
         if not p.exists():
             raise ConfigError(f"{cfg.scale}: no trained model at {p}; train this variant first (biflow-bench "
-                              "train-dist ... with the same scale, seed and --set overrides)")
+                              "train-dist ... with the same scale, seed, --micro-batch, device and --set overrides)")
     flow = load_model(paths[0])[0].to(env.device)
     g = load_model(paths[1])[0].to(env.device) if len(paths) > 1 else None
     num = num or cfg.sample.num_samples

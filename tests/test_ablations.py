@@ -55,12 +55,11 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     best = min(curve, key=lambda p: p["metrics"]["fd_effnet"])
     assert record["guidance"]["best_w"] == best["w"] and record["metrics"]["fd_effnet"] == best["metrics"]["fd_effnet"]
     assert (shared.results_dir / "tiny" / record["samples_png"]).exists()
-    assert is_done(shared.results_dir, "tiny", ablation, variant, 0)
+    assert is_done(shared.results_dir, "tiny", ablation, variant, 0, record["config_hash"])
 
 
 def test_recorded_runs_are_skipped_and_results_load(shared):
-    runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
-    path = shared.results_dir / "tiny" / "denoise" / "learned__seed0.json"
+    (path,) = runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
     stamp = path.stat().st_mtime_ns
     runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
     assert path.stat().st_mtime_ns == stamp  # skipped, not re-run

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,93 @@ def test_make_demo_and_reproduce_small_run_every_ablation():
             assert f"biflow-bench run {name} --scale {scale} --seed 0" in plan, (target, name)
         assert f"bench speed --scale {scale}" in plan and "biflow-bench report" in plan
     assert "--seed 1" in plan  # reproduce-small adds the second seed of the baselines
+    demo = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    assert "biflow-bench report --out runs/demo/reports" in demo  # an ignored place: the git tree stays clean
+    ignored = subprocess.run(["git", "check-ignore", "runs/demo/reports/README.md", "results/tiny/x.json"], cwd=root,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["runs/demo/reports/README.md", "results/tiny/x.json"]
+
+
+def invoke(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """The entry point in-process: (exit code, stdout, stderr)."""
+    from biflow_bench import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["biflow-bench", *args])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+FAST = ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.num_samples=20",
+        "--set", "eval.num_real=20", "--set", "eval.nll_samples=20", "--set", "eval.resize=32"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "speed", "--what", "nope"], "--what 'nope': use one of sample, train, all"),
+    (["bench", "speed", "--what", "sampel"], "did you mean 'sample'?"),
+    (["bench", "speed", "--repeats", "0"], "--repeats 0: must be a positive integer"),
+    (["bench", "speed", "--batch-sizes", "0"], "every batch size must be a positive integer"),
+    (["bench", "speed", "--device", "gpu"], "--device 'gpu': use cpu or cuda"),
+    (["sample", "main", "biflow", "--num", "-3"], "--num -3: must be a positive integer"),
+    (["sample", "main", "biflow", "--num", "0"], "--num 0: must be a positive integer"),
+    (["sample", "main", "biflow", "--out", "/proc/g.png"], "--out /proc: directory is not writable"),
+    (["sample", "main", "biflow", "--out", "g.jpg"], "--out g.jpg: use a .png path"),
+    (["sample-dist", "main", "biflow", "--out", "g.jpg"], "--out g.jpg: use a .npz or .png path"),
+    (["report", "--results-dir", "/nonexistent"], "--results-dir /nonexistent: no such directory"),
+    (["run", "speed", "--variants", "learned"], "speed is the speed benchmark: it takes no --variants or --set"),
+    (["run", "denoize"], "unknown ablation 'denoize'; valid: "),
+    (["run", "denoize"], "; did you mean 'denoise'?"),
+    (["run", "denoise", "--variants", "lerned"], "did you mean 'learned'?"),
+    (["run", "denoise", "--scale", "tinny"], "did you mean 'tiny'?"),
+    (["run", "denoise", "--variants", ","], "--variants ',': name at least one variant"),
+    (["train-dist", "denoise", "learned", "--micro-batch", "0"], "--micro-batch 0: must be a positive integer"),
+])
+def test_every_bad_option_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke(args, monkeypatch, capsys)
+    assert code == 2 and out == "", err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "g.jpg").exists() and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args in (["bench", "speed", "--device", "cuda"], ["train-dist", "denoise", "learned", "--device", "cuda"]):
+        code, _, err = invoke(args, monkeypatch, capsys)
+        assert code == 2 and err.strip() == "error: --device cuda: torch sees no CUDA device here; use --device cpu"
+
+
+def test_unwritable_report_out_names_out(tmp_path, monkeypatch, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "file").write_text("")
+    code, _, err = invoke(["report", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "file" / "r")],
+                          monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file' / 'r'}: directory is not writable")
+    assert "pass another --out" in err and "--results-dir" not in err
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_ctrl_c_while_sampling_exits_130_with_one_line(command, tmp_path, monkeypatch, capsys):
+    from biflow_bench import runner
+
+    def interrupted(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while sampling
+        time.sleep(5)
+
+    monkeypatch.setattr(runner, "sample_variant", interrupted)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke([command, "denoise", "learned", *FAST], monkeypatch, capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("interrupted: stopped by Ctrl-C") and "re-run the same command" in err
+
+
+def test_help_is_plain_and_describes_arguments():
+    out = cli("sample", "--help")
+    assert out.returncode == 0 and "Usage: python -m biflow_bench sample [OPTIONS] ABLATION VARIANT" in out.stdout
+    assert "ABLATION  ablation name" in out.stdout and "VARIANT   variant of the ablation" in out.stdout
+    assert not any(noise in out.stdout for noise in ("<bool>", "<str>", "{ABLATION}", "{ablation}", "╭"))
+    assert "--set KEY=VALUE" in out.stdout and "--num INT" in out.stdout

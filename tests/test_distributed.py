@@ -70,7 +70,7 @@ def trained(tmp_path_factory, cfg):
     (with stage 2) by `train-dist` on 2 processes."""
     tmp = tmp_path_factory.mktemp("dist")
     cache = tmp / "cache"
-    ckpt = cache / "stage1" / cfg.stage1_key(0) / "checkpoint.pt"
+    ckpt = cache / "stage1" / cfg.stage1_key(0, MICRO) / "checkpoint.pt"
     calls = []
 
     def interrupting_nll(model, x, y):
@@ -98,7 +98,7 @@ def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, 
     assert summary["stage1"]["resumed_from"] == 7 and summary["stage1"]["world_size"] == 2
     assert summary["stage2"]["resumed_from"] == 0 and summary["stage2"]["micro_batch"] == MICRO
     assert writes and {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing
-    s1, s2 = cache / "stage1" / cfg.stage1_key(0), cache / "stage2" / cfg.stage2_key(0)
+    s1, s2 = cache / "stage1" / cfg.stage1_key(0, MICRO), cache / "stage2" / cfg.stage2_key(0, MICRO)
     written = [p for _, p in writes]
     assert written.count(s2 / "checkpoint.pt") == 1 and written.count(s1 / "checkpoint.pt") == 1  # steps 8, 4
     files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
@@ -120,15 +120,15 @@ def test_samples_do_not_depend_on_processes_or_batch_size(trained, cfg):
     out, writes = torchrun(tmp, cache, "sample-dist", "main", "biflow", "--scale", "tiny", *SET,
                            "--num-images", "16", "--batch-size", "4", "--out", str(tmp / "two.npz"))
     assert json.loads(out.stdout)["processes"] == 2 and writes == [("0", tmp / "two.npz")]  # by rank 0 alone
-    one = sample_trained(cfg, 0, num=16, batch_size=16, out=tmp / "one.npz", cache_dir=cache)
+    one = sample_trained(cfg, 0, num=16, batch_size=16, out=tmp / "one.npz", cache_dir=cache, micro_batch=MICRO)
     assert one["num_images"] == 16
     two, one = np.load(tmp / "two.npz"), np.load(tmp / "one.npz")
     assert two["arr_0"].shape == (16, 8, 8, 3) and two["arr_0"].dtype == np.uint8
     assert np.array_equal(two["arr_0"], one["arr_0"]) and two["labels"].tolist() == [i % 10 for i in range(16)]
 
     # the float samples themselves, per batch size, in one process
-    flow = load_model(cache / "stage1" / cfg.stage1_key(0) / "flow.pt")[0]
-    g = load_model(cache / "stage2" / cfg.stage2_key(0) / "backward.pt")[0]
+    flow = load_model(cache / "stage1" / cfg.stage1_key(0, MICRO) / "flow.pt")[0]
+    g = load_model(cache / "stage2" / cfg.stage2_key(0, MICRO) / "backward.pt")[0]
     labels = torch.arange(16) % 10
     by_batch = [generate(Sampler.from_config(cfg), flow, g, labels, range(16), b, 0) for b in (4, 16)]
     assert torch.equal(by_batch[0], by_batch[1])

@@ -59,3 +59,19 @@ def test_lock_refuses_or_waits(tmp_path):
     with dir_lock(tmp_path, wait=True, timeout=20):  # granted once the holder exits
         assert time.monotonic() - start < 20
     holder.join(10)
+
+
+def test_written_files_get_the_usual_mode_not_0600(tmp_path):
+    """Records, reports and cache files in a shared folder must be readable by others (umask 022: 0644)."""
+    import os
+    import stat
+
+    from biflow_bench.io import atomic_torch_save, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        paths = [atomic_write_text(tmp_path / "r.json", "{}"), atomic_torch_save({"a": 1}, tmp_path / "m.pt")]
+        paths.append(tmp_path / "m.pt.sha256")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644] * 3

@@ -130,7 +130,7 @@ def test_latent_pipeline_trains_samples_decodes_and_scores(latent_setup):
     assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
     reference, _ = load_images(root / "images", 32)
     metrics = compute_fidelity(images, reference, resize=64, bootstrap=2)
-    assert set(metrics) == {"fd_effnet", "is_effnet", "fd_effnet_std"}
+    assert set(metrics) == {"fd_effnet", "is_effnet", "fd_effnet_std", "precision_effnet", "recall_effnet"}
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
 
 

@@ -18,6 +18,7 @@ with it, and the cached-artifact tests start from copies of its cache.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -38,7 +39,7 @@ from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.artifacts import load_model
 from biflow_bench.io import verified_torch_load
-from biflow_bench.results import read_record, record_path
+from biflow_bench.results import find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"stage1.steps": 40, "stage1.checkpoint_every": 10, "stage2.steps": 20, "stage2.checkpoint_every": 5,
@@ -47,6 +48,8 @@ SETS = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={v}")]
 RUN = ["run", "denoise", "--variants", "learned", "--scale", "tiny", *SETS]
 CFG = get_spec("denoise").resolve("learned", "tiny", OVERRIDES)
 KEY1, KEY2 = CFG.stage1_key(0), CFG.stage2_key(0)
+# the config hash of RUN's record: its overrides put it at learned__seed0__<hash>.json, beside the default's
+HASH = runner.identity(get_spec("denoise"), "learned", "tiny", runner.RunOptions(overrides=OVERRIDES))[1].config_hash
 TIMING = ("timing", "wall_time_s", "created")
 
 
@@ -101,7 +104,9 @@ def sidecar(path: Path) -> Path:
 
 
 def record_of(results: Path) -> dict:
-    return read_record(record_path(results, "tiny", "denoise", "learned", 0))
+    path = find_record(results, "tiny", "denoise", "learned", 0, HASH)
+    assert path == record_path(results, "tiny", "denoise", "learned", 0, HASH)
+    return read_record(path)
 
 
 def comparable(record: dict, drop: tuple[str, ...] = ("seconds",)) -> dict:
@@ -333,7 +338,7 @@ def test_damaged_artifacts_are_named_rebuilt_and_never_loaded(clean, tmp_path, c
 def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     shutil.copytree(clean.results, results)
-    good = record_path(results, "tiny", "denoise", "learned", 0)
+    good = record_path(results, "tiny", "denoise", "learned", 0, HASH)
     truncated = good.with_name("score__seed0.json")
     truncated.write_text(good.read_text()[:200])
     foreign = good.with_name("package.json")
@@ -346,9 +351,12 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
     for path, reason in ((truncated, "not valid JSON"), (foreign, "no 'schema' key"), (listed, "top-level JSON is a list")):
         assert re.search(rf"^skipped {re.escape(str(path))}: .*{reason}", err, re.M), err
     readme = (tmp_path / "reports" / "README.md").read_text()
-    assert "| `denoise` | 1/3 |" in readme  # the valid record is rendered, the truncated one is not counted
+    # the valid record (of an overridden config: a row of its own, not a default row) is rendered, the truncated
+    # one is not counted
+    assert "| `denoise` | 0/3 |" in readme and "tiny/denoise/learned: 1 record(s) of another config" in readme
     table = (tmp_path / "reports" / "tiny" / "denoise.md").read_text()
-    assert f"| Learned denoising (extra stage of G) | {clean.record['metrics']['fd_effnet']:.2f} ± " in table
+    assert re.search(rf"^\| Learned denoising \(extra stage of G\) \| [^|]*stage1.steps=40[^|]* \| "
+                     rf"{clean.record['metrics']['fd_effnet']:.2f} ± ", table, re.M), table
     assert "| Score-based denoising through F | — | 0 |" in table
 
 
@@ -356,7 +364,7 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
 def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     shutil.copytree(clean.results, results)
-    path = record_path(results, "tiny", "denoise", "learned", 0)
+    path = record_path(results, "tiny", "denoise", "learned", 0, HASH)
     if damage == "truncated":
         truncate(path)
     else:  # a valid record of another seed, copied to this name
@@ -364,6 +372,24 @@ def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage)
     runner.run("denoise", ["learned"], "tiny", 0, opts(results, cache))
     assert "already recorded" not in capfd.readouterr().err
     assert comparable(read_record(path), CACHED) == comparable(clean.record, CACHED)
+
+
+def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd):
+    """The README's `--set` example: not "already recorded", and the record without it stays as it was."""
+    results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
+    shutil.copytree(clean.results, results)
+    first = record_path(results, "tiny", "denoise", "learned", 0, HASH)
+    before = first.read_bytes()
+    longer = runner.RunOptions(results_dir=results, cache_dir=cache, overrides={**OVERRIDES, "stage2.steps": 8},
+                               progress=False)
+    (path,) = runner.run("denoise", ["learned"], "tiny", 0, longer)
+    assert "already recorded" not in capfd.readouterr().err
+    record = read_record(path)
+    assert path != first and path.name == f"learned__seed0__{record['config_hash']}.json"
+    assert record["overrides"]["stage2.steps"] == 8 and record["train"]["stage1"]["cached"] is True
+    assert first.read_bytes() == before  # kept beside it, untouched
+    assert runner.run("denoise", ["learned"], "tiny", 0, longer) == [path]  # now this config is done too
+    assert "already recorded" in capfd.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -393,7 +419,8 @@ def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_p
     out = finish(first)
     assert out.returncode == 0, out.stderr
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-    assert files == ["tiny/.lock", "tiny/denoise/learned__seed0.json", "tiny/samples/denoise/learned__seed0.png"]
+    assert files == ["tiny/.lock", "tiny/calibration.json", f"tiny/denoise/learned__seed0__{HASH}.json",
+                     f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
     assert comparable(record_of(results), CACHED) == comparable(clean.record, CACHED)
 
 
@@ -636,12 +663,19 @@ def test_fuzzed_specs_raise_spec_error_or_load(tmp_path):
     assert outcomes["loaded"] >= 20 and outcomes["SpecError"] >= 150, outcomes  # both paths were exercised
 
 
-class _WorkStarted(Exception):
-    """Raised instead of training or benchmarking: the arguments were accepted."""
+# Prepended to every fuzzed command that trains, samples or benchmarks, so the real command runs in a second or two;
+# the fuzzed options come after and win where they name the same option or key.
+FAST = {
+    "steps": ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.num_samples=20",
+              "--set", "eval.num_real=20", "--set", "eval.nll_samples=20", "--set", "eval.resize=32"],
+    "bench speed": ["--batch-sizes", "1", "--repeats", "1"],
+}
 
 
-def _random_argv(rng: random.Random, tmp: Path) -> list[str]:
-    """A command with mostly its own options (random values, some malformed), sometimes a foreign option or token."""
+def _random_argv(rng: random.Random, tmp: Path, one_change: bool = False) -> list[str]:
+    """A command with mostly its own options (random values, some malformed), sometimes a foreign option or token;
+    `one_change`: a valid command (its first positional choices) with a single option set to a random value, so
+    that each bad value meets the code on its own rather than behind another refusal."""
     values = {
         "--scale": ["tiny", "small", "huge", ""], "--seed": ["0", "3", "-1", "x", "1e3", "99999999999999999999"],
         "--variants": ["learned", "learned,,score", ",", "bogus", "learned,bogus", "../x", "exact,naive"],
@@ -666,6 +700,11 @@ def _random_argv(rng: random.Random, tmp: Path) -> list[str]:
         "bench speed": ([], ["--scale", "--batch-sizes", "--device", "--what", "--repeats", "--results-dir"],
                         ["--json"]),
     }
+    if one_change:
+        name = rng.choice([c for c in commands if commands[c][1]])
+        positionals, options, _ = commands[name]
+        opt = rng.choice(options)
+        return [*name.split(), *(choices[0] for choices in positionals), opt, rng.choice(values[opt])]
     name = rng.choice([*commands, "bogus", ""])
     argv = name.split() if name else []
     positionals, options, flags = commands.get(name, ([], list(values), []))
@@ -685,28 +724,33 @@ def _random_argv(rng: random.Random, tmp: Path) -> list[str]:
 
 
 def test_fuzzed_argument_lists_exit_0_or_2(tmp_path, monkeypatch, capsys):
+    """Random argument lists run the real commands (tiny scale, FAST schedules): each ends in exit 0, or in exit 2
+    with a message, never in a traceback."""
+    import functools
+
     from biflow_bench import bench
 
-    def stop(*_a, **_k):
-        raise _WorkStarted
-
-    monkeypatch.setattr(runner, "train_variant", stop)
-    monkeypatch.setattr(bench, "run_speed_bench", stop)
+    # `run speed` has no options to shorten it: the real benchmark at one batch size and one timed call
+    monkeypatch.setattr(bench, "run_speed_bench", functools.partial(bench.run_speed_bench, batch_sizes=(1,),
+                                                                    repeats=1, warmup=0))
     monkeypatch.setenv("BIFLOW_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("")
     rng = random.Random(7)
-    codes = {}
-    for i in range(30):
-        argv = _random_argv(rng, tmp_path)
+    codes: dict[int, int] = {}
+    ran: collections.Counter = collections.Counter()
+    for i in range(100):
+        argv = _random_argv(rng, tmp_path, one_change=i % 2 == 1)
+        if argv[:1] in (["run"], ["train"], ["sample"], ["eval"]):
+            argv = [argv[0], *FAST["steps"], *argv[1:]]
+        elif argv[:2] == ["bench", "speed"]:
+            argv = [*argv[:2], *FAST["bench speed"], *argv[2:]]
         monkeypatch.setattr(sys, "argv", ["biflow-bench", *argv])
         try:
             cli.main()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except _WorkStarted:
-            code = 0
         except Exception as e:  # noqa: BLE001 -- anything else would reach the user as a traceback
             raise AssertionError(f"case {i} {argv}: {type(e).__name__}: {e}") from e
         out, err = capsys.readouterr()
@@ -715,4 +759,6 @@ def test_fuzzed_argument_lists_exit_0_or_2(tmp_path, monkeypatch, capsys):
         if code == 2:  # a message, or the help (no_args_is_help prints it to stdout and exits 2)
             assert err.strip() or "Usage:" in out, argv
         codes[code] = codes.get(code, 0) + 1
-    assert codes.get(0, 0) >= 3 and codes.get(2, 0) >= 10, codes  # both outcomes were exercised
+        ran[argv[0] if argv else ""] += code == 0
+    assert codes.get(0, 0) >= 10 and codes.get(2, 0) >= 20, (codes, ran)  # both outcomes were exercised
+    assert sum(ran[c] for c in ("run", "train", "sample", "eval")) >= 4, ran  # real work, not only refusals

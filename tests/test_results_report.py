@@ -19,8 +19,10 @@ from PIL import Image
 from biflow_bench.ablations import AblationSpec, Variant
 from biflow_bench.report import ReportSummary, ablation_table, headline_table, render_report, verdict
 from biflow_bench.results import (
-    RESULT_SCHEMA, BadRecord, is_done, load_results, load_speed_records, read_record, record_path, write_record,
+    RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
+    read_record, record_path, scan_records, write_record,
 )
+from biflow_bench.config import SCALES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +40,7 @@ def make_record(ablation: str, variant: str, seed: int, value: float, *, label: 
     return {
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": ablation, "variant": variant, "label": label,
         "scale": scale, "seed": seed, "spec_version": 1, "config": {"inverse": inverse, "scale": scale},
-        "config_hash": f"h{variant}{seed}", "metric": "fd_effnet",
+        "metric": "fd_effnet",
         "metrics": {"fd_effnet": value, "fd_effnet_std": std, "is_effnet": 3.0, "bpd": 1.5},
         "nfe": nfe, "nfe_label": str(nfe), "params": {"flow": 100, "backward": 50},
         "timing": {"ms_per_image": ms, "images_per_s": 1000.0 / ms},
@@ -134,7 +136,7 @@ def test_record_round_trip(tmp_path: Path) -> None:
     del rec["schema"]  # stamped by the writer
     path = write_record(tmp_path, rec)
     assert path == tmp_path / "tiny" / "denoise" / "learned__seed2.json"
-    assert read_record(path) == {**rec, "schema": RESULT_SCHEMA}
+    assert read_record(path) == {**rec, "schema": RESULT_SCHEMA, "config_hash": config_id(rec["config"])}
     assert is_done(tmp_path, "tiny", "denoise", "learned", 2)
     assert not is_done(tmp_path, "tiny", "denoise", "learned", 3)  # no file
 
@@ -378,3 +380,85 @@ def test_commentary_beside_the_records_is_shown(results: Path, tmp_path: Path) -
     render_report(results, tmp_path / "out", registry={})
     assert "**Why.** The CPU is memory-bound." in (tmp_path / "out" / "tiny" / "speed.md").read_text()
     assert "The CPU is memory-bound." in (tmp_path / "out" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- records keyed by config
+
+
+def _variant_of(base: dict[str, Any], seed: int, value: float, config: dict[str, Any],
+                overrides: dict[str, Any] | None = None, version: int = 1) -> dict[str, Any]:
+    return {**base, "seed": seed, "metrics": {**base["metrics"], "fd_effnet": value}, "config": config,
+            "overrides": overrides or {}, "spec_version": version}
+
+
+def test_records_of_other_configs_sit_side_by_side(tmp_path: Path) -> None:
+    base = make_record("denoise", "learned", 0, 10.0, label="Learned")
+    default, short = {"inverse": "learned", "stage2": {"steps": 400}}, {"inverse": "learned", "stage2": {"steps": 100}}
+    assert config_overrides(short, default) == {"stage2.steps": 100}
+    h_default, h_short = config_id(default), config_id(short)
+    assert h_default != h_short and config_id(default, micro_batch=8) not in (h_default, h_short)
+
+    plain = write_record(tmp_path, _variant_of(base, 0, 10.0, default))
+    hashed = write_record(tmp_path, _variant_of(base, 0, 2000.0, short, {"stage2.steps": 100}))
+    assert plain == record_path(tmp_path, "tiny", "denoise", "learned", 0)
+    assert hashed == record_path(tmp_path, "tiny", "denoise", "learned", 0, h_short) != plain
+    assert hashed.name == f"learned__seed0__{h_short}.json"
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, h_default) == plain
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, h_short) == hashed
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 1, h_short) is None  # another seed: not done
+    assert read_record(plain)["metrics"]["fd_effnet"] == 10.0  # the override did not replace the default record
+
+    # the spec's default changes: the new default record takes the readable name, the old one moves to its hash
+    newer = {"inverse": "learned", "stage2": {"steps": 500}}
+    assert write_record(tmp_path, _variant_of(base, 0, 7.0, newer, version=2)) == plain
+    aside = record_path(tmp_path, "tiny", "denoise", "learned", 0, h_default)
+    assert read_record(aside)["metrics"]["fd_effnet"] == 10.0 and read_record(plain)["metrics"]["fd_effnet"] == 7.0
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, h_default) == aside  # still done
+    records, skipped = scan_records(tmp_path)
+    assert skipped == [] and len(records) == 3
+
+
+def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
+    rdir = tmp_path / "results"
+    base = make_record("denoise", "learned", 0, 10.0, label="Learned", paper_fid=31.88)
+    default, short = {"inverse": "learned", "stage2": {"steps": 400}}, {"inverse": "learned", "stage2": {"steps": 100}}
+    write_record(rdir, _variant_of(base, 0, 2000.0, short, {"stage2.steps": 100}))  # seed 0 with an override
+    write_record(rdir, _variant_of(base, 1, 500.0, default))  # seed 1 with the default config
+    write_record(rdir, _variant_of(base, 2, 600.0, default))
+    old = {"inverse": "learned", "stage2": {"steps": 300}}  # an older spec's default, in its hashed file
+    write_record(rdir, _variant_of(base, 3, 900.0, old, version=0))
+    write_record(rdir, _variant_of(base, 3, 550.0, default))  # moves the seed-3 record above aside
+    summary = render_report(rdir, tmp_path / "report", registry={})
+    md = (tmp_path / "report" / "tiny" / "denoise.md").read_text()
+    main, other = md.split("## Other configurations")
+    assert table_rows(main)["Learned"][1].startswith("550.00 ± ")  # seeds 1-3 of the default config only
+    assert table_rows(main)["Learned"][2] == "3"
+    rows = [line.strip("|").split(" | ") for line in other.splitlines() if line.startswith("| Learned")]
+    assert sorted((r[1].strip(), r[2], r[3]) for r in rows) == [
+        (f"default of spec v0 (config {config_id(old)})", "900.00 ± 0.10", "1"),
+        ("stage2.steps=100", "2000.00 ± 0.10", "1")]
+    assert len(summary.separated) == 2 and any("stage2.steps=100" in n for n in summary.separated)
+    csv = pd.read_csv(tmp_path / "report" / "tiny" / "denoise.csv", keep_default_na=False)
+    assert sorted(csv["config"]) == sorted(["", "stage2.steps=100", f"default of spec v0 (config {config_id(old)})"])
+
+
+def test_stage_keys_cover_micro_batch_and_device() -> None:
+    cfg = SCALES["tiny"]
+    assert cfg.stage1_key(0, cfg.stage1.batch_size) == cfg.stage1_key(0)  # one pass per batch: the same training
+    assert cfg.stage1_key(0, 32) != cfg.stage1_key(0) and cfg.stage2_key(0, 32) != cfg.stage2_key(0)
+    assert cfg.stage1_key(0, device="cuda") != cfg.stage1_key(0)  # bf16 autocast on CUDA
+    assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
+
+
+def test_speed_page_nfe_matches_the_cli_and_tiny_labels_drop_b2(tmp_path: Path) -> None:
+    from biflow_bench.report import scale_label
+
+    rec = speed_record()
+    rec["rows"] = [{**r, "nfe_label": "4x15 serial" if r["sampler"] == "exact" else "1"} for r in rec["rows"]]
+    write_record(tmp_path / "results", rec)
+    render_report(tmp_path / "results", tmp_path / "report", registry={})
+    rows = table_rows((tmp_path / "report" / "tiny" / "speed.md").read_text())
+    assert rows["exact inverse"][1] == "4x15 serial"  # the label `bench speed` prints, not the count 64
+    assert scale_label("BiFlow-B/2 (learned inverse, 1-NFE)", "tiny") == "BiFlow (learned inverse, 1-NFE)"
+    assert scale_label("iTARFlow-B/2 (exact inverse)", "paper-xl") == "iTARFlow-XL/2 (exact inverse)"
+    assert scale_label("BiFlow-B/2", "paper") == "BiFlow-B/2"
