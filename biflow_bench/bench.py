@@ -227,10 +227,10 @@ def _inputs(cfg: RunConfig, batch: int, device: torch.device) -> tuple[Tensor, T
 
 
 def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None,
-                  amp: bool, inference: bool = True) -> Callable[[], Tensor]:
+                  amp: bool, inference: bool = True, stats: dict[str, Any] | None = None) -> Callable[[], Tensor]:
     """One sampler call under inference_mode (no_grad when the score step needs autograd, or when not
     `inference`: FLOP counting needs composite ops such as linear decomposed into matmuls, which inference_mode
-    skips), with bf16 autocast for G when `amp`."""
+    skips), with bf16 autocast for G when `amp`. Jacobi decoding writes its passes into `stats`."""
     grad_ctx: Callable[[], AbstractContextManager] = (
         torch.inference_mode if inference and sampler.denoise != "score" else torch.no_grad)
 
@@ -243,7 +243,7 @@ def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, 
                 if sampler.denoise == "score":
                     x = flow.denoise(x, y, sampler.sigma)
                 return x
-            return sampler(flow, g, z, y)
+            return sampler(flow, g, z, y, stats)
 
     return call
 
@@ -364,6 +364,9 @@ def run_speed_bench(
         "(best of several large square matmuls in this run).",
         "The exact inverse decodes num_blocks x (tokens - 1) tokens one at a time with a preallocated KV cache; "
         "inference CFG batches the conditional and guiding passes into one batch of 2B.",
+        "exact-jacobi solves the same inverse by Jacobi passes over groups of tokens until no value moves more "
+        "than the tolerance (at most one pass per token: then it equals the serial result); its NFE is the passes "
+        "of the timed batch, summed over the flow blocks, and its FLOPs are those of the FLOP-counting call.",
     ]
     if dev.type == "cpu":
         notes.append(f"CPU run with {torch.get_num_threads()} threads; peak_memory_mb is not measured on CPU "
@@ -400,20 +403,19 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
         cfg = spec.resolve(name, scale)
         sampler = Sampler.from_config(cfg)
         flow, g = build_variant_models(cfg, dev, seed)
-        nfe, nfe_label = sampler.nfe(flow, g)
         uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
         z, y = _inputs(cfg, FLOP_BATCH, dev)
         flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
         row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
-        setups[name] = (variant, cfg, sampler, flow, g, nfe, nfe_label, count_params(flow if uses_flow else None, g),
-                        flops, row_peak)
+        setups[name] = (variant, cfg, sampler, flow, g, count_params(flow if uses_flow else None, g), flops, row_peak)
 
     cells: dict[tuple[str, int], dict[str, Any]] = {}
     for bs in batch_sizes:
-        calls = {}
+        calls, stats = {}, {}
         for name, (_, cfg, sampler, flow, g, *_) in setups.items():
             z, y = _inputs(cfg, bs, dev)
-            calls[name] = _sampler_call(sampler, flow, g, z, y, amp)
+            stats[name] = {}
+            calls[name] = _sampler_call(sampler, flow, g, z, y, amp, stats=stats[name])
         times: dict[str, list[float]] = {name: [] for name in calls}
         peak_mb: dict[str, float | None] = {}
         for name, call in calls.items():  # warm-up, which also gives the peak memory of a call (cuda)
@@ -425,17 +427,19 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
                 times[name] += time_calls(call, dev, 1, 1)
         for name in calls:
             sec = statistics.median(times[name])
+            _, _, sampler, flow, g, *_ = setups[name]
+            nfe, nfe_label = sampler.nfe(flow, g, stats[name].get("jacobi_iterations"))  # Jacobi: this batch's passes
             cells[name, bs] = {"ms": sec / bs * 1e3, "ips": bs / sec, "ms_min": min(times[name]) / bs * 1e3,
-                               "peak_mb": peak_mb[name]}
-            _log(progress, f"{name:12s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image (nfe {setups[name][6]})")
+                               "peak_mb": peak_mb[name], "nfe": nfe, "nfe_label": nfe_label}
+            _log(progress, f"{name:12s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image (nfe {nfe_label})")
 
     rows: list[dict[str, Any]] = []
-    for name, (variant, _, _, _, _, nfe, nfe_label, params, flops, row_peak) in setups.items():
+    for name, (variant, _, _, _, _, params, flops, row_peak) in setups.items():
         for bs in batch_sizes:
             c = cells[name, bs]
             exact = cells.get(("exact", bs))
             rows.append({
-                "sampler": name, "label": variant.label or name, "nfe": nfe, "nfe_label": nfe_label,
+                "sampler": name, "label": variant.label or name, "nfe": c["nfe"], "nfe_label": c["nfe_label"],
                 "params": params, "flops_per_image": float(flops), "batch_size": bs, "ms_per_image": c["ms"],
                 "images_per_s": c["ips"], "speedup": exact["ms"] / c["ms"] if exact else None,
                 "peak_fraction": flops * c["ips"] / row_peak, "peak_memory_mb": c["peak_mb"],

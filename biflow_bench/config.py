@@ -19,6 +19,7 @@ from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
 
 INVERSES = ("learned", "exact")
+DECODERS = ("serial", "jacobi")  # how the exact inverse is solved (sample.decoder)
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 
 
@@ -69,6 +70,9 @@ class SampleConfig:
     cfg_scale: float = 0.0  # guidance w for either inverse (0: none)
     guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
     annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
+    decoder: str = "serial"  # exact inverse: "serial" token by token, or "jacobi" (parallel fixed-point passes)
+    jacobi_tol: float = 1e-3  # jacobi: a group of tokens is done when no value moved more than this in a pass
+    jacobi_group: int = 64  # jacobi: tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ class RunConfig:
             raise ConfigError(f"inverse={self.inverse!r} is not one of {', '.join(INVERSES)}")
         if self.inverse == "exact" and self.backward.denoise == "learned":
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
+        if self.sample.decoder not in DECODERS:
+            raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
+        if self.sample.jacobi_group < 1 or self.sample.jacobi_tol < 0:
+            raise ConfigError(f"sample.jacobi_group={self.sample.jacobi_group} must be >= 1 and "
+                              f"sample.jacobi_tol={self.sample.jacobi_tol} >= 0")
         if self.stage2.metric not in METRICS:
             raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
         for section in ("stage1", "stage2", "sample"):

@@ -16,8 +16,10 @@ from conftest import randomize
 import biflow_bench.models.tarflow as tarflow
 from biflow_bench.ablations import get_spec
 from biflow_bench.bench import count_flops, format_speed_table, run_speed_bench
+from biflow_bench.config import ConfigError, apply_delta, scale_config
 from biflow_bench.models import TARFlow, preset_configs
 from biflow_bench.results import validation_error
+from biflow_bench.sample import Sampler
 
 ROW_KEYS = {
     "sampler": str, "label": str, "nfe": int, "nfe_label": str, "params": int, "flops_per_image": float,
@@ -76,7 +78,10 @@ def test_tiny_speed_rows(tiny_record):
         assert row["label"] == (variant.label or variant.name)
         cfg = spec.resolve(row["sampler"], "tiny")
         score = cfg.backward.denoise == "score"
-        if cfg.inverse == "exact":
+        if cfg.sample.decoder == "jacobi":  # the passes of the timed batch, never more than the serial steps
+            assert 1 <= row["nfe"] <= serial
+            assert row["nfe_label"].startswith(f"{row['nfe']} Jacobi passes")
+        elif cfg.inverse == "exact":
             assert row["nfe"] == serial + score
             assert "serial" in row["nfe_label"]
         else:
@@ -121,7 +126,7 @@ def test_latent_scale_times_the_vae_decoder_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     rec = run_speed_bench("tiny-latent", batch_sizes=(2,), repeats=1, warmup=0)
     rows = {r["sampler"]: r for r in rec["rows"]}
-    assert set(rows) == {"exact", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
+    assert set(rows) == {"exact", "exact-jacobi", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
     decoder = rows.pop("vae-decoder")
     assert set(ROW_KEYS) <= set(decoder)
     assert "random weights" in decoder["label"] and decoder["speedup"] is None
@@ -204,3 +209,25 @@ def test_fast_inverse_batch_independent(attention_path):
     full = flow.reverse(z, y, guidance=1.0)
     single = torch.cat([flow.reverse(z[i : i + 1], y[i : i + 1], guidance=1.0) for i in range(4)])
     assert torch.allclose(full, single, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_runs_jacobi_decoding_from_the_config():
+    cfg = apply_delta(scale_config("tiny"), {"inverse": "exact", "backward.denoise": "none", "sample.cfg_scale": 1.0,
+                                             "sample.decoder": "jacobi", "sample.jacobi_tol": 0.0,
+                                             "sample.jacobi_group": 4})
+    sampler = Sampler.from_config(cfg)
+    assert (sampler.decoder, sampler.jacobi_tol, sampler.jacobi_group) == ("jacobi", 0.0, 4)
+    flow = _tiny_flow()
+    z, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    stats: dict = {}
+    x = sampler(flow, None, z, y, stats)
+    assert torch.allclose(x, flow.reverse(z, y, guidance=1.0), atol=1e-4)  # tol 0: the serial inverse
+    passes = stats["jacobi_iterations"]
+    assert len(passes) == flow.config.num_blocks and all(1 <= k <= flow.config.num_tokens - 1 for k in passes)
+    assert sampler.nfe(flow, None, passes) == (sum(passes), f"{sum(passes)} Jacobi passes (group 4, tol 0) x2 (CFG)")
+    assert sampler.nfe(flow, None)[0] == flow.num_serial_steps()  # unmeasured: the bound
+    serial = dataclasses.replace(sampler, decoder="serial")
+    assert serial.nfe(flow, None) == (flow.num_serial_steps(), "4x15 serial x2 (CFG)")
+    for key, value in (("sample.decoder", "parallel"), ("sample.jacobi_group", 0), ("sample.jacobi_tol", -1.0)):
+        with pytest.raises(ConfigError, match=key.split(".")[1]):
+            apply_delta(scale_config("tiny"), {key: value})
