@@ -38,6 +38,7 @@ from .losses import nll_loss, stage2_loss
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .sample import Sampler, image_noise
+from .train import autocast_context, build_optimizer, compile_in_place
 
 WHATS = ("sample", "train", "all")
 TRAIN_VARIANT = "learned"  # the speed-table variant whose config the training-step rows use
@@ -248,16 +249,26 @@ def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, 
     return call
 
 
-def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-4) -> Callable[[], None]:
-    """One optimisation step as train.fit does it: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
+def parse_train_setting(setting: str) -> tuple[str, bool]:
+    """"fp32", "bf16", "fp32+compile", "bf16+compile" -> (precision, compile): TrainingConfig's switches."""
+    precision, _, rest = setting.partition("+")
+    if precision not in ("fp32", "bf16") or rest not in ("", "compile"):
+        raise ValueError(f"training setting {setting!r} is not one of fp32, bf16, fp32+compile, bf16+compile")
+    return precision, rest == "compile"
+
+
+def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, precision: str = "fp32",
+                compile: bool = False, lr: float = 1e-4, weight_decay: float = 1e-4) -> Callable[[], None]:
+    """One optimisation step as train.fit does it, with its optimizer (parameter groups: no decay on biases),
+    autocast and compilation: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
+    opt = build_optimizer(model, lr, weight_decay)
+    if compile:
+        compile_in_place(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
 
     def step() -> None:
-        loss = loss_fn()
+        with autocast_context(device, precision, cuda_bf16=False):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,9 +277,11 @@ def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-
     return step
 
 
-def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
-                    seed: int) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
-    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size."""
+def _training_calls(cfg: RunConfig, device: torch.device, batch: int, seed: int, setting: str = "fp32",
+                    ) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
+    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size, with the
+    training `setting` (see parse_train_setting)."""
+    precision, compile = parse_train_setting(setting)
     flow, g = build_variant_models(cfg, device, seed)
     assert g is not None
     shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
@@ -278,10 +291,11 @@ def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
         if cfg.flow.num_classes else None
     flow.train()
     s1 = cfg.stage1
-    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y))
-
     frozen = TARFlow(cfg.flow).to(device).eval().requires_grad_(False)  # stage 2 trains G against a frozen F
     frozen.load_state_dict(flow.state_dict())
+    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y), device,
+                            precision, compile, weight_decay=s1.weight_decay)
+
     g.train()
     s2 = cfg.stage2
     step_gen = torch.Generator(device=device).manual_seed(seed)
@@ -293,7 +307,8 @@ def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
                               generator=step_gen)
         return loss
 
-    return {"train-flow": (flow_step, flow, None), "train-backward": (_train_step(g, g_loss), g, frozen)}
+    g_step = _train_step(g, g_loss, device, precision, compile, weight_decay=s2.weight_decay)
+    return {"train-flow": (flow_step, flow, None), "train-backward": (g_step, g, frozen)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,6 +330,7 @@ def run_speed_bench(
     progress: bool = False,
     amp: bool | None = None,
     seed: int = 0,
+    train_settings: Sequence[str] = ("fp32",),
 ) -> dict[str, Any]:
     """Time every sampler of the speed table (and/or a training step of each stage) at each batch size; returns a
     speed record (see the module docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
@@ -326,6 +342,11 @@ def run_speed_bench(
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     batch_sizes = [int(b) for b in batch_sizes]
+    train_settings = list(dict.fromkeys(train_settings))
+    if not train_settings:
+        raise ValueError("train_settings needs at least one setting, e.g. fp32")
+    for setting in train_settings:
+        parse_train_setting(setting)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
@@ -335,11 +356,9 @@ def run_speed_bench(
 
     _log(progress, f"matmul peak on {dev} ...")
     peak = matmul_peak(dev)
-    peak_bf16 = matmul_peak(dev, torch.bfloat16) if amp else None
-    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "threads": torch.get_num_threads(),
-               "torch": torch.__version__}
-    if peak_bf16 is not None:
-        machine["matmul_peak_flops_bf16"] = peak_bf16
+    peak_bf16 = matmul_peak(dev, torch.bfloat16)
+    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16,
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     rows: list[dict[str, Any]] = []
     if what in ("sample", "all"):
@@ -348,7 +367,8 @@ def run_speed_bench(
             rows += _decoder_rows(spec.resolve("exact", scale), batch_sizes, dev, repeats, warmup, amp, peak,
                                   peak_bf16, progress)
     if what in ("train", "all"):
-        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, progress)
+        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, peak_bf16,
+                               train_settings, progress)
 
     notes = [
         "Models are randomly initialised from each variant's resolved config: a sampler's cost does not depend on "
@@ -377,14 +397,18 @@ def run_speed_bench(
     if what in ("train", "all"):
         notes.append(f"train-flow / train-backward: one optimisation step (forward, backward, gradient clipping, "
                      f"AdamW) of stage 1 (F, maximum likelihood) and stage 2 (G against the frozen F, MSE + hidden "
-                     f"alignment, no perceptual terms) with the '{TRAIN_VARIANT}' variant's config; speedup of "
-                     "train-backward is relative to train-flow.")
+                     f"alignment, no perceptual terms) with the '{TRAIN_VARIANT}' variant's config and train.py's "
+                     "optimizer (no weight decay on biases). Settings (TrainingConfig.precision / .compile): "
+                     f"{', '.join(train_settings)}, timed in interleaved rounds; a row named stage:setting is a "
+                     f"setting other than the first ({train_settings[0]}), and speedup is over the first setting's "
+                     "row of the same stage. peak_fraction is against the matmul peak of the setting's precision "
+                     "(peak_fraction_fp32: against the float32 peak).")
 
     return {
         "schema": 1, "kind": "speed", "ablation": spec.name, "variant": "bench", "label": spec.title,
         "scale": scale, "seed": seed, "spec_version": spec.version,
         "config": {"batch_sizes": batch_sizes, "device": device, "repeats": repeats, "warmup": warmup,
-                   "what": what, "amp": amp},
+                   "what": what, "amp": amp, **({"train_settings": train_settings} if what != "sample" else {})},
         "rows": rows, "machine": machine, "metrics": {}, "timing": {},
         "paper": {"table": spec.paper_table}, "notes": notes, "env": environment(dev),
         "wall_time_s": time.perf_counter() - start,
@@ -496,31 +520,44 @@ def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, rep
 
 
 def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
-                   seed: int, peak: float, progress: bool) -> list[dict]:
+                   seed: int, peak: float, peak_bf16: float, settings: Sequence[str], progress: bool) -> list[dict]:
+    """One row per (setting, stage, batch size). At each batch size every setting's steps are built and warmed up
+    (compilation happens there), then timed in interleaved rounds, one step of each per round, so that a burst of
+    load on a shared machine hits every setting alike. The first setting is the baseline of the speed-up."""
     cfg = spec.resolve(TRAIN_VARIANT, scale)
     labels = {"train-flow": "Training step, stage 1 (F, maximum likelihood)",
               "train-backward": "Training step, stage 2 (G against frozen F)"}
     flops: dict[str, float] = {}
-    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():
+    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():  # the same math in every setting
         flops[name] = count_flops(step) / FLOP_BATCH
     rows: list[dict[str, Any]] = []
     for bs in batch_sizes:
-        base_ms = None
-        for name, (step, model, frozen) in _training_calls(cfg, dev, bs, seed).items():
-            _reset_peak_memory(dev)
-            times = time_calls(step, dev, repeats, warmup)
-            sec = statistics.median(times)
-            ms = sec / bs * 1e3
-            base_ms = base_ms or ms
+        steps = {(setting, name): call for setting in settings
+                 for name, call in _training_calls(cfg, dev, bs, seed, setting).items()}
+        for (setting, name), (step, _, _) in steps.items():
+            _log(progress, f"warming up {name} ({setting}) at batch {bs} ...")
+            time_calls(step, dev, 0, max(warmup, 2 if parse_train_setting(setting)[1] else 0))
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+        for _ in range(repeats):
+            for key, (step, _, _) in steps.items():
+                times[key] += time_calls(step, dev, 1, 0)
+        for (setting, name), (_, model, _) in steps.items():
+            sec = statistics.median(times[setting, name])
+            base = statistics.median(times[settings[0], name])
             ips = bs / sec
+            row_peak = peak_bf16 if parse_train_setting(setting)[0] == "bf16" else peak
             rows.append({
-                "sampler": name, "label": labels[name], "nfe": 1, "nfe_label": "fwd + bwd + AdamW",
-                "params": count_params(model), "flops_per_image": flops[name], "batch_size": bs,
-                "ms_per_image": ms, "images_per_s": ips, "speedup": base_ms / ms,
-                "peak_fraction": flops[name] * ips / peak, "peak_memory_mb": _peak_memory_mb(dev),
-                "paper_ms": None, "paper_speedup": None, "ms_min": min(times) / bs * 1e3,
+                "sampler": name if setting == settings[0] else f"{name}:{setting}",
+                "label": f"{labels[name]}, {setting}", "setting": setting, "nfe": 1,
+                "nfe_label": "fwd + bwd + AdamW", "params": count_params(model), "flops_per_image": flops[name],
+                "batch_size": bs, "ms_per_image": sec / bs * 1e3, "images_per_s": ips, "speedup": base / sec,
+                "peak_fraction": flops[name] * ips / row_peak, "peak_fraction_fp32": flops[name] * ips / peak,
+                "peak_memory_mb": _peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
+                "ms_min": min(times[setting, name]) / bs * 1e3,
             })
-            _log(progress, f"{name:14s} batch {bs:4d}: {ms:9.3f} ms/image, {ips:9.1f} images/s")
+            _log(progress, f"{name:14s} {setting:13s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image, "
+                           f"{ips:9.1f} images/s, {100 * rows[-1]['peak_fraction']:.1f}% of the "
+                           f"{'bf16' if row_peak is peak_bf16 else 'fp32'} peak")
     return rows
 
 
@@ -566,7 +603,7 @@ def format_speed_table(record: dict[str, Any]) -> str:
     peak = m.get("matmul_peak_flops")
     title = (f"{record.get('label', 'Sampling speed')} - scale {record.get('scale')}, {m.get('device', '?')}, "
              f"matmul peak {_fmt(None if peak is None else peak / 1e9, '.1f')} GFLOP/s"
-             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e12:.1f} TFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
+             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
     out = [title, "", line(head), sep, *(line(r) for r in body)]
     paper = record.get("paper", {}).get("table")
     if paper:

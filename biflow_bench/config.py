@@ -20,6 +20,7 @@ from .models.tarflow import TARFlowConfig
 
 INVERSES = ("learned", "exact")
 DECODERS = ("serial", "jacobi")  # how the exact inverse is solved (sample.decoder)
+PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 
 
@@ -40,6 +41,8 @@ class TrainingConfig:
     label_drop: float = 0.1  # classifier-free guidance training
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    precision: str = "fp32"  # "bf16": forward under bfloat16 autocast (CPU and CUDA); weights and AdamW stay float32
+    compile: bool = False  # torch.compile the trained model's forward (the first steps pay the compilation)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ class RunConfig:
             raise ConfigError(f"inverse={self.inverse!r} is not one of {', '.join(INVERSES)}")
         if self.inverse == "exact" and self.backward.denoise == "learned":
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
+        for section in ("stage1", "stage2"):
+            if getattr(self, section).precision not in PRECISIONS:
+                raise ConfigError(f"{section}.precision={getattr(self, section).precision!r} is not one of "
+                                  f"{', '.join(PRECISIONS)}")
         if self.sample.decoder not in DECODERS:
             raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
         if self.sample.jacobi_group < 1 or self.sample.jacobi_tol < 0:
@@ -122,11 +129,22 @@ class RunConfig:
 
     def stage1_key(self, seed: int) -> str:
         """Hash of everything that determines F: runs that share it share the trained forward flow."""
-        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": self.stage1, "seed": seed})
+        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1), "seed": seed})
 
     def stage2_key(self, seed: int) -> str:
         """Hash of everything that determines G (and, through stage1_key, the F it was trained against)."""
-        return config_hash({"stage1": self.stage1_key(seed), "backward": self.backward, "stage2": self.stage2})
+        return config_hash({"stage1": self.stage1_key(seed), "backward": self.backward,
+                            "stage2": _identity(self.stage2)})
+
+
+def _identity(stage: TrainingConfig) -> dict[str, Any]:
+    """What of a stage's config determines the trained model: `compile` does not (same math), and float32
+    precision is left out so that the keys of runs from before the switch existed stay the same."""
+    d = dataclasses.asdict(stage)
+    del d["compile"]
+    if d["precision"] == "fp32":
+        del d["precision"]
+    return d
 
 
 SCALES: dict[str, RunConfig] = {

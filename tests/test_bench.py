@@ -231,3 +231,91 @@ def test_sampler_runs_jacobi_decoding_from_the_config():
     for key, value in (("sample.decoder", "parallel"), ("sample.jacobi_group", 0), ("sample.jacobi_tol", -1.0)):
         with pytest.raises(ConfigError, match=key.split(".")[1]):
             apply_delta(scale_config("tiny"), {key: value})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training switches (TrainingConfig.precision / .compile) in train.fit and in the training-step benchmark
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """torch.compile through aot_eager: the same dynamo tracing and AOT forward/backward graphs as inductor, without
+    its C++ code generation (a minute per model on a small CPU)."""
+    import biflow_bench.train as train
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_training_settings_side_by_side(fast_compile):
+    rec = run_speed_bench("tiny", batch_sizes=(2,), repeats=2, warmup=0, what="train",
+                          train_settings=("fp32", "bf16", "fp32+compile"))
+    names = [r["sampler"] for r in rec["rows"]]
+    assert names == ["train-flow", "train-backward", "train-flow:bf16", "train-backward:bf16",
+                     "train-flow:fp32+compile", "train-backward:fp32+compile"]
+    peak, peak_bf16 = rec["machine"]["matmul_peak_flops"], rec["machine"]["matmul_peak_flops_bf16"]
+    assert peak > 0 and peak_bf16 > 0
+    by = {r["sampler"]: r for r in rec["rows"]}
+    for row in rec["rows"]:
+        _check_row(row)
+        stage = row["sampler"].split(":")[0]
+        assert row["speedup"] == pytest.approx(by[stage]["ms_per_image"] / row["ms_per_image"])
+        assert row["flops_per_image"] == by[stage]["flops_per_image"]  # the same math in every setting
+        row_peak = peak_bf16 if row["setting"] == "bf16" else peak
+        assert row["peak_fraction"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / row_peak)
+        assert row["peak_fraction_fp32"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / peak)
+    assert rec["config"]["train_settings"] == ["fp32", "bf16", "fp32+compile"]
+    assert "bf16" in format_speed_table(rec).splitlines()[0]
+    with pytest.raises(ValueError, match="training setting"):
+        run_speed_bench("tiny", batch_sizes=(2,), what="train", train_settings=("fp16",))
+
+
+def test_bench_training_step_uses_the_training_optimizer():
+    """The bench's step is train.fit's: AdamW groups with no weight decay on biases (1-d parameters)."""
+    from biflow_bench.bench import _training_calls
+
+    cfg = get_spec("speed").resolve("learned", "tiny")
+    step, model, _ = _training_calls(cfg, torch.device("cpu"), 2, 0)["train-flow"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step()
+    opt_groups = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer)]
+    (opt,) = opt_groups
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (cfg.stage1.weight_decay if p.dim() >= 2 else 0.0), name
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())  # it did step
+
+
+@pytest.mark.parametrize("precision,compile", [("bf16", False), ("fp32", True)])
+def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
+    """fit under each switch trains like float32 eager (same seed): compile gives the same losses to float
+    rounding, bf16 autocast close ones; the returned model is a plain module with unchanged state_dict keys."""
+    from biflow_bench.data import load_digits
+    from biflow_bench.losses import nll_loss
+    from biflow_bench.train import fit
+
+    data = load_digits().train
+
+    def loss_fn(model, x, y, gen):
+        loss = nll_loss(model, x + 0.1 * torch.randn(x.shape, generator=gen), y)
+        return loss, {"nll": float(loss.detach())}
+
+    def run(**switches):
+        torch.manual_seed(0)
+        model = TARFlow(preset_configs("tiny")[0])
+        result = fit(model, loss_fn, data, steps=6, batch_size=16, lr=1e-3, warmup=2, weight_decay=1e-4,
+                     grad_clip=1.0, seed=0, progress=False, **switches)
+        return model, result
+
+    base, base_result = run()
+    model, result = run(precision=precision, compile=compile)
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert model._compiled_call_impl is None  # handed back uncompiled
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert result.terms["nll"] == pytest.approx(base_result.terms["nll"], abs=tol)
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), base.parameters(), strict=True))
+    assert diff < (1e-4 if precision == "fp32" else 5e-2)
+    if precision == "bf16":  # autocast did run: the result is not bit-identical to float32
+        assert diff > 0
