@@ -16,6 +16,8 @@ as sampler "train-flow" and stage 2 (G against the frozen F) as "train-backward"
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as dt
 import math
 import platform
@@ -38,6 +40,7 @@ from .losses import nll_loss, stage2_loss
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .sample import Sampler, image_noise
+from . import train
 from .train import autocast_context, build_optimizer, compile_in_place
 
 WHATS = ("sample", "train", "all")
@@ -331,6 +334,7 @@ def run_speed_bench(
     amp: bool | None = None,
     seed: int = 0,
     train_settings: Sequence[str] = ("fp32",),
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time every sampler of the speed table (and/or a training step of each stage) at each batch size; returns a
     speed record (see the module docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
@@ -362,7 +366,8 @@ def run_speed_bench(
 
     rows: list[dict[str, Any]] = []
     if what in ("sample", "all"):
-        rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress)
+        rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress,
+                               compile)
         if spec.resolve("exact", scale).dataset == "latents":
             rows += _decoder_rows(spec.resolve("exact", scale), batch_sizes, dev, repeats, warmup, amp, peak,
                                   peak_bf16, progress)
@@ -394,6 +399,11 @@ def run_speed_bench(
     if amp:
         notes.append("G runs under bf16 autocast (its peak_fraction is against the bf16 matmul peak); F's exact "
                      "inverse and the score step run in float32.")
+    if compile:
+        notes.append("name:compiled rows: the same sampler with G's pass under torch.compile (backend "
+                     f"{train.COMPILE_BACKEND}, static shapes: compiled once per batch size in the warm-up, untimed); "
+                     "the exact inverse runs its hand-fused eager decoder (weights hoisted, KV cache in place), "
+                     "not compiled.")
     if what in ("train", "all"):
         notes.append(f"train-flow / train-backward: one optimisation step (forward, backward, gradient clipping, "
                      f"AdamW) of stage 1 (F, maximum likelihood) and stage 2 (G against the frozen F, MSE + hidden "
@@ -408,7 +418,8 @@ def run_speed_bench(
         "schema": 1, "kind": "speed", "ablation": spec.name, "variant": "bench", "label": spec.title,
         "scale": scale, "seed": seed, "spec_version": spec.version,
         "config": {"batch_sizes": batch_sizes, "device": device, "repeats": repeats, "warmup": warmup,
-                   "what": what, "amp": amp, **({"train_settings": train_settings} if what != "sample" else {})},
+                   "what": what, "amp": amp, **({"train_settings": train_settings} if what != "sample" else {}),
+                   **({"compile": True} if compile else {})},
         "rows": rows, "machine": machine, "metrics": {}, "timing": {},
         "paper": {"table": spec.paper_table}, "notes": notes, "env": environment(dev),
         "wall_time_s": time.perf_counter() - start,
@@ -417,7 +428,8 @@ def run_speed_bench(
 
 
 def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
-                   amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
+                   amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool,
+                   compile: bool = False) -> list[dict]:
     """One row per (variant, batch size). At each batch size the variants' timed calls are interleaved (one call of
     each variant per round), so a burst of load on a shared machine hits every sampler alike; each timed call follows
     an untimed call of the same sampler, so none pays for the cold caches another sampler left behind (at batch 1 a
@@ -432,6 +444,13 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
         flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
         row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
         setups[name] = (variant, cfg, sampler, flow, g, count_params(flow if uses_flow else None, g), flops, row_peak)
+        if compile and sampler.inverse == "learned" and sampler.denoise != "score":
+            # G's sampling pass under torch.compile (a compiled copy; per-operator overhead dominates at batch 1)
+            compiled = copy.deepcopy(g)
+            compile_in_place(compiled)  # type: ignore[arg-type]
+            label = f"{variant.label or name}, torch.compile"
+            setups[f"{name}:compiled"] = (dataclasses.replace(variant, name=f"{name}:compiled", label=label, paper={}),
+                                          cfg, sampler, flow, compiled, *setups[name][5:])
 
     cells: dict[tuple[str, int], dict[str, Any]] = {}
     for bs in batch_sizes:

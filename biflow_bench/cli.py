@@ -271,6 +271,7 @@ def bench_speed(
     repeats: int = 5,
     train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
                                                      "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass under torch.compile")] = False,
     results_dir: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
@@ -295,7 +296,7 @@ def bench_speed(
     from .results import write_record
 
     record = run_speed_bench(scale=scale, batch_sizes=sizes, device=device, repeats=repeats, what=what,
-                             progress=sys.stderr.isatty(), train_settings=settings)
+                             progress=sys.stderr.isatty(), train_settings=settings, compile=compile)
     with dir_lock(results_dir / scale, wait=True, timeout=600):
         path = write_record(results_dir, record)
     typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))

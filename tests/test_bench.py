@@ -319,3 +319,33 @@ def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
     assert diff < (1e-4 if precision == "fp32" else 5e-2)
     if precision == "bf16":  # autocast did run: the result is not bit-identical to float32
         assert diff > 0
+
+
+def test_compiled_sampling_pass_equals_eager_and_gets_rows(fast_compile):
+    """G's pass under torch.compile (aot_eager here: dynamo's capture and AOT graphs, not inductor's codegen)
+    gives eager's images, and the bench times it beside the eager row."""
+    import copy
+
+    from biflow_bench.models import BiFlow
+    from biflow_bench.train import compile_in_place
+
+    _, g_cfg = preset_configs("tiny")
+    g = randomize(BiFlow(g_cfg), scale=0.5).eval()
+    compiled = copy.deepcopy(g)
+    compile_in_place(compiled)
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with torch.inference_mode():
+        for w in (0.0, 1.5):
+            eager, comp = g.sample(z, y, cfg_scale=w), compiled.sample(z, y, cfg_scale=w)
+            assert torch.allclose(comp, eager, atol=1e-5), (comp - eager).abs().max()
+    assert not torch.allclose(g.sample(z, y, 0.0), g.sample(z, y, 1.5), atol=1e-3)  # w matters: not vacuous
+    rec = run_speed_bench("tiny", batch_sizes=(1,), repeats=1, warmup=0, compile=True)
+    by = {r["sampler"]: r for r in rec["rows"]}
+    assert {"learned:compiled", "learned-cfg:compiled"} <= set(by) and "exact:compiled" not in by
+    for name in ("learned", "learned-cfg"):
+        row = by[f"{name}:compiled"]
+        _check_row(row)
+        assert row["nfe"] == by[name]["nfe"] and row["flops_per_image"] == by[name]["flops_per_image"]
+        assert row["speedup"] == pytest.approx(by["exact"]["ms_per_image"] / row["ms_per_image"])
+        assert "torch.compile" in row["label"] and row["paper_ms"] is None
+    assert rec["config"]["compile"] is True and validation_error(rec) is None
