@@ -16,6 +16,8 @@ as sampler "train-flow" and stage 2 (G against the frozen F) as "train-backward"
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as dt
 import math
 import platform
@@ -38,6 +40,8 @@ from .losses import nll_loss, stage2_loss
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .sample import Sampler, image_noise
+from . import train
+from .train import autocast_context, build_optimizer, compile_in_place
 
 WHATS = ("sample", "train", "all")
 TRAIN_VARIANT = "learned"  # the speed-table variant whose config the training-step rows use
@@ -227,10 +231,10 @@ def _inputs(cfg: RunConfig, batch: int, device: torch.device) -> tuple[Tensor, T
 
 
 def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None,
-                  amp: bool, inference: bool = True) -> Callable[[], Tensor]:
+                  amp: bool, inference: bool = True, stats: dict[str, Any] | None = None) -> Callable[[], Tensor]:
     """One sampler call under inference_mode (no_grad when the score step needs autograd, or when not
     `inference`: FLOP counting needs composite ops such as linear decomposed into matmuls, which inference_mode
-    skips), with bf16 autocast for G when `amp`."""
+    skips), with bf16 autocast for G when `amp`. Jacobi decoding writes its passes into `stats`."""
     grad_ctx: Callable[[], AbstractContextManager] = (
         torch.inference_mode if inference and sampler.denoise != "score" else torch.no_grad)
 
@@ -243,21 +247,31 @@ def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, 
                 if sampler.denoise == "score":
                     x = flow.denoise(x, y, sampler.sigma)
                 return x
-            return sampler(flow, g, z, y)
+            return sampler(flow, g, z, y, stats)
 
     return call
 
 
-def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-4) -> Callable[[], None]:
-    """One optimisation step as train.fit does it: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
+def parse_train_setting(setting: str) -> tuple[str, bool]:
+    """"fp32", "bf16", "fp32+compile", "bf16+compile" -> (precision, compile): TrainingConfig's switches."""
+    precision, _, rest = setting.partition("+")
+    if precision not in ("fp32", "bf16") or rest not in ("", "compile"):
+        raise ValueError(f"training setting {setting!r} is not one of fp32, bf16, fp32+compile, bf16+compile")
+    return precision, rest == "compile"
+
+
+def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, precision: str = "fp32",
+                compile: bool = False, lr: float = 1e-4, weight_decay: float = 1e-4) -> Callable[[], None]:
+    """One optimisation step as train.fit does it, with its optimizer (parameter groups: no decay on biases),
+    autocast and compilation: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
+    opt = build_optimizer(model, lr, weight_decay)
+    if compile:
+        compile_in_place(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
 
     def step() -> None:
-        loss = loss_fn()
+        with autocast_context(device, precision, cuda_bf16=False):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,9 +280,11 @@ def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], lr: float = 1e-
     return step
 
 
-def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
-                    seed: int) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
-    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size."""
+def _training_calls(cfg: RunConfig, device: torch.device, batch: int, seed: int, setting: str = "fp32",
+                    ) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
+    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size, with the
+    training `setting` (see parse_train_setting)."""
+    precision, compile = parse_train_setting(setting)
     flow, g = build_variant_models(cfg, device, seed)
     assert g is not None
     shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
@@ -278,10 +294,11 @@ def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
         if cfg.flow.num_classes else None
     flow.train()
     s1 = cfg.stage1
-    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y))
-
     frozen = TARFlow(cfg.flow).to(device).eval().requires_grad_(False)  # stage 2 trains G against a frozen F
     frozen.load_state_dict(flow.state_dict())
+    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y), device,
+                            precision, compile, weight_decay=s1.weight_decay)
+
     g.train()
     s2 = cfg.stage2
     step_gen = torch.Generator(device=device).manual_seed(seed)
@@ -291,7 +308,8 @@ def _training_calls(cfg: RunConfig, device: torch.device, batch: int,
                               perceptual={}, generator=step_gen)
         return loss
 
-    return {"train-flow": (flow_step, flow, None), "train-backward": (_train_step(g, g_loss), g, frozen)}
+    g_step = _train_step(g, g_loss, device, precision, compile, weight_decay=s2.weight_decay)
+    return {"train-flow": (flow_step, flow, None), "train-backward": (g_step, g, frozen)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -313,6 +331,8 @@ def run_speed_bench(
     progress: bool = False,
     amp: bool | None = None,
     seed: int = 0,
+    train_settings: Sequence[str] = ("fp32",),
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time every sampler of the speed table (and/or a training step of each stage) at each batch size; returns a
     speed record (see the module docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
@@ -324,6 +344,11 @@ def run_speed_bench(
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     batch_sizes = [int(b) for b in batch_sizes]
+    train_settings = list(dict.fromkeys(train_settings))
+    if not train_settings:
+        raise ValueError("train_settings needs at least one setting, e.g. fp32")
+    for setting in train_settings:
+        parse_train_setting(setting)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
@@ -333,20 +358,20 @@ def run_speed_bench(
 
     _log(progress, f"matmul peak on {dev} ...")
     peak = matmul_peak(dev)
-    peak_bf16 = matmul_peak(dev, torch.bfloat16) if amp else None
-    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "threads": torch.get_num_threads(),
-               "torch": torch.__version__}
-    if peak_bf16 is not None:
-        machine["matmul_peak_flops_bf16"] = peak_bf16
+    peak_bf16 = matmul_peak(dev, torch.bfloat16)
+    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16,
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     rows: list[dict[str, Any]] = []
     if what in ("sample", "all"):
-        rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress)
+        rows += _sampling_rows(spec, scale, batch_sizes, dev, repeats, warmup, amp, seed, peak, peak_bf16, progress,
+                               compile)
         if spec.resolve("exact", scale).dataset == "latents":
             rows += _decoder_rows(spec.resolve("exact", scale), batch_sizes, dev, repeats, warmup, amp, peak,
                                   peak_bf16, progress)
     if what in ("train", "all"):
-        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, progress)
+        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, peak_bf16,
+                               train_settings, progress)
 
     notes = [
         "Models are randomly initialised from each variant's resolved config: a sampler's cost does not depend on "
@@ -362,6 +387,9 @@ def run_speed_bench(
         "(best of several large square matmuls in this run).",
         "The exact inverse decodes num_blocks x (tokens - 1) tokens one at a time with a preallocated KV cache; "
         "inference CFG batches the conditional and guiding passes into one batch of 2B.",
+        "exact-jacobi solves the same inverse by Jacobi passes over groups of tokens until no value moves more "
+        "than the tolerance (at most one pass per token: then it equals the serial result); its NFE is the passes "
+        "of the timed batch, summed over the flow blocks, and its FLOPs are those of the FLOP-counting call.",
     ]
     if dev.type == "cpu":
         notes.append(f"CPU run with {torch.get_num_threads()} threads; peak_memory_mb is not measured on CPU "
@@ -369,17 +397,27 @@ def run_speed_bench(
     if amp:
         notes.append("G runs under bf16 autocast (its peak_fraction is against the bf16 matmul peak); F's exact "
                      "inverse and the score step run in float32.")
+    if compile:
+        notes.append("name:compiled rows: the same sampler with G's pass under torch.compile (backend "
+                     f"{train.COMPILE_BACKEND}, static shapes: compiled once per batch size in the warm-up, untimed); "
+                     "the exact inverse runs its hand-fused eager decoder (weights hoisted, KV cache in place), "
+                     "not compiled.")
     if what in ("train", "all"):
         notes.append(f"train-flow / train-backward: one optimisation step (forward, backward, gradient clipping, "
                      f"AdamW) of stage 1 (F, maximum likelihood) and stage 2 (G against the frozen F, MSE + hidden "
-                     f"alignment, no perceptual terms) with the '{TRAIN_VARIANT}' variant's config; speedup of "
-                     "train-backward is relative to train-flow.")
+                     f"alignment, no perceptual terms) with the '{TRAIN_VARIANT}' variant's config and train.py's "
+                     "optimizer (no weight decay on biases). Settings (TrainingConfig.precision / .compile): "
+                     f"{', '.join(train_settings)}, timed in interleaved rounds; a row named stage:setting is a "
+                     f"setting other than the first ({train_settings[0]}), and speedup is over the first setting's "
+                     "row of the same stage. peak_fraction is against the matmul peak of the setting's precision "
+                     "(peak_fraction_fp32: against the float32 peak).")
 
     return {
         "schema": 1, "kind": "speed", "ablation": spec.name, "variant": "bench", "label": spec.title,
         "scale": scale, "seed": seed, "spec_version": spec.version,
         "config": {"batch_sizes": batch_sizes, "device": device, "repeats": repeats, "warmup": warmup,
-                   "what": what, "amp": amp},
+                   "what": what, "amp": amp, **({"train_settings": train_settings} if what != "sample" else {}),
+                   **({"compile": True} if compile else {})},
         "rows": rows, "machine": machine, "metrics": {}, "timing": {},
         "paper": {"table": spec.paper_table}, "notes": notes, "env": environment(dev),
         "wall_time_s": time.perf_counter() - start,
@@ -388,7 +426,8 @@ def run_speed_bench(
 
 
 def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
-                   amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
+                   amp: bool, seed: int, peak: float, peak_bf16: float | None, progress: bool,
+                   compile: bool = False) -> list[dict]:
     """One row per (variant, batch size). At each batch size the variants' timed calls are interleaved (one call of
     each variant per round), so a burst of load on a shared machine hits every sampler alike; each timed call follows
     an untimed call of the same sampler, so none pays for the cold caches another sampler left behind (at batch 1 a
@@ -398,20 +437,26 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
         cfg = spec.resolve(name, scale)
         sampler = Sampler.from_config(cfg)
         flow, g = build_variant_models(cfg, dev, seed)
-        nfe, nfe_label = sampler.nfe(flow, g)
         uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
         z, y = _inputs(cfg, FLOP_BATCH, dev)
         flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
         row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
-        setups[name] = (variant, cfg, sampler, flow, g, nfe, nfe_label, count_params(flow if uses_flow else None, g),
-                        flops, row_peak)
+        setups[name] = (variant, cfg, sampler, flow, g, count_params(flow if uses_flow else None, g), flops, row_peak)
+        if compile and sampler.inverse == "learned" and sampler.denoise != "score":
+            # G's sampling pass under torch.compile (a compiled copy; per-operator overhead dominates at batch 1)
+            compiled = copy.deepcopy(g)
+            compile_in_place(compiled)  # type: ignore[arg-type]
+            label = f"{variant.label or name}, torch.compile"
+            setups[f"{name}:compiled"] = (dataclasses.replace(variant, name=f"{name}:compiled", label=label, paper={}),
+                                          cfg, sampler, flow, compiled, *setups[name][5:])
 
     cells: dict[tuple[str, int], dict[str, Any]] = {}
     for bs in batch_sizes:
-        calls = {}
+        calls, stats = {}, {}
         for name, (_, cfg, sampler, flow, g, *_) in setups.items():
             z, y = _inputs(cfg, bs, dev)
-            calls[name] = _sampler_call(sampler, flow, g, z, y, amp)
+            stats[name] = {}
+            calls[name] = _sampler_call(sampler, flow, g, z, y, amp, stats=stats[name])
         times: dict[str, list[float]] = {name: [] for name in calls}
         peak_mb: dict[str, float | None] = {}
         for name, call in calls.items():  # warm-up, which also gives the peak memory of a call (cuda)
@@ -423,17 +468,19 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
                 times[name] += time_calls(call, dev, 1, 1)
         for name in calls:
             sec = statistics.median(times[name])
+            _, _, sampler, flow, g, *_ = setups[name]
+            nfe, nfe_label = sampler.nfe(flow, g, stats[name].get("jacobi_iterations"))  # Jacobi: this batch's passes
             cells[name, bs] = {"ms": sec / bs * 1e3, "ips": bs / sec, "ms_min": min(times[name]) / bs * 1e3,
-                               "peak_mb": peak_mb[name]}
-            _log(progress, f"{name:12s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image (nfe {setups[name][6]})")
+                               "peak_mb": peak_mb[name], "nfe": nfe, "nfe_label": nfe_label}
+            _log(progress, f"{name:12s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image (nfe {nfe_label})")
 
     rows: list[dict[str, Any]] = []
-    for name, (variant, _, _, _, _, nfe, nfe_label, params, flops, row_peak) in setups.items():
+    for name, (variant, _, _, _, _, params, flops, row_peak) in setups.items():
         for bs in batch_sizes:
             c = cells[name, bs]
             exact = cells.get(("exact", bs))
             rows.append({
-                "sampler": name, "label": variant.label or name, "nfe": nfe, "nfe_label": nfe_label,
+                "sampler": name, "label": variant.label or name, "nfe": c["nfe"], "nfe_label": c["nfe_label"],
                 "params": params, "flops_per_image": float(flops), "batch_size": bs, "ms_per_image": c["ms"],
                 "images_per_s": c["ips"], "speedup": exact["ms"] / c["ms"] if exact else None,
                 "peak_fraction": flops * c["ips"] / row_peak, "peak_memory_mb": c["peak_mb"],
@@ -490,31 +537,44 @@ def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, rep
 
 
 def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
-                   seed: int, peak: float, progress: bool) -> list[dict]:
+                   seed: int, peak: float, peak_bf16: float, settings: Sequence[str], progress: bool) -> list[dict]:
+    """One row per (setting, stage, batch size). At each batch size every setting's steps are built and warmed up
+    (compilation happens there), then timed in interleaved rounds, one step of each per round, so that a burst of
+    load on a shared machine hits every setting alike. The first setting is the baseline of the speed-up."""
     cfg = spec.resolve(TRAIN_VARIANT, scale)
     labels = {"train-flow": "Training step, stage 1 (F, maximum likelihood)",
               "train-backward": "Training step, stage 2 (G against frozen F)"}
     flops: dict[str, float] = {}
-    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():
+    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():  # the same math in every setting
         flops[name] = count_flops(step) / FLOP_BATCH
     rows: list[dict[str, Any]] = []
     for bs in batch_sizes:
-        base_ms = None
-        for name, (step, model, frozen) in _training_calls(cfg, dev, bs, seed).items():
-            _reset_peak_memory(dev)
-            times = time_calls(step, dev, repeats, warmup)
-            sec = statistics.median(times)
-            ms = sec / bs * 1e3
-            base_ms = base_ms or ms
+        steps = {(setting, name): call for setting in settings
+                 for name, call in _training_calls(cfg, dev, bs, seed, setting).items()}
+        for (setting, name), (step, _, _) in steps.items():
+            _log(progress, f"warming up {name} ({setting}) at batch {bs} ...")
+            time_calls(step, dev, 0, max(warmup, 2 if parse_train_setting(setting)[1] else 0))
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+        for _ in range(repeats):
+            for key, (step, _, _) in steps.items():
+                times[key] += time_calls(step, dev, 1, 0)
+        for (setting, name), (_, model, _) in steps.items():
+            sec = statistics.median(times[setting, name])
+            base = statistics.median(times[settings[0], name])
             ips = bs / sec
+            row_peak = peak_bf16 if parse_train_setting(setting)[0] == "bf16" else peak
             rows.append({
-                "sampler": name, "label": labels[name], "nfe": 1, "nfe_label": "fwd + bwd + AdamW",
-                "params": count_params(model), "flops_per_image": flops[name], "batch_size": bs,
-                "ms_per_image": ms, "images_per_s": ips, "speedup": base_ms / ms,
-                "peak_fraction": flops[name] * ips / peak, "peak_memory_mb": _peak_memory_mb(dev),
-                "paper_ms": None, "paper_speedup": None, "ms_min": min(times) / bs * 1e3,
+                "sampler": name if setting == settings[0] else f"{name}:{setting}",
+                "label": f"{labels[name]}, {setting}", "setting": setting, "nfe": 1,
+                "nfe_label": "fwd + bwd + AdamW", "params": count_params(model), "flops_per_image": flops[name],
+                "batch_size": bs, "ms_per_image": sec / bs * 1e3, "images_per_s": ips, "speedup": base / sec,
+                "peak_fraction": flops[name] * ips / row_peak, "peak_fraction_fp32": flops[name] * ips / peak,
+                "peak_memory_mb": _peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
+                "ms_min": min(times[setting, name]) / bs * 1e3,
             })
-            _log(progress, f"{name:14s} batch {bs:4d}: {ms:9.3f} ms/image, {ips:9.1f} images/s")
+            _log(progress, f"{name:14s} {setting:13s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image, "
+                           f"{ips:9.1f} images/s, {100 * rows[-1]['peak_fraction']:.1f}% of the "
+                           f"{'bf16' if row_peak is peak_bf16 else 'fp32'} peak")
     return rows
 
 
@@ -560,7 +620,7 @@ def format_speed_table(record: dict[str, Any]) -> str:
     peak = m.get("matmul_peak_flops")
     title = (f"{record.get('label', 'Sampling speed')} - scale {record.get('scale')}, {m.get('device', '?')}, "
              f"matmul peak {_fmt(None if peak is None else peak / 1e9, '.1f')} GFLOP/s"
-             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e12:.1f} TFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
+             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
     out = [title, "", line(head), sep, *(line(r) for r in body)]
     paper = record.get("paper", {}).get("table")
     if paper:

@@ -334,11 +334,14 @@ def bench_speed(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
     repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
+    train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
+                                                     "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass under torch.compile")] = False,
     results_dir: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
-    from .bench import WHATS, format_speed_table, run_speed_bench
+    from .bench import WHATS, format_speed_table, parse_train_setting, run_speed_bench
 
     _check_scale(scale)
     _check_device(device)
@@ -351,12 +354,18 @@ def bench_speed(
         raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
     if any(b < 1 for b in sizes):
         raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
+    settings = tuple(t.strip() for t in train_settings.split(","))
+    for t in settings:
+        try:
+            parse_train_setting(t)
+        except ValueError as e:
+            raise ConfigError(f"--train-settings: {e}") from None
     _writable(results_dir)
     from .io import dir_lock
     from .results import write_record
 
     record = run_speed_bench(scale=scale, batch_sizes=sizes, device=device, repeats=repeats, what=what,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), train_settings=settings, compile=compile)
     with dir_lock(results_dir / scale, wait=True, timeout=600):
         path = write_record(results_dir, record)
     typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))

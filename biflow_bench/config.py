@@ -20,9 +20,16 @@ from .models.tarflow import TARFlowConfig
 from .perceptual import NETWORKS
 
 INVERSES = ("learned", "exact")
+DECODERS = ("serial", "jacobi")  # how the exact inverse is solved (sample.decoder)
+PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 CFG_DISTRIBUTIONS = ("inverse", "uniform")
 LPIPS_NETS, CONVNEXT_NETS = tuple(NETWORKS["lpips"]), tuple(NETWORKS["convnext"])
+
+
+# Part of every artifact key: bump it when a code change alters what a config trains (v2: F's and G's class
+# embeddings start at N(0, 0.01^2); stage 2's objective follows eq. 5 and 7), so no cache serves stale weights.
+TRAINING_CODE_VERSION = 2
 
 
 class ConfigError(ValueError):
@@ -50,6 +57,8 @@ class TrainingConfig:
     label_drop: float = 0.1  # classifier-free guidance training
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    precision: str = "fp32"  # "bf16": forward under bfloat16 autocast (CPU and CUDA); weights and AdamW stay float32
+    compile: bool = False  # torch.compile the trained model's forward (the first steps pay the compilation)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,9 @@ class SampleConfig:
         object.__setattr__(self, "cfg_sweep", tuple(float(w) for w in self.cfg_sweep))
     guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
     annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
+    decoder: str = "serial"  # exact inverse: "serial" token by token, or "jacobi" (parallel fixed-point passes)
+    jacobi_tol: float = 1e-3  # jacobi: a group of tokens is done when no value moved more than this in a pass
+    jacobi_group: int = 64  # jacobi: tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,15 @@ class RunConfig:
             raise ConfigError(f"inverse={self.inverse!r} is not one of {', '.join(INVERSES)}")
         if self.inverse == "exact" and self.backward.denoise == "learned":
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
+        for section in ("stage1", "stage2"):
+            if getattr(self, section).precision not in PRECISIONS:
+                raise ConfigError(f"{section}.precision={getattr(self, section).precision!r} is not one of "
+                                  f"{', '.join(PRECISIONS)}")
+        if self.sample.decoder not in DECODERS:
+            raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
+        if self.sample.jacobi_group < 1 or self.sample.jacobi_tol < 0:
+            raise ConfigError(f"sample.jacobi_group={self.sample.jacobi_group} must be >= 1 and "
+                              f"sample.jacobi_tol={self.sample.jacobi_tol} >= 0")
         if self.stage2.metric not in METRICS:
             raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
         s2 = self.stage2
@@ -161,19 +182,29 @@ class RunConfig:
         """Hash of everything that determines F: runs that share it share the trained forward flow. A micro-batch
         that splits the batch (each micro-batch draws its own randomness) and a non-CPU device (bf16 autocast)
         change the trained weights, so they are part of the key when present."""
-        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": self.stage1, "seed": seed,
-                            **_split_key(micro_batch, self.stage1.batch_size, device)})
+        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1), "seed": seed,
+                            "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, self.stage1.batch_size, device)})
 
     def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
         """Hash of everything that determines G (and, through stage1_key, the F it was trained against)."""
         return config_hash({"stage1": self.stage1_key(seed, micro_batch, device), "backward": self.backward,
-                            "stage2": self.stage2, **_split_key(micro_batch, self.stage2.batch_size, device)})
+                            "stage2": _identity(self.stage2), **_split_key(micro_batch, self.stage2.batch_size, device)})
 
     def effective_micro_batch(self, micro_batch: int | None) -> int | None:
         """`micro_batch` when it splits the training batch of a stage (and so changes the numbers), else None."""
         if micro_batch is None or micro_batch == self.stage1.batch_size == self.stage2.batch_size:
             return None
         return micro_batch
+
+
+def _identity(stage: TrainingConfig) -> dict[str, Any]:
+    """What of a stage's config determines the trained model: `compile` does not (same math); float32 precision,
+    the default, is left out."""
+    d = dataclasses.asdict(stage)
+    del d["compile"]
+    if d["precision"] == "fp32":
+        del d["precision"]
+    return d
 
 
 def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[str, Any]:

@@ -40,15 +40,32 @@ class Sampler:
     sigma: float  # noise level F was trained with (score denoising)
     guidance_temperature: float | None = None
     annealed: bool = False
+    decoder: str = "serial"  # exact inverse: "serial" or "jacobi" (TARFlow.reverse_jacobi)
+    jacobi_tol: float = 1e-3
+    jacobi_group: int = 64
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Sampler:
-        return cls(cfg.inverse, cfg.backward.denoise, cfg.sample.cfg_scale, cfg.stage1.noise_sigma,
-                   cfg.sample.guidance_temperature, cfg.sample.annealed)
+        s = cfg.sample
+        return cls(cfg.inverse, cfg.backward.denoise, s.cfg_scale, cfg.stage1.noise_sigma, s.guidance_temperature,
+                   s.annealed, s.decoder, s.jacobi_tol, s.jacobi_group)
+
+    @property
+    def jacobi(self) -> bool:
+        return self.inverse == "exact" and self.decoder == "jacobi"
 
     @torch.no_grad()
-    def __call__(self, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None) -> Tensor:
-        if self.inverse == "exact":
+    def __call__(self, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None,
+                 stats: dict[str, Any] | None = None) -> Tensor:
+        """Images from noise z. Jacobi decoding writes its parallel passes per flow block into `stats`
+        ("jacobi_iterations") when given."""
+        if self.jacobi:
+            result = flow.reverse_jacobi(z, y, guidance=self.cfg_scale, guidance_temperature=self.guidance_temperature,
+                                         annealed=self.annealed, tol=self.jacobi_tol, group=self.jacobi_group)
+            x = result.x
+            if stats is not None:
+                stats["jacobi_iterations"] = result.iterations
+        elif self.inverse == "exact":
             x = flow.reverse(z, y, guidance=self.cfg_scale, guidance_temperature=self.guidance_temperature,
                              annealed=self.annealed)
         else:
@@ -58,9 +75,18 @@ class Sampler:
             x = flow.denoise(x, y, self.sigma)
         return x
 
-    def nfe(self, flow: TARFlow, g: BiFlow | None) -> tuple[int, str]:
-        """Sequential network evaluations per image and a readable label ("1", "2", "4x15 serial + score")."""
-        if self.inverse == "exact":
+    def nfe(self, flow: TARFlow, g: BiFlow | None, jacobi_iterations: list[int] | None = None) -> tuple[int, str]:
+        """Sequential network evaluations per image and a readable label ("1", "2", "4x15 serial + score").
+
+        Jacobi decoding's count depends on the data: the passes of a measured call (`jacobi_iterations`, from
+        `__call__`'s stats), else the bound, one pass per token and block, which it never exceeds."""
+        bound = flow.num_serial_steps()
+        if self.jacobi:
+            steps = sum(jacobi_iterations) if jacobi_iterations is not None else bound
+            label = f"{steps} Jacobi passes" if jacobi_iterations is not None else f"<= {bound} Jacobi passes"
+            label += f" (group {self.jacobi_group}, tol {self.jacobi_tol:g})"
+            label += " x2 (CFG)" if self.cfg_scale else ""
+        elif self.inverse == "exact":
             steps = flow.num_serial_steps()
             label = f"{flow.config.num_blocks}x{flow.config.num_tokens - 1} serial"
             label += " x2 (CFG)" if self.cfg_scale else ""

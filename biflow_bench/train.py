@@ -113,12 +113,32 @@ def _load_checkpoint(path: Path, owner: bool = True) -> dict | None:
         return None
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95), fused, with weight decay on matrices only (no decay on biases, norms, embeddings' rows
+    of size 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+def autocast_context(device: torch.device, precision: str = "fp32", cuda_bf16: bool = True) -> torch.autocast:
+    """The forward's autocast: bfloat16 when `precision` is "bf16" (CPU or CUDA), and on CUDA also when `cuda_bf16`
+    (the distributed runs' default); otherwise a disabled autocast, i.e. float32."""
+    enabled = precision == "bf16" or (cuda_bf16 and device.type == "cuda")
+    return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
+
+
+# torch.compile's backend for the `compile` switches; the tests swap in "aot_eager" (the same tracing, forward and
+# backward graphs, without inductor's C++ compilation, which takes a minute on a small CPU)
+COMPILE_BACKEND = "inductor"
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """torch.compile the model's forward in place: its state_dict keys and methods stay those of the model, and
+    methods that call self(...) (F's log_prob) run the compiled forward."""
+    model.compile(backend=COMPILE_BACKEND, dynamic=False)
 
 
 class _Loss(nn.Module):
@@ -154,8 +174,12 @@ def fit(
     micro_batch: int | None = None,
     env: DistEnv | None = None,
     bf16: bool = True,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> FitResult:
-    """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass."""
+    """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass.
+    `precision` "bf16" runs the forward under bfloat16 autocast on any device (`bf16`: on CUDA regardless);
+    `compile` compiles the model's forward (TrainingConfig.precision / .compile)."""
     env = env or DistEnv()
     micro = micro_batch or batch_size // env.world_size
     chunks = batch_size // max(1, micro)
@@ -166,7 +190,7 @@ def fit(
         raise ConfigError(f"{desc}: {len(dataset)} examples are fewer than one global batch of {batch_size}")
     accum, device = chunks // env.world_size, env.device
     model.to(device)
-    opt = _optimizer(model, lr, weight_decay)
+    opt = build_optimizer(model, lr, weight_decay)
     ema = [p.detach().clone() for p in model.parameters()] if ema_decay else None
     start, skipped, bad_in_row, elapsed = 0, 0, 0, 0.0
     recent: dict[str, list[float]] = {}  # the last 50 steps' loss terms: the progress bar and the record
@@ -189,10 +213,12 @@ def fit(
             )
 
     model.train()
+    if compile:
+        compile_in_place(model)
     loss_module: nn.Module = _Loss(model, loss_fn)
     if env.distributed:
         loss_module = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    autocast = autocast_context(device, precision, bf16)
     indices = batch_indices(len(dataset), batch_size, seed, start)
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and env.is_main), mininterval=1.0,
@@ -251,6 +277,8 @@ def fit(
         with torch.no_grad():
             for p, e in zip(model.parameters(), ema, strict=True):
                 p.copy_(e)
+    if compile:  # hand back a plain module: sampling shapes would only recompile it
+        model._compiled_call_impl = None  # what nn.Module.compile set
     model.eval()
     avg = mean_over_ranks({k: sum(v) / len(v) for k, v in recent.items()}, env)
     return FitResult(model, steps, seconds, avg, skipped, start, micro)
@@ -278,7 +306,8 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, seed: int,
         flow, loss_fn, dataset, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
         weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
-        progress=progress, postfix=postfix, env=env, micro_batch=micro_batch,
+        progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, precision=s1.precision,
+        compile=s1.compile,
     )
     return flow, result
 
@@ -307,7 +336,8 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
         g, loss_fn, dataset, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr, warmup=s2.warmup,
         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
-        desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch,
+        desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, precision=s2.precision,
+        compile=s2.compile,
     )
     return g, result
 

@@ -16,8 +16,10 @@ from conftest import randomize
 import biflow_bench.models.tarflow as tarflow
 from biflow_bench.ablations import get_spec
 from biflow_bench.bench import count_flops, format_speed_table, run_speed_bench
+from biflow_bench.config import ConfigError, apply_delta, scale_config
 from biflow_bench.models import TARFlow, preset_configs
 from biflow_bench.results import validation_error
+from biflow_bench.sample import Sampler
 
 ROW_KEYS = {
     "sampler": str, "label": str, "nfe": int, "nfe_label": str, "params": int, "flops_per_image": float,
@@ -76,7 +78,10 @@ def test_tiny_speed_rows(tiny_record):
         assert row["label"] == (variant.label or variant.name)
         cfg = spec.resolve(row["sampler"], "tiny")
         score = cfg.backward.denoise == "score"
-        if cfg.inverse == "exact":
+        if cfg.sample.decoder == "jacobi":  # the passes of the timed batch, never more than the serial steps
+            assert 1 <= row["nfe"] <= serial
+            assert row["nfe_label"].startswith(f"{row['nfe']} Jacobi passes")
+        elif cfg.inverse == "exact":
             assert row["nfe"] == serial + score
             assert "serial" in row["nfe_label"]
         else:
@@ -121,7 +126,7 @@ def test_latent_scale_times_the_vae_decoder_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     rec = run_speed_bench("tiny-latent", batch_sizes=(2,), repeats=1, warmup=0)
     rows = {r["sampler"]: r for r in rec["rows"]}
-    assert set(rows) == {"exact", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
+    assert set(rows) == {"exact", "exact-jacobi", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
     decoder = rows.pop("vae-decoder")
     assert set(ROW_KEYS) <= set(decoder)
     assert "random weights" in decoder["label"] and decoder["speedup"] is None
@@ -204,3 +209,143 @@ def test_fast_inverse_batch_independent(attention_path):
     full = flow.reverse(z, y, guidance=1.0)
     single = torch.cat([flow.reverse(z[i : i + 1], y[i : i + 1], guidance=1.0) for i in range(4)])
     assert torch.allclose(full, single, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_runs_jacobi_decoding_from_the_config():
+    cfg = apply_delta(scale_config("tiny"), {"inverse": "exact", "backward.denoise": "none", "sample.cfg_scale": 1.0,
+                                             "sample.decoder": "jacobi", "sample.jacobi_tol": 0.0,
+                                             "sample.jacobi_group": 4})
+    sampler = Sampler.from_config(cfg)
+    assert (sampler.decoder, sampler.jacobi_tol, sampler.jacobi_group) == ("jacobi", 0.0, 4)
+    flow = _tiny_flow()
+    z, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    stats: dict = {}
+    x = sampler(flow, None, z, y, stats)
+    assert torch.allclose(x, flow.reverse(z, y, guidance=1.0), atol=1e-4)  # tol 0: the serial inverse
+    passes = stats["jacobi_iterations"]
+    assert len(passes) == flow.config.num_blocks and all(1 <= k <= flow.config.num_tokens - 1 for k in passes)
+    assert sampler.nfe(flow, None, passes) == (sum(passes), f"{sum(passes)} Jacobi passes (group 4, tol 0) x2 (CFG)")
+    assert sampler.nfe(flow, None)[0] == flow.num_serial_steps()  # unmeasured: the bound
+    serial = dataclasses.replace(sampler, decoder="serial")
+    assert serial.nfe(flow, None) == (flow.num_serial_steps(), "4x15 serial x2 (CFG)")
+    for key, value in (("sample.decoder", "parallel"), ("sample.jacobi_group", 0), ("sample.jacobi_tol", -1.0)):
+        with pytest.raises(ConfigError, match=key.split(".")[1]):
+            apply_delta(scale_config("tiny"), {key: value})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training switches (TrainingConfig.precision / .compile) in train.fit and in the training-step benchmark
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """torch.compile through aot_eager: the same dynamo tracing and AOT forward/backward graphs as inductor, without
+    its C++ code generation (a minute per model on a small CPU)."""
+    import biflow_bench.train as train
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_training_settings_side_by_side(fast_compile):
+    rec = run_speed_bench("tiny", batch_sizes=(2,), repeats=2, warmup=0, what="train",
+                          train_settings=("fp32", "bf16", "fp32+compile"))
+    names = [r["sampler"] for r in rec["rows"]]
+    assert names == ["train-flow", "train-backward", "train-flow:bf16", "train-backward:bf16",
+                     "train-flow:fp32+compile", "train-backward:fp32+compile"]
+    peak, peak_bf16 = rec["machine"]["matmul_peak_flops"], rec["machine"]["matmul_peak_flops_bf16"]
+    assert peak > 0 and peak_bf16 > 0
+    by = {r["sampler"]: r for r in rec["rows"]}
+    for row in rec["rows"]:
+        _check_row(row)
+        stage = row["sampler"].split(":")[0]
+        assert row["speedup"] == pytest.approx(by[stage]["ms_per_image"] / row["ms_per_image"])
+        assert row["flops_per_image"] == by[stage]["flops_per_image"]  # the same math in every setting
+        row_peak = peak_bf16 if row["setting"] == "bf16" else peak
+        assert row["peak_fraction"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / row_peak)
+        assert row["peak_fraction_fp32"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / peak)
+    assert rec["config"]["train_settings"] == ["fp32", "bf16", "fp32+compile"]
+    assert "bf16" in format_speed_table(rec).splitlines()[0]
+    with pytest.raises(ValueError, match="training setting"):
+        run_speed_bench("tiny", batch_sizes=(2,), what="train", train_settings=("fp16",))
+
+
+def test_bench_training_step_uses_the_training_optimizer():
+    """The bench's step is train.fit's: AdamW groups with no weight decay on biases (1-d parameters)."""
+    from biflow_bench.bench import _training_calls
+
+    cfg = get_spec("speed").resolve("learned", "tiny")
+    step, model, _ = _training_calls(cfg, torch.device("cpu"), 2, 0)["train-flow"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step()
+    opt_groups = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer)]
+    (opt,) = opt_groups
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (cfg.stage1.weight_decay if p.dim() >= 2 else 0.0), name
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())  # it did step
+
+
+@pytest.mark.parametrize("precision,compile", [("bf16", False), ("fp32", True)])
+def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
+    """fit under each switch trains like float32 eager (same seed): compile gives the same losses to float
+    rounding, bf16 autocast close ones; the returned model is a plain module with unchanged state_dict keys."""
+    from biflow_bench.data import load_digits
+    from biflow_bench.losses import nll_loss
+    from biflow_bench.train import fit
+
+    data = load_digits().train
+
+    def loss_fn(model, x, y, gen):
+        loss = nll_loss(model, x + 0.1 * torch.randn(x.shape, generator=gen), y)
+        return loss, {"nll": float(loss.detach())}
+
+    def run(**switches):
+        torch.manual_seed(0)
+        model = TARFlow(preset_configs("tiny")[0])
+        result = fit(model, loss_fn, data, steps=6, batch_size=16, lr=1e-3, warmup=2, weight_decay=1e-4,
+                     grad_clip=1.0, seed=0, progress=False, **switches)
+        return model, result
+
+    base, base_result = run()
+    model, result = run(precision=precision, compile=compile)
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert model._compiled_call_impl is None  # handed back uncompiled
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert result.terms["nll"] == pytest.approx(base_result.terms["nll"], abs=tol)
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), base.parameters(), strict=True))
+    assert diff < (1e-4 if precision == "fp32" else 5e-2)
+    if precision == "bf16":  # autocast did run: the result is not bit-identical to float32
+        assert diff > 0
+
+
+def test_compiled_sampling_pass_equals_eager_and_gets_rows(fast_compile):
+    """G's pass under torch.compile (aot_eager here: dynamo's capture and AOT graphs, not inductor's codegen)
+    gives eager's images, and the bench times it beside the eager row."""
+    import copy
+
+    from biflow_bench.models import BiFlow
+    from biflow_bench.train import compile_in_place
+
+    _, g_cfg = preset_configs("tiny")
+    g = randomize(BiFlow(g_cfg), scale=0.5).eval()
+    compiled = copy.deepcopy(g)
+    compile_in_place(compiled)
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with torch.inference_mode():
+        for w in (0.0, 1.5):
+            eager, comp = g.sample(z, y, cfg_scale=w), compiled.sample(z, y, cfg_scale=w)
+            assert torch.allclose(comp, eager, atol=1e-5), (comp - eager).abs().max()
+    assert not torch.allclose(g.sample(z, y, 0.0), g.sample(z, y, 1.5), atol=1e-3)  # w matters: not vacuous
+    rec = run_speed_bench("tiny", batch_sizes=(1,), repeats=1, warmup=0, compile=True)
+    by = {r["sampler"]: r for r in rec["rows"]}
+    assert {"learned:compiled", "learned-cfg:compiled"} <= set(by) and "exact:compiled" not in by
+    for name in ("learned", "learned-cfg"):
+        row = by[f"{name}:compiled"]
+        _check_row(row)
+        assert row["nfe"] == by[name]["nfe"] and row["flops_per_image"] == by[name]["flops_per_image"]
+        assert row["speedup"] == pytest.approx(by["exact"]["ms_per_image"] / row["ms_per_image"])
+        assert "torch.compile" in row["label"] and row["paper_ms"] is None
+    assert rec["config"]["compile"] is True and validation_error(rec) is None

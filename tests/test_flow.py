@@ -132,3 +132,81 @@ def test_public_api_example():
     assert flow.log_prob(x, y).shape == (2,)
     assert flow.reverse(out.z, y, guidance=0.0, kv_cache=True).shape == x.shape
     assert flow.denoise(x, y, 0.1).shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parallel decoding of the exact inverse (Jacobi / Gauss-Seidel-Jacobi) against the serial inverse
+
+
+def _jacobi_reference(block, z: torch.Tensor, y: torch.Tensor | None, group: int, passes: int,
+                      guidance: float = 0.0) -> torch.Tensor:
+    """Plain GS-Jacobi on one flow block: for each group of tokens in turn, `passes` times, run the whole causal
+    block over the current sequence (no cache) and set the group's tokens to mu(x_<i) + z_i exp(alpha(x_<i));
+    CFG as (1 + w) p(. | y) - w p(. | null)."""
+    zo = block._order(z)
+    x = zo.clone()
+    n = x.shape[1]
+
+    def params(seq, labels):
+        h = block._embed(seq, 0, labels)
+        for layer in block.layers:
+            h = layer(h)
+        return block._params(h)  # position j: the parameters of token j + 1
+
+    for start in range(1, n, group):
+        end = min(start + group, n)
+        for _ in range(passes):
+            alpha, mu = params(x, y)
+            if guidance:
+                alpha_u, mu_u = params(x, torch.full_like(y, block.cfg.num_classes))
+                alpha, mu = (1 + guidance) * alpha - guidance * alpha_u, (1 + guidance) * mu - guidance * mu_u
+            x[:, start:end] = zo[:, start:end] * torch.exp(alpha[:, start - 1 : end - 1]) + mu[:, start - 1 : end - 1]
+    return block._order(x)
+
+
+@pytest.mark.parametrize("group", [1, 2, 5])
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+@pytest.mark.parametrize("flip", [0, 1])
+def test_jacobi_passes_equal_plain_reference(group, guidance, flip):
+    """One pass per group (tol = inf) and two passes per group against the plain uncached GS-Jacobi."""
+    flow = small_flow(image_size=8, clip=1.0)  # 16 tokens
+    block = flow.blocks[flip]
+    from biflow_bench.models.layers import patchify
+
+    z = patchify(torch.randn(3, 1, 8, 8, dtype=torch.float64), 2)
+    y = torch.tensor([0, 1, 2])
+    y_unc = torch.full_like(y, flow.null_class)
+    one, passes = block.reverse_jacobi(z, y, y_unc, guidance, tol=math.inf, group=group)
+    assert passes == len(range(1, 16, group))  # one pass per group
+    assert torch.allclose(one, _jacobi_reference(block, z, y, group, 1, guidance), atol=1e-12)
+    if group > 1:  # one pass per group is not yet the inverse: the comparison below is not vacuous
+        assert not torch.allclose(one, block.reverse(z, y, y_unc, guidance), atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 7, 15, 100])
+@pytest.mark.parametrize("guidance,temperature,annealed", [(0.0, None, False), (1.5, None, False),
+                                                           (1.5, None, True), (1.0, 0.5, False)])
+def test_jacobi_at_convergence_equals_serial_inverse(group, guidance, temperature, annealed):
+    flow = small_flow(image_size=8, clip=1.0)  # 16 tokens per block
+    z, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    kw = dict(guidance=guidance, guidance_temperature=temperature, annealed=annealed)
+    result = flow.reverse_jacobi(z, y, tol=0.0, group=group, **kw)
+    assert torch.allclose(result.x, flow.reverse(z, y, **kw), atol=1e-10)
+    # tol = 0: each group runs at most its bound, one pass per token (fewer where the values stop moving)
+    bound = flow.config.num_tokens - 1
+    assert len(result.iterations) == flow.config.num_blocks and all(1 <= k <= bound for k in result.iterations)
+    if group == 1:
+        assert result.iterations == [bound] * flow.config.num_blocks
+
+
+def test_jacobi_at_a_tolerance_takes_fewer_passes():
+    flow = small_flow(torch.float32, image_size=8, clip=1.0)
+    z, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    serial = flow.reverse(z, y, guidance=1.0)
+    result = flow.reverse_jacobi(z, y, guidance=1.0, tol=1e-4, group=100)
+    assert sum(result.iterations) < flow.num_serial_steps()
+    assert (result.x - serial).abs().max() < 1e-3
+    x = torch.randn(4, 1, 8, 8)  # and it inverts forward
+    assert (flow.reverse_jacobi(flow(x, y).z, y, tol=1e-6).x - x).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="group"):
+        flow.reverse_jacobi(z, y, group=0)

@@ -8,6 +8,12 @@ update of token i (TARFlow eq. 4):
 
 Token 0 passes unchanged. The inverse is exact and serial: token i needs x_<i, so decoding runs token by token,
 block by block (with a preallocated KV cache, see FlowBlock._reverse_cached). Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
+
+The same inverse can be solved in parallel (`TARFlow.reverse_jacobi`): x = mu(x) + z exp(alpha(x)) is a fixed point
+of one causal pass over a whole group of tokens, and Jacobi iteration from the guess x = z reaches it exactly in at
+most as many passes as the group has tokens (after k passes the first k tokens are exact), usually far fewer at a
+tolerance. Groups of `group` tokens decoded one after the other are Gauss-Seidel-Jacobi; group = 1 is the serial
+decoder, group >= N - 1 plain Jacobi over the whole block.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CausalBlock, ImageTokens, patchify, unpatchify
+from .layers import CausalBlock, ImageTokens, KVCache, patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,11 @@ class FlowOutput(NamedTuple):
     z: Tensor  # (B, C, H, W)
     logdet: Tensor  # (B,) log|det dz/dx| in nats
     trajectory: list[Tensor]  # num_blocks + 1 states, x_0 = x ... x_B = z
+
+
+class JacobiResult(NamedTuple):
+    x: Tensor  # (B, C, H, W)
+    iterations: list[int]  # parallel passes per flow block, in decoding order (the last block first)
 
 
 class FlowBlock(nn.Module):
@@ -253,6 +264,63 @@ class FlowBlock(nn.Module):
                 torch.add(mu, zs[i + 1], out=xs[i + 1])
         return x
 
+    @torch.no_grad()
+    def reverse_jacobi(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None = None, guidance: float = 0.0,
+                       temperature: float = 1.0, annealed: bool = False, tol: float = 1e-3,
+                       group: int = 16) -> tuple[Tensor, int]:
+        """Inverse of `forward` by (Gauss-Seidel-)Jacobi iteration; returns it and the number of parallel passes.
+
+        Tokens 1..N-1 are cut into groups of `group`, decoded one group after the other. Within a group every pass
+        runs the causal Transformer over the group's inputs (the tokens before it come from a KV cache) and
+        updates all of its tokens at once, x_i <- mu_i(x_<i) + z_i exp(alpha_i(x_<i)), starting from x = z; the
+        group stops when no value changed by more than `tol` in the last pass, and after at most as many passes
+        as it has tokens, where it equals the serial inverse (tol = 0: up to float rounding). The next group's
+        first pass re-encodes the tokens that moved in the last pass, so every group sees the final values of
+        the tokens before it.
+        The convergence test is over the whole batch. Guidance as in `reverse`: the 2B rows are one batch and
+        alpha, mu are extrapolated per token."""
+        z = self._order(z)
+        b, n, _ = z.shape
+        x = z.clone()
+        guided = guidance > 0
+        ys: Tensor | None = y
+        temp: Tensor | float = 1.0
+        if guided:
+            ys = None if y is None else torch.cat([y, y_uncond])  # type: ignore[list-item]
+            temp = torch.ones(2 * b, 1, 1, 1, device=z.device, dtype=z.dtype)
+            temp[b:] = temperature
+        rows, heads = (2 * b if guided else b), self.cfg.num_heads
+        caches = [KVCache(rows, heads, n, self.cfg.channels // heads, z) for _ in self.layers]
+        # guidance weight of each decoded token 1..N-1 (annealed: grows linearly, TARFlow sec. 2.6)
+        steps = torch.arange(1, n, device=z.device, dtype=z.dtype)
+        weights = guidance * steps / max(n - 1, 1) if annealed else torch.full_like(steps, guidance)
+        passes, valid = 0, 0  # the caches' keys and values at positions < valid are those of the final tokens
+        for start in range(1, n, group):
+            end = min(start + group, n)
+            for _ in range(end - start):
+                # position j predicts token j + 1; the pass re-encodes from the first stale cache position (the
+                # previous group's tokens moved in its last pass) and rewrites the group's own keys and values
+                lo = min(valid, start - 1)
+                inp = x[:, lo : end - 1]
+                for cache in caches:
+                    cache.pos = lo
+                h = self._embed(torch.cat([inp, inp]) if guided else inp, lo, ys)
+                for layer, cache in zip(self.layers, caches, strict=True):
+                    h = layer(h, cache, temp)
+                alpha, mu = self._params(h[:, start - 1 - lo :])
+                if guided:
+                    w = weights[start - 1 : end - 1].view(1, -1, 1)
+                    alpha = (1 + w) * alpha[:b] - w * alpha[b:]
+                    mu = (1 + w) * mu[:b] - w * mu[b:]
+                new = z[:, start:end] * torch.exp(alpha) + mu
+                change = (new - x[:, start:end]).abs().max()
+                x[:, start:end] = new
+                passes += 1
+                valid = end - 1 if change == 0 else start  # the inputs of this pass, up to the moved tokens
+                if change <= tol:
+                    break
+        return self._order(x), passes
+
 
 # exact decoding's attention: SDPA up to this many (row, head) pairs, batched matmuls above
 _SDPA_MAX_PAIRS = 16
@@ -312,6 +380,41 @@ class TARFlow(nn.Module):
         guidance > 0 with guidance_temperature None: classifier-free guidance against the null class; with a
         temperature: TARFlow's attention-temperature guidance (the guiding pass keeps the class, attention flattened).
         """
+        y, y_uncond = self._guidance_labels(z, y, guidance, guidance_temperature)
+        tokens = self._tokens(z)
+        for block in reversed(self.blocks):
+            tokens = block.reverse(
+                tokens, y, y_uncond, guidance, guidance_temperature or 1.0, annealed, kv_cache
+            )
+        return self._image(tokens)
+
+    @torch.no_grad()
+    def reverse_jacobi(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: float = 0.0,
+        guidance_temperature: float | None = None,
+        annealed: bool = False,
+        tol: float = 1e-3,
+        group: int = 16,
+    ) -> JacobiResult:
+        """x = F^-1(z) by Gauss-Seidel-Jacobi iteration over groups of `group` tokens (FlowBlock.reverse_jacobi),
+        with the guidance of `reverse`; also returns the parallel passes each block took."""
+        if group < 1 or tol < 0:
+            raise ValueError(f"Jacobi decoding needs group >= 1 and tol >= 0 (got group={group}, tol={tol})")
+        y, y_uncond = self._guidance_labels(z, y, guidance, guidance_temperature)
+        tokens, iterations = self._tokens(z), []
+        for block in reversed(self.blocks):
+            tokens, passes = block.reverse_jacobi(tokens, y, y_uncond, guidance, guidance_temperature or 1.0,
+                                                  annealed, tol, group)
+            iterations.append(passes)
+        return JacobiResult(self._image(tokens), iterations)
+
+    def _guidance_labels(self, z: Tensor, y: Tensor | None, guidance: float,
+                         guidance_temperature: float | None) -> tuple[Tensor | None, Tensor | None]:
+        """The labels of the conditional rows and (guidance > 0) of the guiding rows: the null class for CFG, the
+        same class for attention-temperature guidance."""
         b = z.shape[0]
         y = self._labels(y, b, z.device)
         y_uncond = None
@@ -319,12 +422,7 @@ class TARFlow(nn.Module):
             if guidance_temperature is None and not self.config.num_classes:
                 raise ValueError("classifier-free guidance needs a class-conditional flow (num_classes > 0)")
             y_uncond = y if guidance_temperature is not None else self._labels(None, b, z.device)
-        tokens = self._tokens(z)
-        for block in reversed(self.blocks):
-            tokens = block.reverse(
-                tokens, y, y_uncond, guidance, guidance_temperature or 1.0, annealed, kv_cache
-            )
-        return self._image(tokens)
+        return y, y_uncond
 
     def denoise(self, x: Tensor, y: Tensor | None = None, sigma: float = 0.05, batch_size: int = 256) -> Tensor:
         """One Tweedie step x + sigma^2 grad_x log p(x) (TARFlow sec. 2.5), by autograd through F in micro-batches
