@@ -77,8 +77,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
     from .runner import RunOptions
 
-    return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides),
-                      progress=sys.stderr.isatty())
+    # progress: a bar on a terminal, periodic lines in a log (train.fit decides)
+    return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides))
 
 
 def _check_scale(scale: str) -> None:
@@ -284,7 +284,7 @@ def train_dist(
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     dataset = load_dataset(cfg.dataset, data_dir).train
     env = init_from_env(device)
-    summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch, progress=sys.stderr.isatty())
+    summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch)
     if env.is_main:
         typer.echo(json.dumps(summary, indent=2))
     shutdown()

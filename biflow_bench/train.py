@@ -78,6 +78,33 @@ def step_generator(seed: int, step: int, chunk: int = 0, device: torch.device | 
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step + chunk * 1_000_000_007)
 
 
+PROGRESS_EVERY_S = 60.0
+
+
+class ProgressLines:
+    """Progress for a log file: a line when a stage starts, one every PROGRESS_EVERY_S seconds with the rate and an
+    estimate of the time left, and one when it ends (a terminal gets tqdm's bar instead)."""
+
+    def __init__(self, desc: str, start: int, steps: int) -> None:
+        self.desc, self.start, self.steps = desc, start, steps
+        self.t0 = self.last = time.perf_counter()
+        print(f"{desc}: step {start}/{steps}" + (" (resumed)" if start else ""), file=sys.stderr, flush=True)
+
+    def update(self, step: int, shown: dict[str, str]) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        left = (self.steps - step) / max(rate, 1e-9)
+        terms = " ".join(f"{k}={v}" for k, v in shown.items())
+        print(f"{self.desc}: step {step}/{self.steps} ({100 * step / self.steps:.0f}%), {rate:.2f} steps/s, about "
+              f"{left / 60:.1f} min left {terms}".rstrip(), file=sys.stderr, flush=True)
+
+    def done(self, steps: int) -> None:
+        print(f"{self.desc}: done, {steps} steps in {time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)
+
+
 class _StopFlag:
     """Turns SIGINT / SIGTERM into a flag checked at step boundaries (main thread only)."""
 
@@ -221,8 +248,10 @@ def fit(
     autocast = autocast_context(device, precision, bf16)
     indices = batch_indices(len(dataset), batch_size, seed, start)
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and env.is_main), mininterval=1.0,
-               leave=False)
+    terminal = sys.stderr.isatty()  # a bar on a terminal; without one (logs, nohup), a line every PROGRESS_EVERY_S
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and env.is_main and terminal),
+               mininterval=1.0, leave=False)
+    lines = ProgressLines(desc, start, steps) if progress and env.is_main and not terminal else None
     with _StopFlag() as stop:
         for step in range(start, steps):
             if any_true(stop.signum is not None, env):
@@ -268,10 +297,15 @@ def fit(
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
             bar.update(1)
-            if progress and env.is_main and step % 10 == 0:
+            if progress and env.is_main and (step % 10 == 0 or lines is not None):
                 avg = {k: sum(v) / len(v) for k, v in recent.items()}
-                bar.set_postfix(postfix(avg) if postfix else {k: f"{v:.4f}" for k, v in avg.items()})
+                shown = postfix(avg) if postfix else {k: f"{v:.4f}" for k, v in avg.items()}
+                bar.set_postfix(shown)
+                if lines is not None:
+                    lines.update(step + 1, shown)
     bar.close()
+    if lines is not None:
+        lines.done(steps)
     seconds = elapsed + time.perf_counter() - t0
     if ema is not None:
         with torch.no_grad():

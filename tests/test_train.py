@@ -121,3 +121,19 @@ def test_ema_update_golden_values():
     ema = [torch.tensor([1.0])]
     ema_update(ema, [torch.tensor([0.0])], decay=0.9, step=1000)  # min(0.9, 1001/1010) = 0.9
     torch.testing.assert_close(ema[0], torch.tensor([0.9]))
+
+
+def test_progress_without_a_terminal_is_a_line_per_stage_and_periodic_lines(tmp_path, monkeypatch, capsys):
+    """In a log (stderr not a TTY) a run says when a stage starts, how far it is with the time left, and when it
+    ends; a terminal gets the bar instead."""
+    import biflow_bench.train as train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    cfg = _tiny(4)
+    fit(TARFlow(cfg.flow), _flow_loss, load_digits().train, steps=4, batch_size=16, lr=1e-3, warmup=2,
+        weight_decay=0.0, grad_clip=1.0, seed=0, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "train: step 0/4"
+    assert [line.split(" (")[0] for line in lines[1:-1]] == [f"train: step {k}/4" for k in range(1, 5)]
+    assert all("steps/s, about" in line and "min left" in line for line in lines[1:-1])
+    assert lines[-1].startswith("train: done, 4 steps in ")
