@@ -75,8 +75,9 @@ class PerceptualDistance(nn.Module):
 
     network = ""
 
-    def __init__(self, size: int, crop_min: float) -> None:
+    def __init__(self, size: int, crop_min: float, weights: str) -> None:
         super().__init__()
+        _check_mode(weights)
         self.size, self.crop_min = size, crop_min
 
     def forward(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -109,8 +110,7 @@ class LPIPSVGG(PerceptualDistance):
 
     def __init__(self, weights: str = "pretrained", size: int = 224, crop_min: float = 0.08,
                  path: str | Path | None = None) -> None:
-        super().__init__(size, crop_min)
-        _check_mode(weights)
+        super().__init__(size, crop_min, weights)
         import lpips
         from torchvision.models import vgg16
 
@@ -137,8 +137,7 @@ class ConvNeXtPooled(PerceptualDistance):
 
     def __init__(self, weights: str = "pretrained", size: int = 224, crop_min: float = 0.08,
                  model: str = "convnextv2_base", path: str | Path | None = None) -> None:
-        super().__init__(size, crop_min)
-        _check_mode(weights)
+        super().__init__(size, crop_min, weights)
         import timm
 
         self.net = timm.create_model(model, pretrained=False, num_classes=0)
@@ -205,8 +204,7 @@ class EffNetDistance(PerceptualDistance):
 
     def __init__(self, weights: str = "pretrained", size: int = 224, crop_min: float = 0.08,
                  path: str | Path | None = None) -> None:
-        super().__init__(size, crop_min)
-        _check_mode(weights)
+        super().__init__(size, crop_min, weights)
         self.net = efficientnet_lite(self.variant, weights, path)
         self._freeze()
 
