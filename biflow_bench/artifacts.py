@@ -85,13 +85,13 @@ def _finish(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str,
     return Artifact(path, False, meta)
 
 
-def get_flow(cfg: RunConfig, seed: int, dataset: ImageDataset, cache_dir: Path, progress: bool = True,
+def get_flow(cfg: RunConfig, dataset: ImageDataset, cache_dir: Path, progress: bool = True,
              micro_batch: int | None = None) -> tuple[TARFlow, Artifact]:
-    directory = cache_dir / "stage1" / cfg.stage1_key(seed, micro_batch)
+    directory = cache_dir / "stage1" / cfg.stage1_key(micro_batch)
     hit = _cached(directory / "flow.pt", cfg.flow)
     if hit is not None:
         return hit[0], Artifact(directory / "flow.pt", True, hit[1])  # type: ignore[return-value]
-    flow, result = train_flow(cfg, dataset, seed, directory / "checkpoint.pt", progress, micro_batch=micro_batch)
+    flow, result = train_flow(cfg, dataset, directory / "checkpoint.pt", progress, micro_batch=micro_batch)
     return flow, _finish(flow, directory, "flow.pt", _meta(result))
 
 

@@ -66,6 +66,9 @@ class Stage1Config(TrainingConfig):
     """Forward flow F by maximum likelihood (TARFlow sec. 2)."""
 
     noise_sigma: float = 0.1  # Gaussian noise augmentation (TARFlow sec. 2.4)
+    # F's own seed: one F per F config, shared by every seed of G and of sampling (a run's --seed varies G's
+    # initialisation, stage 2's data order and the sampled images; set this to vary F itself)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,17 +181,18 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return _from_dict(cls, d)
 
-    def stage1_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """Hash of everything that determines F: runs that share it share the trained forward flow. A micro-batch
-        that splits the batch (each micro-batch draws its own randomness) and a non-CPU device (bf16 autocast)
-        change the trained weights, so they are part of the key when present."""
-        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1), "seed": seed,
+    def stage1_key(self, micro_batch: int | None = None, device: str = "cpu") -> str:
+        """Hash of everything that determines F (its seed is stage1.seed): runs that share it share the trained
+        forward flow. A micro-batch that splits the batch (each micro-batch draws its own randomness) and a non-CPU
+        device (bf16 autocast) change the trained weights, so they are part of the key when present."""
+        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1),
                             "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, self.stage1.batch_size, device)})
 
     def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """Hash of everything that determines G (and, through stage1_key, the F it was trained against)."""
-        return config_hash({"stage1": self.stage1_key(seed, micro_batch, device), "backward": self.backward,
-                            "stage2": _identity(self.stage2), **_split_key(micro_batch, self.stage2.batch_size, device)})
+        """Hash of everything that determines G: the run's seed, its config and (through stage1_key) its F."""
+        return config_hash({"stage1": self.stage1_key(micro_batch, device), "backward": self.backward,
+                            "stage2": _identity(self.stage2), "seed": seed,
+                            **_split_key(micro_batch, self.stage2.batch_size, device)})
 
     def effective_micro_batch(self, micro_batch: int | None) -> int | None:
         """`micro_batch` when it splits the training batch of a stage (and so changes the numbers), else None."""

@@ -131,8 +131,8 @@ def train_stages(cfg, seed: int, dataset, cache_dir: Path, env: DistEnv, micro_b
     # the micro-batch size changes the randomness drawn (one stream per micro-batch), so it is part of the key
     micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
     device = env.device.type
-    flow, summary = stage(cache_dir / "stage1" / cfg.stage1_key(seed, micro_batch, device), "flow.pt",
-                          lambda ck: train_flow(cfg, dataset, seed, ck, progress and env.is_main, env=env,
+    flow, summary = stage(cache_dir / "stage1" / cfg.stage1_key(micro_batch, device), "flow.pt",
+                          lambda ck: train_flow(cfg, dataset, ck, progress and env.is_main, env=env,
                                                 micro_batch=micro_batch))
     out = {"stage1": summary}
     if cfg.inverse == "learned":

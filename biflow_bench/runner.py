@@ -116,8 +116,8 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     preflight(cfg, seed)
     splits = _dataset(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
     micro = opts.micro_batch
-    flow, flow_art = get_flow(cfg, seed, splits.train, opts.cache, opts.progress, micro)
-    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(seed, micro)}}
+    flow, flow_art = get_flow(cfg, splits.train, opts.cache, opts.progress, micro)
+    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(micro)}}
     g = None
     if cfg.inverse == "learned":
         g, g_art = get_backward(cfg, seed, flow, splits.train, opts.cache, opts.progress, micro)

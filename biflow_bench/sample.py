@@ -149,7 +149,7 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     cache = cache_dir or default_cache_dir()
     micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
     keys = (seed, micro_batch, env.device.type)  # what train-dist trained with (distributed.train_stages)
-    paths = [cache / "stage1" / cfg.stage1_key(*keys) / "flow.pt"]
+    paths = [cache / "stage1" / cfg.stage1_key(*keys[1:]) / "flow.pt"]
     if cfg.inverse == "learned":
         paths.append(cache / "stage2" / cfg.stage2_key(*keys) / "backward.pt")
     for p in paths:

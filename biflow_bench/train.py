@@ -318,13 +318,14 @@ def fit(
     return FitResult(model, steps, seconds, avg, skipped, start, micro)
 
 
-def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, seed: int, checkpoint: Path | None = None,
+def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint: Path | None = None,
                progress: bool = True, env: DistEnv | None = None,
                micro_batch: int | None = None) -> tuple[TARFlow, FitResult]:
-    """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop."""
-    torch.manual_seed(seed)
-    flow = TARFlow(cfg.flow)
+    """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop.
+    Seeded by stage1.seed alone: every seed of G trains against the same F."""
     s1 = cfg.stage1
+    torch.manual_seed(s1.seed)
+    flow = TARFlow(cfg.flow)
     levels_offset = math.log((dataset.levels - 1) / 2)
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -338,7 +339,7 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, seed: int,
 
     result = fit(
         flow, loss_fn, dataset, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
-        weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=seed, checkpoint=checkpoint,
+        weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=s1.seed, checkpoint=checkpoint,
         checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
         progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, precision=s1.precision,
         compile=s1.compile,

@@ -69,9 +69,9 @@ def test_recorded_runs_are_skipped_and_results_load(shared):
 
 def test_variants_sharing_f_share_the_artifact(shared):
     cfgs = [REGISTRY["denoise"].resolve(v, "tiny", QUICK) for v in ("learned", "score", "none")]
-    assert len({c.stage1_key(0) for c in cfgs}) == 1 and len({c.stage2_key(0) for c in cfgs}) == 3
+    assert len({c.stage1_key() for c in cfgs}) == 1 and len({c.stage2_key(0) for c in cfgs}) == 3
     clip, none = (REGISTRY["norm-control"].resolve(v, "tiny", QUICK) for v in ("clip", "none"))
-    assert clip.stage1_key(0) != none.stage1_key(0)  # norm control changes F: its own forward flow
+    assert clip.stage1_key() != none.stage1_key()  # norm control changes F: its own forward flow
 
 
 @pytest.mark.parametrize("text,message", [

@@ -70,7 +70,7 @@ def trained(tmp_path_factory, cfg):
     (with stage 2) by `train-dist` on 2 processes."""
     tmp = tmp_path_factory.mktemp("dist")
     cache = tmp / "cache"
-    ckpt = cache / "stage1" / cfg.stage1_key(0, MICRO) / "checkpoint.pt"
+    ckpt = cache / "stage1" / cfg.stage1_key(MICRO) / "checkpoint.pt"
     calls = []
 
     def interrupting_nll(model, x, y):
@@ -83,7 +83,7 @@ def trained(tmp_path_factory, cfg):
     train_module.nll_loss = interrupting_nll
     try:
         with pytest.raises(TrainingInterrupted):
-            train_flow(cfg, load_digits().train, 0, ckpt, progress=False, micro_batch=MICRO)
+            train_flow(cfg, load_digits().train, ckpt, progress=False, micro_batch=MICRO)
     finally:
         train_module.nll_loss = nll_loss
     assert torch.load(ckpt, weights_only=False)["step"] == 7
@@ -98,7 +98,7 @@ def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, 
     assert summary["stage1"]["resumed_from"] == 7 and summary["stage1"]["world_size"] == 2
     assert summary["stage2"]["resumed_from"] == 0 and summary["stage2"]["micro_batch"] == MICRO
     assert writes and {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing
-    s1, s2 = cache / "stage1" / cfg.stage1_key(0, MICRO), cache / "stage2" / cfg.stage2_key(0, MICRO)
+    s1, s2 = cache / "stage1" / cfg.stage1_key(MICRO), cache / "stage2" / cfg.stage2_key(0, MICRO)
     written = [p for _, p in writes]
     assert written.count(s2 / "checkpoint.pt") == 1 and written.count(s1 / "checkpoint.pt") == 1  # steps 8, 4
     files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
@@ -107,7 +107,7 @@ def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, 
 
     # one process accumulating 2 micro-batches of 8, uninterrupted: the same training up to float reduction order
     data = load_digits().train
-    flow, _ = train_flow(cfg, data, 0, progress=False, micro_batch=MICRO)
+    flow, _ = train_flow(cfg, data, progress=False, micro_batch=MICRO)
     g, _ = train_backward(cfg, flow, data, 0, progress=False, micro_batch=MICRO)
     for mine, path in ((flow, s1 / "flow.pt"), (g, s2 / "backward.pt")):
         theirs = load_model(path)[0].state_dict()
@@ -127,7 +127,7 @@ def test_samples_do_not_depend_on_processes_or_batch_size(trained, cfg):
     assert np.array_equal(two["arr_0"], one["arr_0"]) and two["labels"].tolist() == [i % 10 for i in range(16)]
 
     # the float samples themselves, per batch size, in one process
-    flow = load_model(cache / "stage1" / cfg.stage1_key(0, MICRO) / "flow.pt")[0]
+    flow = load_model(cache / "stage1" / cfg.stage1_key(MICRO) / "flow.pt")[0]
     g = load_model(cache / "stage2" / cfg.stage2_key(0, MICRO) / "backward.pt")[0]
     labels = torch.arange(16) % 10
     by_batch = [generate(Sampler.from_config(cfg), flow, g, labels, range(16), b, 0) for b in (4, 16)]

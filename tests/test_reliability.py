@@ -47,7 +47,7 @@ OVERRIDES = {"stage1.steps": 40, "stage1.checkpoint_every": 10, "stage2.steps": 
 SETS = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={v}")]
 RUN = ["run", "denoise", "--variants", "learned", "--scale", "tiny", *SETS]
 CFG = get_spec("denoise").resolve("learned", "tiny", OVERRIDES)
-KEY1, KEY2 = CFG.stage1_key(0), CFG.stage2_key(0)
+KEY1, KEY2 = CFG.stage1_key(), CFG.stage2_key(0)
 # the config hash of RUN's record: its overrides put it at learned__seed0__<hash>.json, beside the default's
 HASH = runner.identity(get_spec("denoise"), "learned", "tiny", runner.RunOptions(overrides=OVERRIDES))[1].config_hash
 TIMING = ("timing", "wall_time_s", "created")

@@ -22,7 +22,7 @@ from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
     read_record, record_path, scan_records, write_record,
 )
-from biflow_bench.config import SCALES
+from biflow_bench.config import SCALES, apply_delta
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -444,10 +444,18 @@ def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
 
 def test_stage_keys_cover_micro_batch_and_device() -> None:
     cfg = SCALES["tiny"]
-    assert cfg.stage1_key(0, cfg.stage1.batch_size) == cfg.stage1_key(0)  # one pass per batch: the same training
-    assert cfg.stage1_key(0, 32) != cfg.stage1_key(0) and cfg.stage2_key(0, 32) != cfg.stage2_key(0)
-    assert cfg.stage1_key(0, device="cuda") != cfg.stage1_key(0)  # bf16 autocast on CUDA
+    assert cfg.stage1_key(cfg.stage1.batch_size) == cfg.stage1_key()  # one pass per batch: the same training
+    assert cfg.stage1_key(32) != cfg.stage1_key() and cfg.stage2_key(0, 32) != cfg.stage2_key(0)
+    assert cfg.stage1_key(device="cuda") != cfg.stage1_key()  # bf16 autocast on CUDA
     assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
+
+
+def test_seeds_of_g_share_one_f() -> None:
+    """A run's seed varies G (and sampling), not F: F is trained once per F config, its seed is stage1.seed."""
+    cfg = SCALES["tiny"]
+    assert cfg.stage2_key(1) != cfg.stage2_key(0)
+    other_f = apply_delta(cfg, {"stage1.seed": 1})
+    assert other_f.stage1_key() != cfg.stage1_key() and other_f.stage2_key(0) != cfg.stage2_key(0)
 
 
 def test_speed_page_nfe_matches_the_cli_and_tiny_labels_drop_b2(tmp_path: Path) -> None:
