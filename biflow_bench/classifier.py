@@ -101,6 +101,17 @@ def label_accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     return float(acc), float(conf)
 
 
+def label_accuracy_se(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Standard errors of acc_cls and conf_cls over the images: std / sqrt(n) of the per-image hit (0/1) and label
+    probability (population std; for the hits sqrt(acc (1 - acc) / n)). The noise of one run, as the bootstrap std
+    is for the Frechet distances."""
+    probs = logits.double().softmax(-1)
+    hits = (logits.argmax(-1) == labels).double()
+    conf = probs.gather(1, labels.view(-1, 1)).view(-1)
+    n = len(labels)
+    return float(hits.std(correction=0) / n**0.5), float(conf.std(correction=0) / n**0.5)
+
+
 def train_classifier(cfg: ClassifierConfig, splits: DataSplits) -> tuple[DomainClassifier, dict[str, float]]:
     """Adam with cosine decay, batches from `batch_indices(seed)`: the same weights for the same seed and data."""
     torch.manual_seed(cfg.seed)
@@ -156,12 +167,13 @@ def get_classifier(dataset: str, splits: DataSplits, cache_dir: Path,
 def classifier_metrics(model: DomainClassifier, images: Tensor, labels: Tensor | None,
                        reference: tuple[np.ndarray, np.ndarray], bootstrap: int = 10,
                        seed: int = 0) -> dict[str, float]:
-    """acc_cls / conf_cls (when labels are given), fd_cls against the real images' feature (mu, sigma), and fd_cls_std,
+    """acc_cls / conf_cls with their standard errors (when labels are given), fd_cls against the real images' feature (mu, sigma), and fd_cls_std,
     its bootstrap std (`frechet_bootstrap_std`, as for fd_effnet)."""
     logits, feats = classify(model, images)
     out: dict[str, float] = {}
     if labels is not None:
         out["acc_cls"], out["conf_cls"] = label_accuracy(logits, labels)
+        out["acc_cls_std"], out["conf_cls_std"] = label_accuracy_se(logits, labels)
     f = feats.double().numpy()
     out["fd_cls"] = frechet_distance(*feature_stats(f), *reference)
     out["fd_cls_std"] = frechet_bootstrap_std(f, *reference, bootstrap, seed) if bootstrap >= 2 else math.nan

@@ -32,6 +32,10 @@ def test_label_accuracy_golden():
     assert acc == pytest.approx(0.5)
     p = [math.exp(2) / (math.exp(2) + 2), 1 / 3, math.exp(1) / (math.exp(3) + math.exp(1) + 1), 3 / 5]
     assert conf == pytest.approx(sum(p) / 4, rel=1e-6)  # float32 logits
+    acc_se, conf_se = cls.label_accuracy_se(logits, labels)
+    assert acc_se == pytest.approx(math.sqrt(0.5 * 0.5 / 4))  # binomial: sqrt(acc (1 - acc) / n)
+    mean = sum(p) / 4
+    assert conf_se == pytest.approx(math.sqrt(sum((q - mean) ** 2 for q in p) / 4) / 2, rel=1e-6)
 
 
 def test_quantize_is_eight_bit():
