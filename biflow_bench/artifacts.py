@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import RunConfig
 from .data import ImageDataset
-from .io import CorruptArtifact, atomic_torch_save, verified_torch_load
+from .files import CorruptArtifact, atomic_torch_save, verified_torch_load
 from .models.biflow import BiFlow, BiFlowConfig
 from .models.tarflow import TARFlow, TARFlowConfig
 from .train import FitResult, train_backward, train_flow

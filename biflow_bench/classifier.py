@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .config import config_hash
 from .data import DataSplits, batch_indices
-from .io import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
+from .files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
 from .metrics import feature_stats, frechet_bootstrap_std, frechet_distance
 
 

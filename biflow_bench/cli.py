@@ -21,7 +21,7 @@ import typer
 from .ablations import load_registry
 from .config import SCALES, ConfigError, did_you_mean
 from .data import DataError
-from .io import LockBusy
+from .files import LockBusy
 from .weights import WeightsError
 
 def _plain_help() -> None:
@@ -361,7 +361,7 @@ def bench_speed(
         except ValueError as e:
             raise ConfigError(f"--train-settings: {e}") from None
     _writable(results_dir)
-    from .io import dir_lock
+    from .files import dir_lock
     from .results import write_record
 
     record = run_speed_bench(scale=scale, batch_sizes=sizes, device=device, repeats=repeats, what=what,
@@ -386,7 +386,7 @@ def bench_flow_reference(
 ) -> None:
     """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
     from .flow_reference import format_rows, run_flow_reference
-    from .io import atomic_write_json
+    from .files import atomic_write_json
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())

@@ -145,7 +145,7 @@ def train_stages(cfg, seed: int, dataset, cache_dir: Path, env: DistEnv, micro_b
 def _load(path: Path, env: DistEnv) -> tuple[Any, dict[str, Any]]:
     """A cached artifact on every rank, or (None, {}) on every rank when any rank cannot read it."""
     from .artifacts import load_model
-    from .io import CorruptArtifact
+    from .files import CorruptArtifact
 
     model, meta = None, {}
     if path.exists():

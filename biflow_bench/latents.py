@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from .data import LATENT_FORMAT, DataError, shard_name
-from .io import atomic_torch_save, atomic_write_text
+from .files import atomic_torch_save, atomic_write_text
 from .weights import KNOWN_WEIGHTS, WeightsError, resolve_weights
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}

@@ -37,7 +37,7 @@ from torch_fidelity.metric_prc import calculate_precision_recall_full
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 from .weights import resolve_weights
 
 EFFNET_NAME = "effnet-lite0"

@@ -38,7 +38,7 @@ from scipy.stats import kendalltau
 
 from .ablations import AblationSpec, load_registry
 from .config import SCALES, ConfigError
-from .io import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .results import results_frame, scan_records, speed_frame
 
 MANIFEST = ".report-manifest"

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from .config import config_hash
-from .io import atomic_write_json
+from .files import atomic_write_json
 
 RESULT_SCHEMA = 1
 KINDS = ("ablation", "speed")

@@ -40,7 +40,7 @@ from .classifier import DomainClassifier, classifier_config, classifier_key, cla
     reference_features_stats
 from .config import ConfigError, RunConfig, config_hash
 from .data import DataSplits, add_noise, class_balanced_labels, load_dataset, save_image_grid, to_uint8
-from .io import atomic_write_json, dir_lock
+from .files import atomic_write_json, dir_lock
 from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, box_blur, compute_fidelity, count_params, \
     reference_features, residual_noise
 from .models.biflow import BiFlow

@@ -134,7 +134,7 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     from .artifacts import default_cache_dir, load_model
     from .config import ConfigError
     from .data import class_balanced_labels, save_image_grid, to_uint8
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes
     from .latents import load_reference, load_vae, sample_postprocess
     from .metrics import INCEPTION_NAME, compute_fidelity
     from .weights import resolve_weights

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, LatentDataset, add_noise, batch_indices, data_generator, drop_labels, get_batch
 from .distributed import DistEnv, all_true, any_true, mean_over_ranks
-from .io import CorruptArtifact, atomic_torch_save, verified_torch_load
+from .files import CorruptArtifact, atomic_torch_save, verified_torch_load
 from .losses import build_perceptual_terms, nll_loss, stage2_loss
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow

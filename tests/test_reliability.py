@@ -38,7 +38,7 @@ import torch
 from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.artifacts import load_model
-from biflow_bench.io import verified_torch_load
+from biflow_bench.files import verified_torch_load
 from biflow_bench.results import find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
