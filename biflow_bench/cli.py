@@ -21,7 +21,7 @@ import typer
 from .ablations import load_registry
 from .config import SCALES, ConfigError, did_you_mean
 from .data import DataError
-from .io import LockBusy
+from .files import LockBusy
 from .weights import WeightsError
 
 def _plain_help() -> None:
@@ -77,7 +77,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
     from .runner import RunOptions
 
-    # progress: a bar on a terminal, periodic lines in a log (train.fit decides)
+    # progress: a bar on a terminal, periodic lines in a log (loop.fit decides)
     return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides))
 
 
@@ -159,7 +159,7 @@ def report(
     out: Annotated[Path, typer.Option(help="report directory")] = Path("reports"),
 ) -> None:
     """Regenerate the tables, figures and reports/README.md from the records in results/."""
-    from .report import render_report
+    from .report.render import render_report
 
     if not results_dir.is_dir():
         raise ConfigError(f"--results-dir {results_dir}: no such directory; run an ablation first (biflow-bench run "
@@ -273,9 +273,9 @@ def train_dist(
     """Train F and G of one variant with DDP on every process of a torchrun job (or on one process); rank 0 writes
     the checkpoints and the artifacts to the cache that `run`, `sample` and `sample-dist` read."""
     from .ablations import get_spec
-    from .artifacts import default_cache_dir
+    from .cache import default_cache_dir, train_stages
     from .data import load_dataset
-    from .distributed import init_from_env, shutdown, train_stages
+    from .distributed import init_from_env, shutdown
 
     _check_scale(scale)
     _check_device(device)
@@ -341,7 +341,9 @@ def bench_speed(
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
-    from .bench import WHATS, format_speed_table, parse_train_setting, run_speed_bench
+    from .speed.benchmark import WHATS, record_speed_bench
+    from .speed.harness import parse_train_setting
+    from .speed.table import format_speed_table
 
     _check_scale(scale)
     _check_device(device)
@@ -361,13 +363,9 @@ def bench_speed(
         except ValueError as e:
             raise ConfigError(f"--train-settings: {e}") from None
     _writable(results_dir)
-    from .io import dir_lock
-    from .results import write_record
-
-    record = run_speed_bench(scale=scale, batch_sizes=sizes, device=device, repeats=repeats, what=what,
-                             progress=sys.stderr.isatty(), train_settings=settings, compile=compile)
-    with dir_lock(results_dir / scale, wait=True, timeout=600):
-        path = write_record(results_dir, record)
+    path, record = record_speed_bench(results_dir, scale, wait=True, batch_sizes=sizes, device=device,
+                                      repeats=repeats, what=what, progress=sys.stderr.isatty(),
+                                      train_settings=settings, compile=compile)
     typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
     typer.echo(f"record: {path}", err=True)
 
@@ -386,7 +384,7 @@ def bench_flow_reference(
 ) -> None:
     """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
     from .flow_reference import format_rows, run_flow_reference
-    from .io import atomic_write_json
+    from .files import atomic_write_json
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())
@@ -403,8 +401,8 @@ def _raise_ctrl_c(_signum: int, _frame: object) -> None:
 
 def main() -> None:
     """Entry point: user errors become one line and exit code 2; Ctrl-C says what was kept and how to resume (exit
-    130): training saves a checkpoint at the next step (train._StopFlag), anywhere else the command stops at once."""
-    from .train import TrainingDiverged, TrainingInterrupted
+    130): training saves a checkpoint at the next step (loop._StopFlag), anywhere else the command stops at once."""
+    from .training.loop import TrainingDiverged, TrainingInterrupted
 
     previous = signal.signal(signal.SIGINT, _raise_ctrl_c)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 from .models.biflow import BiFlowConfig
 from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
-from .perceptual import NETWORKS
+from .training.perceptual import NETWORKS
 
 INVERSES = ("learned", "exact")
 DECODERS = ("serial", "jacobi")  # how the exact inverse is solved (sample.decoder)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_MAGIC = {1: 2049, 3: 2051}  # labels, images (unsigned byte)

@@ -1,10 +1,12 @@
-"""Multi-process training and sampling under torchrun (one process per GPU, or a few CPU processes with gloo).
+"""Process-group helpers and collectives for torchrun (one process per GPU, or a few CPU processes with gloo).
 
     env = init_from_env()     RANK / WORLD_SIZE / LOCAL_RANK -> process group (nccl on CUDA, gloo on CPU), device
-    train_stages(...)         stage 1 then stage 2 under DDP into the artifact cache; only rank 0 writes
+    all_true / any_true / mean_over_ranks / barrier   the collectives the training loop and the cache agree with
     gather_rows(...)          rank r holds rows r, r + W, ...; rank 0 gets the whole table in row order
 
-How the work is split (train.fit, sample.generate): every global batch is cut into micro-batches of a fixed size; rank
+Stage orchestration under DDP (train F, then G, into the artifact cache) lives in cache.py (`train_stages`).
+
+How the work is split (loop.fit, sample.generate): every global batch is cut into micro-batches of a fixed size; rank
 r takes micro-batches r, r + W, ... (gradient accumulation over them), and each micro-batch draws its randomness from
 (seed, step, micro-batch index). So the same global batch and micro-batch size give the same training on 1 process
 with accumulation or on W processes, up to float reduction order. Sampling gives image i noise from (seed, i) and
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,58 +102,3 @@ def gather_rows(local: Tensor | None, env: DistEnv) -> Tensor | None:
         if p is not None:
             out[r :: env.world_size] = p
     return out
-
-
-def train_stages(cfg, seed: int, dataset, cache_dir: Path, env: DistEnv, micro_batch: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """F (stage 1) and, for the learned inverse, G (stage 2) of `cfg` under DDP, stored in the artifact cache exactly
-    where `artifacts.get_flow` / `get_backward` look (cache/stage{1,2}/<key>/), so a later single-process `run` or
-    `sample-dist` reuses them. A stage whose artifact exists is loaded, not trained. Only rank 0 writes (checkpoints
-    and artifacts); every rank returns the per-stage summary."""
-    from .artifacts import save_model
-    from .train import train_backward, train_flow
-
-    def stage(directory: Path, name: str, train) -> tuple[Any, dict[str, Any]]:
-        path = directory / name
-        model, meta = _load(path, env)
-        if model is not None:
-            return model.to(env.device), {**meta, "cached": True, "key": directory.name}
-        model, result = train(directory / "checkpoint.pt")
-        meta = {"seconds": result.seconds, "terms": result.terms, "skipped_steps": result.skipped_steps,
-                "steps": result.steps, "resumed_from": result.resumed_from, "world_size": env.world_size,
-                "micro_batch": micro_batch or result.micro_batch, "device": env.device.type}
-        if env.is_main:
-            save_model(model, path, meta)
-            for leftover in (directory / "checkpoint.pt", directory / "checkpoint.pt.sha256"):
-                leftover.unlink(missing_ok=True)
-        barrier(env)
-        return model, {**meta, "cached": False, "key": directory.name}
-
-    # the micro-batch size changes the randomness drawn (one stream per micro-batch), so it is part of the key
-    micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
-    device = env.device.type
-    flow, summary = stage(cache_dir / "stage1" / cfg.stage1_key(micro_batch, device), "flow.pt",
-                          lambda ck: train_flow(cfg, dataset, ck, progress and env.is_main, env=env,
-                                                micro_batch=micro_batch))
-    out = {"stage1": summary}
-    if cfg.inverse == "learned":
-        _, out["stage2"] = stage(cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch, device), "backward.pt",
-                                 lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main,
-                                                           env=env, micro_batch=micro_batch))
-    return out
-
-
-def _load(path: Path, env: DistEnv) -> tuple[Any, dict[str, Any]]:
-    """A cached artifact on every rank, or (None, {}) on every rank when any rank cannot read it."""
-    from .artifacts import load_model
-    from .io import CorruptArtifact
-
-    model, meta = None, {}
-    if path.exists():
-        try:
-            model, meta = load_model(path)
-        except CorruptArtifact:
-            model = None
-    if not all_true(model is not None, env):
-        return None, {}
-    return model, meta

@@ -3,7 +3,7 @@
 `biflow-bench bench flow-reference --reference DIR` imports the model of apple/ml-tarflow from a checkout the user
 provides (DIR/transformer_flow.py; nothing of it is copied into this project), and trains it beside our F at one
 config (28x28 Fashion-MNIST, patch 4, width 128, 4 blocks x 2 layers, 2 heads, 10 classes, no clip) with one loop
-(`train.fit`: the same batches, noise sigma = 0.05, label drop, AdamW 1e-3 (0.9, 0.95), warm-up 100 + cosine,
+(`loop.fit`: the same batches, noise sigma = 0.05, label drop, AdamW 1e-3 (0.9, 0.95), warm-up 100 + cosine,
 batch 64). Each variant starts from seed `seed`; bits/dim is measured on the first 1,000 test images plus
 sigma-noise (seeded), as `runner.evaluate` does.
 
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from .config import ConfigError, Stage1Config
 from .data import ImageDataset, add_noise, drop_labels, load_dataset
-from .losses import nll_loss
-from .metrics import bits_per_dim
+from .training.losses import nll_loss
+from .metrics.likelihood import bits_per_dim, count_params
 from .models.tarflow import TARFlow, TARFlowConfig
-from .train import fit
+from .training.loop import fit
 
 CONFIG = TARFlowConfig(in_channels=1, image_size=28, patch_size=4, channels=128, num_blocks=4, layers_per_block=2,
                        num_heads=2, num_classes=10, clip=None)
@@ -141,7 +141,7 @@ def train_and_score(model: nn.Module, train: ImageDataset, test: ImageDataset, s
     n = min(EVAL_IMAGES, len(test))
     noisy = add_noise(test.images[:n], SIGMA, torch.Generator().manual_seed(seed))
     bpd = bits_per_dim(model, noisy, test.labels[:n], test.levels)  # type: ignore[arg-type]
-    return {"bpd": bpd, "seconds": result.seconds, "params": sum(p.numel() for p in model.parameters()),
+    return {"bpd": bpd, "seconds": result.seconds, "params": count_params(model),
             "skipped_steps": result.skipped_steps}
 
 

@@ -5,9 +5,8 @@ in the latent space of a pre-trained VAE"; the VAE is sd-vae-ft-ema, scaling fac
     prepare_latents(...)        image folder -> sharded posterior moments (image and its flip), resumable, split
                                 over ranks; read back by `data.LatentDataset`
     decode_latents(vae, z)      scaled latents -> images in [-1, 1]
-    load_images(...)            the same preprocessing, as uint8 (reference images for small-scale metrics)
+    load_images(...)            the same preprocessing, as uint8 (reference images; metrics/reference.py reads folders)
     make_tiny_vae(path)         a small random AutoencoderKL saved like a real one (the `tiny-latent` scale, tests)
-    load_reference(path)        FID reference statistics (.npz with mu, sigma, e.g. ADM's VIRTUAL_imagenet256_labeled)
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ from PIL import Image
 from torch import Tensor
 
 from .data import LATENT_FORMAT, DataError, shard_name
-from .io import atomic_torch_save, atomic_write_text
+from .files import atomic_torch_save, atomic_write_text
 from .weights import KNOWN_WEIGHTS, WeightsError, resolve_weights
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 HF_VAE_REPO = "stabilityai/sd-vae-ft-ema"
-ADM_REFERENCE = ("VIRTUAL_imagenet256_labeled.npz (https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-                 "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,7 +145,7 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
-class _Images(torch.utils.data.Dataset):
+class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files: list[tuple[Path, int]], size: int) -> None:
         self.files, self.size = files, size
 
@@ -168,7 +165,7 @@ class _Images(torch.utils.data.Dataset):
 def load_images(data_dir: Path | str, image_size: int) -> tuple[Tensor, Tensor]:
     """uint8 (N, 3, S, S) images and labels of an image folder, preprocessed exactly as for `prepare_latents`."""
     _, files = list_images(data_dir)
-    images = _Images(files, image_size)
+    images = ImageFiles(files, image_size)
     return torch.stack([images[i] for i in range(len(images))]), torch.tensor([label for _, label in files])
 
 
@@ -204,7 +201,7 @@ def prepare_latents(data_dir: Path | str, out_dir: Path | str, vae, image_size: 
         if Path(str(path) + ".sha256").exists():
             continue
         part = files[k * shard_size : (k + 1) * shard_size]
-        loader = torch.utils.data.DataLoader(_Images(part, image_size), batch_size=batch_size, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(ImageFiles(part, image_size), batch_size=batch_size, num_workers=num_workers)
         moments = []
         for i, batch in enumerate(loader):
             if progress:
@@ -222,56 +219,6 @@ def prepare_latents(data_dir: Path | str, out_dir: Path | str, vae, image_size: 
     if progress and written:
         print(file=sys.stderr)
     return written
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# FID reference statistics
-
-
-def load_reference(path: str | Path | None, image_size: int = 256, extractor: str = "inception-v3-compat",
-                   cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) float64 of the FID reference: an .npz (keys mu, sigma; e.g. ADM's), or an image folder whose
-    statistics are computed once (center crop `image_size`, `extractor` features) and cached under
-    `cache_dir`/reference, keyed by the folder's file list. Missing or unreadable: a one-line WeightsError."""
-    from .metrics import load_reference_stats
-
-    if path is not None and Path(path).is_dir():
-        return _folder_reference(Path(path), image_size, extractor, cache_dir)
-    if path is None or not Path(path).is_file():
-        where = f"{path} does not exist" if path else "no --ref-stats given"
-        raise WeightsError(f"FID reference statistics: {where}; pass --ref-stats PATH to an .npz with mu and sigma "
-                           f"(for ImageNet 256 ADM's {ADM_REFERENCE}) or to a folder of reference images")
-    try:
-        return load_reference_stats(path)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"FID reference statistics: {str(e).splitlines()[0]}") from None
-
-
-def _folder_reference(folder: Path, image_size: int, extractor: str, cache_dir: Path | None,
-                      chunk: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics of an image folder, computed in chunks (memory stays bounded) and cached as an .npz."""
-    import hashlib
-
-    from .artifacts import default_cache_dir
-    from .metrics import default_layers, extract_features, feature_stats, load_reference_stats, save_reference_stats
-
-    _, files = list_images(folder)
-    listing = [f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f, _ in files]
-    key = hashlib.sha256(json.dumps([str(folder.resolve()), image_size, extractor, listing]).encode()).hexdigest()
-    cached = (cache_dir or default_cache_dir()) / "reference" / f"{key[:16]}.npz"
-    if cached.is_file():
-        try:
-            return load_reference_stats(cached)
-        except (OSError, ValueError):
-            print(f"{cached}: unreadable cached reference statistics; recomputing", file=sys.stderr)
-    layer = default_layers(extractor)[0]
-    images = _Images(files, image_size)
-    feats = [extract_features(torch.stack([images[i] for i in range(lo, min(lo + chunk, len(images)))]), extractor,
-                              layers=[layer])[layer]  # (Inception resizes to 299 itself)
-             for lo in range(0, len(images), chunk)]
-    mu, sigma = feature_stats(np.concatenate(feats))
-    save_reference_stats(cached, mu, sigma)
-    return mu, sigma
 
 
 def sample_postprocess(vae) -> Callable[[Tensor], Tensor]:

@@ -29,11 +29,12 @@ from typing import Any
 import pandas as pd
 
 from .config import config_hash
-from .io import atomic_write_json
+from .files import atomic_write_json
 
 RESULT_SCHEMA = 1
 KINDS = ("ablation", "speed")
 IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
+CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "ablation": ("metric", "metrics"),
     "speed": ("rows",),
@@ -320,7 +321,7 @@ def _guidance(rec: Mapping[str, Any], metric: Any) -> dict[str, Any]:
 
 def _flow_norms(rec: Mapping[str, Any]) -> dict[str, Any]:
     """F's trajectory RMS per state, its clip value, the percentile of |pre-clip parameter| the clip sits at, and
-    the largest per-block 99th percentile of |alpha|, |mu| (norm_control.flow_norms)."""
+    the largest per-block 99th percentile of |alpha|, |mu| (metrics/flow_norms.py)."""
     norms = _dict(rec, "flow_norms")
     rms = norms.get("trajectory_rms")
     p99 = [_float(_dict(b, k).get("p99")) for b in norms.get("blocks") or () if isinstance(b, dict)

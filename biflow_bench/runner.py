@@ -5,10 +5,10 @@
     stage 2     G likewise (none for the exact inverse)
     sample      one seed per image, class-balanced labels                               (sample.py)
     evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
-                acc_cls / conf_cls / fd_cls (classifier.py), NLL of F; diagnostics (noise left in the samples, for
+                acc_cls / conf_cls / fd_cls (evaluation.py), NLL of F; diagnostics (noise left in the samples, for
                 a learned inverse how far G is from F's inverse); NFE, params, latency; guided rows at every w of
                 the shared sweep, reported at the best
-    calibrate   the same metrics on real images (train vs test, + training noise, 3x3 box blur), once per
+    calibrate   the same metrics on real images (evaluation.py: as they are, + training noise, 3x3 box blur), once per
                 (dataset, eval config, number of images, noise): results/<scale>/calibration.json
     record      results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json, written atomically under a
                 directory lock (results.py: the hash names every config but the variant's default)
@@ -23,36 +23,35 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .ablations import AblationSpec, get_spec
-from .artifacts import default_cache_dir, get_backward, get_flow
-from .classifier import DomainClassifier, classifier_config, classifier_key, classifier_metrics, get_classifier, \
-    reference_features_stats
-from .config import ConfigError, RunConfig, config_hash
-from .data import DataSplits, add_noise, class_balanced_labels, load_dataset, save_image_grid, to_uint8
-from .io import atomic_write_json, dir_lock
-from .metrics import INCEPTION_NAME, RESULT_KEYS, bits_per_dim, box_blur, compute_fidelity, count_params, \
-    reference_features, residual_noise
+from .cache import default_cache_dir, get_backward, get_flow
+from .config import ConfigError, RunConfig
+from .data import DataSplits, add_noise, class_balanced_labels, save_image_grid
+from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
+from .files import atomic_write_json, dir_lock
+from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
+from .metrics.flow_norms import flow_norms
+from .metrics.images import residual_noise
+from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
-from .norm_control import flow_norms
-from .perceptual import WEIGHT_MODES, describe, require_weights
-from .results import RESULT_SCHEMA, _check_name, config_id, config_overrides, find_record, record_path, write_record
+from .provenance import environment
+from .results import (CALIBRATION, RESULT_SCHEMA, _check_name, config_id, config_overrides, find_record, record_path,
+                      write_record)
 from .sample import Sampler, generate
+from .speed.benchmark import record_speed_bench
+from .training.perceptual import WEIGHT_MODES, describe, require_weights
 from .weights import resolve_weights
 
 DEFAULT_RESULTS = Path("results")
-CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
 INVERSE_PAIRS = 256  # held-out images on which G is compared with F's inverse
 
 
@@ -84,11 +83,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@cache
-def _dataset(name: str, data_dir: str | None) -> DataSplits:
-    return load_dataset(name, data_dir)
-
-
 def preflight(cfg: RunConfig, seed: int) -> None:
     """What would otherwise fail only after training: the seed, the perceptual and feature networks named by the
     config, and their pretrained weights (WeightsError names the file). Raises before any work starts."""
@@ -114,7 +108,7 @@ def preflight(cfg: RunConfig, seed: int) -> None:
 def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
     preflight(cfg, seed)
-    splits = _dataset(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
+    splits = dataset_splits(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
     micro = opts.micro_batch
     flow, flow_art = get_flow(cfg, splits.train, opts.cache, opts.progress, micro)
     train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(micro)}}
@@ -161,48 +155,6 @@ def sweep_guidance(t: Trained, seed: int, data_dir: Path | None,
     assert best is not None and best_images is not None
     return {"scales": list(guidance_scales(t.cfg)), "curve": curve, "best_w": best["w"],
             "selected_by": primary_metric(best["metrics"])}, best_images
-
-
-@cache
-def _reference_features(dataset: str, data_dir: str | None, num_real: int, extractor: str, resize: int):
-    """Features of the held-out real images (for the Frechet distance, precision and recall), once per process."""
-    real = _dataset(dataset, data_dir).test.images[:num_real]
-    return reference_features(to_uint8(real), extractor=extractor, resize=resize)
-
-
-_CLASSIFIERS: dict[tuple[str, str | None, str], tuple[DomainClassifier, dict[str, Any]]] = {}
-
-
-def domain_classifier(dataset: str, data_dir: str | None, cache_dir: Path) -> tuple[DomainClassifier, dict[str, Any]]:
-    """The dataset's classifier (cached artifact), kept in memory per process: it is a function of its key."""
-    splits = _dataset(dataset, data_dir)
-    memo = (dataset, data_dir, classifier_key(dataset, classifier_config(splits)))
-    if memo not in _CLASSIFIERS:
-        _CLASSIFIERS[memo] = get_classifier(dataset, splits, cache_dir)
-    return _CLASSIFIERS[memo]
-
-
-@cache
-def _classifier_reference(dataset: str, data_dir: str | None, num_real: int, cache_dir: Path):
-    model, _ = domain_classifier(dataset, data_dir, cache_dir)
-    return reference_features_stats(model, _dataset(dataset, data_dir).test.images[:num_real])
-
-
-def image_metrics(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor | None, data_dir: Path | None = None,
-                  cache_dir: Path | None = None) -> dict[str, float]:
-    """Every sample-quality metric of a set of [-1, 1] images against the held-out real images: the extractor's
-    Frechet distance / score / precision / recall, the domain classifier's acc_cls / conf_cls (with labels) and
-    fd_cls, its test accuracy (cls_test_acc), and the noise left in the images (noise_residual)."""
-    dd, cache_dir = (str(data_dir) if data_dir else None), cache_dir or default_cache_dir()
-    ev = cfg.eval
-    real = _reference_features(cfg.dataset, dd, ev.num_real, ev.extractor, ev.resize)
-    metrics = compute_fidelity(to_uint8(images), real, extractor=ev.extractor, resize=ev.resize)
-    model, meta = domain_classifier(cfg.dataset, dd, cache_dir)
-    metrics.update(classifier_metrics(model, images, labels, _classifier_reference(cfg.dataset, dd, ev.num_real,
-                                                                                    cache_dir)))
-    metrics["cls_test_acc"] = float(meta["test_accuracy"])
-    metrics["noise_residual"] = residual_noise(images)
-    return metrics
 
 
 def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None,
@@ -255,39 +207,6 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
         labels = test.labels[:n] if cfg.flow.num_classes else None
         key = "inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"
         out[key] = inverse_gap(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- calibration
-
-CALIBRATION_ROWS = {  # name -> label; the same metric code on the same number of real images
-    "real": "real data: training images (the floor)",
-    "real+noise": "real data: training images + training noise",
-    "real+blur": "real data: training images, 3x3 box blur",
-}
-
-
-def calibration_key(cfg: RunConfig, data_dir: Path | None = None) -> str:
-    """What determines the calibration rows: dataset, eval config, number of images, noise, classifier."""
-    splits = _dataset(cfg.dataset, str(data_dir) if data_dir else None)
-    return config_hash({"dataset": cfg.dataset, "eval": cfg.eval, "num_images": cfg.sample.num_samples,
-                        "noise_sigma": cfg.stage1.noise_sigma,
-                        "classifier": classifier_key(cfg.dataset, classifier_config(splits))})
-
-
-def calibration_rows(cfg: RunConfig, data_dir: Path | None = None,
-                     cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """`image_metrics` of num_samples training images (a fixed random subset, their own labels) as they are, with
-    Gaussian noise of the training sigma, and blurred by a 3x3 box: where real data lands on every metric."""
-    train = _dataset(cfg.dataset, str(data_dir) if data_dir else None).train
-    n = min(cfg.sample.num_samples, len(train))
-    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
-    images, labels = train.images[rows], train.labels[rows] if cfg.flow.num_classes else None
-    noisy = add_noise(images, cfg.stage1.noise_sigma, torch.Generator().manual_seed(1)).clamp(-1, 1)
-    out = []
-    for name, x in (("real", images), ("real+noise", noisy), ("real+blur", box_blur(images))):
-        out.append({"name": name, "label": CALIBRATION_ROWS[name],
-                    "metrics": image_metrics(cfg, x, labels, data_dir, cache_dir)})
     return out
 
 
@@ -345,16 +264,6 @@ def notes_for(cfg: RunConfig) -> list[str]:
         notes.append("guided row: reported at its best w of the sweep " +
                      ", ".join(f"{w:g}" for w in cfg.sample.cfg_sweep) + " (selected by the primary metric)")
     return notes
-
-
-def environment() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"git_commit": commit or "unknown", "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu", "threads": str(torch.get_num_threads())}
 
 
 @dataclass(frozen=True)
@@ -432,10 +341,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             if err := _check_name(value, key):
                 raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")
     if spec.kind == "speed":
-        from .bench import run_speed_bench
-
-        with dir_lock(opts.results_dir / scale, wait=False):
-            return [write_record(opts.results_dir, run_speed_bench(scale=scale, progress=opts.progress))]
+        return [record_speed_bench(opts.results_dir, scale, wait=False, progress=opts.progress)[0]]
     paths = []
     with dir_lock(opts.results_dir / scale, wait=False):
         for name in names:

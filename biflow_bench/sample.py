@@ -131,12 +131,14 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     computes FID / IS with torch-fidelity's Inception (the FID-50K protocol at num=50,000). Everything that can be
     missing (VAE, Inception weights, reference statistics, the trained models) is checked before sampling starts,
     each with a one-line error. Returns (on rank 0) what it did and measured."""
-    from .artifacts import default_cache_dir, load_model
+    from .cache import default_cache_dir, distributed_micro_batch, load_model, stage1_dir, stage2_dir
     from .config import ConfigError
     from .data import class_balanced_labels, save_image_grid, to_uint8
-    from .io import atomic_write_bytes
-    from .latents import load_reference, load_vae, sample_postprocess
-    from .metrics import INCEPTION_NAME, compute_fidelity
+    from .files import atomic_write_bytes
+    from .latents import load_vae, sample_postprocess
+    from .metrics.extractors import INCEPTION_NAME
+    from .metrics.fidelity import compute_fidelity
+    from .metrics.reference import load_reference
     from .weights import resolve_weights
 
     env = env or DistEnv()
@@ -147,11 +149,10 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
         upsample = 2 ** (len(decoder.config.block_out_channels) - 1) if decoder is not None else 1
         reference = load_reference(ref_stats, cfg.flow.image_size * upsample, cache_dir=cache_dir)
     cache = cache_dir or default_cache_dir()
-    micro_batch = micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
-    keys = (seed, micro_batch, env.device.type)  # what train-dist trained with (distributed.train_stages)
-    paths = [cache / "stage1" / cfg.stage1_key(*keys[1:]) / "flow.pt"]
+    micro_batch = distributed_micro_batch(cfg, env, micro_batch)  # what train-dist trained with (train_stages)
+    paths = [stage1_dir(cache, cfg, micro_batch, env.device.type) / "flow.pt"]
     if cfg.inverse == "learned":
-        paths.append(cache / "stage2" / cfg.stage2_key(*keys) / "backward.pt")
+        paths.append(stage2_dir(cache, cfg, seed, micro_batch, env.device.type) / "backward.pt")
     for p in paths:
         if not p.exists():
             raise ConfigError(f"{cfg.scale}: no trained model at {p}; train this variant first (biflow-bench "

@@ -13,10 +13,10 @@ from conftest import randomize
 
 from biflow_bench.config import Stage2Config, scale_config
 from biflow_bench.data import load_digits
-from biflow_bench.losses import build_perceptual_terms, stage2_loss
+from biflow_bench.training.losses import build_perceptual_terms, stage2_loss
 from biflow_bench.models import BiFlow, TARFlow, build_models
 from biflow_bench.models.biflow import CFG_MODES, DENOISE_MODES, STRATEGIES
-from biflow_bench.train import train_backward
+from biflow_bench.training.stages import train_backward
 
 SMALL = dict(channels=32, width=32, num_blocks=2, num_groups=2, num_heads=2)
 

@@ -15,7 +15,9 @@ from conftest import randomize
 
 import biflow_bench.models.tarflow as tarflow
 from biflow_bench.ablations import get_spec
-from biflow_bench.bench import count_flops, format_speed_table, run_speed_bench
+from biflow_bench.speed.benchmark import run_speed_bench
+from biflow_bench.speed.flops import count_flops
+from biflow_bench.speed.table import format_speed_table
 from biflow_bench.config import ConfigError, apply_delta, scale_config
 from biflow_bench.models import TARFlow, preset_configs
 from biflow_bench.results import validation_error
@@ -234,14 +236,14 @@ def test_sampler_runs_jacobi_decoding_from_the_config():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training switches (TrainingConfig.precision / .compile) in train.fit and in the training-step benchmark
+# training switches (TrainingConfig.precision / .compile) in loop.fit and in the training-step benchmark
 
 
 @pytest.fixture
 def fast_compile(monkeypatch):
     """torch.compile through aot_eager: the same dynamo tracing and AOT forward/backward graphs as inductor, without
     its C++ code generation (a minute per model on a small CPU)."""
-    import biflow_bench.train as train
+    import biflow_bench.training.loop as train
 
     monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -273,11 +275,11 @@ def test_training_settings_side_by_side(fast_compile):
 
 
 def test_bench_training_step_uses_the_training_optimizer():
-    """The bench's step is train.fit's: AdamW groups with no weight decay on biases (1-d parameters)."""
-    from biflow_bench.bench import _training_calls
+    """The bench's step is loop.fit's: AdamW groups with no weight decay on biases (1-d parameters)."""
+    from biflow_bench.speed.harness import training_calls
 
     cfg = get_spec("speed").resolve("learned", "tiny")
-    step, model, _ = _training_calls(cfg, torch.device("cpu"), 2, 0)["train-flow"]
+    step, model, _ = training_calls(cfg, torch.device("cpu"), 2, 0)["train-flow"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step()
     opt_groups = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer)]
@@ -293,8 +295,8 @@ def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
     """fit under each switch trains like float32 eager (same seed): compile gives the same losses to float
     rounding, bf16 autocast close ones; the returned model is a plain module with unchanged state_dict keys."""
     from biflow_bench.data import load_digits
-    from biflow_bench.losses import nll_loss
-    from biflow_bench.train import fit
+    from biflow_bench.training.losses import nll_loss
+    from biflow_bench.training.loop import fit
 
     data = load_digits().train
 
@@ -327,7 +329,7 @@ def test_compiled_sampling_pass_equals_eager_and_gets_rows(fast_compile):
     import copy
 
     from biflow_bench.models import BiFlow
-    from biflow_bench.train import compile_in_place
+    from biflow_bench.training.loop import compile_in_place
 
     _, g_cfg = preset_configs("tiny")
     g = randomize(BiFlow(g_cfg), scale=0.5).eval()

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-import biflow_bench.train as train_module
+import biflow_bench.training.stages as train_module
 from biflow_bench.ablations import get_spec
-from biflow_bench.artifacts import load_model
+from biflow_bench.cache import load_model
 from biflow_bench.config import ConfigError
 from biflow_bench.data import load_digits
 from biflow_bench.distributed import DistEnv, gather_rows, init_from_env
 from biflow_bench.sample import Sampler, generate, sample_trained
-from biflow_bench.train import TrainingInterrupted, fit, train_backward, train_flow
+from biflow_bench.training.loop import TrainingInterrupted, fit
+from biflow_bench.training.stages import train_backward, train_flow
 
 # 12 + 6 steps of the tiny scale; global batch 16 in micro-batches of 8: two processes, or one accumulating twice
 OVERRIDES = {"stage1.steps": 12, "stage2.steps": 6, "stage1.batch_size": 16, "stage2.batch_size": 16,

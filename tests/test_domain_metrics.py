@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import randomize
 
-from biflow_bench import classifier as cls
+from biflow_bench.metrics import classifier as cls
 from biflow_bench import runner
 from biflow_bench.ablations import get_spec
 from biflow_bench.data import DataSplits, ImageDataset
-from biflow_bench.metrics import feature_stats, frechet_distance
+from biflow_bench.metrics.frechet import feature_stats, frechet_distance
 from biflow_bench.models import TARFlow, TARFlowConfig
 from biflow_bench.models.biflow import BiFlow, BiFlowConfig
-from biflow_bench.report import render_report
+from biflow_bench.report.render import render_report
 from biflow_bench.results import write_record
 
 # ------------------------------------------------------------------------------------------------ acc_cls, conf_cls

@@ -12,8 +12,9 @@ from conftest import randomize, small_flow
 
 from biflow_bench.ablations import load_registry
 from biflow_bench.config import scale_config
-from biflow_bench.norm_control import flow_norms
-from biflow_bench.report import guidance_curves, render_report
+from biflow_bench.metrics.flow_norms import flow_norms
+from biflow_bench.report.figures import guidance_curves
+from biflow_bench.report.render import render_report
 from biflow_bench.results import load_results, write_record
 from biflow_bench.runner import guidance_scales
 from test_results_report import make_record

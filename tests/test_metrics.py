@@ -13,28 +13,16 @@ from conftest import randomize
 from scipy import linalg
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from biflow_bench import metrics
-from biflow_bench.metrics import (
-    FeatureExtractorEffNetLite0,
-    UInt8Images,
-    bits_per_dim,
-    box_blur,
-    compute_fidelity,
-    count_params,
-    extract_features,
-    feature_stats,
-    frechet_bootstrap_std,
-    frechet_distance,
-    frechet_distance_to,
-    load_reference_stats,
-    median_filter,
-    precision_recall,
-    reference_features,
-    reference_stats,
-    register_effnet_lite0,
-    residual_noise,
-    save_reference_stats,
-)
+from biflow_bench.metrics import extractors, frechet
+from biflow_bench.metrics.extractors import (FeatureExtractorEffNetLite0, UInt8Images, extract_features,
+                                             register_effnet_lite0)
+from biflow_bench.metrics.fidelity import compute_fidelity
+from biflow_bench.metrics.frechet import (feature_stats, frechet_bootstrap_std, frechet_distance, frechet_distance_to,
+                                          precision_recall)
+from biflow_bench.metrics.images import box_blur, median_filter, residual_noise
+from biflow_bench.metrics.likelihood import bits_per_dim, count_params
+from biflow_bench.metrics.reference import (load_reference_stats, reference_features, reference_stats,
+                                            save_reference_stats)
 from biflow_bench.models import TARFlow, TARFlowConfig
 from biflow_bench.weights import WeightsError
 
@@ -109,7 +97,7 @@ def test_frechet_singular_product_and_offset_retry(monkeypatch):
         calls.append(a.copy())
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a, *args, **kwargs)
 
-    monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+    monkeypatch.setattr(frechet.linalg, "sqrtm", flaky_sqrtm)
     fd = frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([1.0]), np.array([[4.0]]), eps=1e-6)
     assert len(calls) == 2 and calls[1][0, 0] == pytest.approx((1 + 1e-6) * (4 + 1e-6))
     assert fd == pytest.approx(2.0, abs=1e-5)
@@ -276,7 +264,7 @@ def test_inception_gets_the_resolved_weights_file(monkeypatch, tmp_path):
         seen.update(kwargs, name=name, layers=layers)
         raise Stop
 
-    monkeypatch.setattr(metrics, "create_feature_extractor", fake_create)
+    monkeypatch.setattr(extractors, "create_feature_extractor", fake_create)
     noise, ramps = _images(0, n=4, side=8)
     with pytest.raises(Stop):
         compute_fidelity(noise, ramps, extractor="inception-v3-compat")

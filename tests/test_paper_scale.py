@@ -15,14 +15,15 @@ from PIL import Image
 from biflow_bench.ablations import load_registry
 from biflow_bench.config import SCALES, apply_delta, scale_config
 from biflow_bench.data import DataError, LatentDataset, data_generator, get_batch, load_dataset, shard_name
-from biflow_bench.latents import (decode_latents, load_images, load_reference, load_vae, make_tiny_vae,
-                                  prepare_latents, sample_postprocess)
-from biflow_bench import metrics
-from biflow_bench.metrics import compute_fidelity, count_params, save_reference_stats
+from biflow_bench.latents import (decode_latents, load_images, load_vae, make_tiny_vae, prepare_latents,
+                                  sample_postprocess)
+from biflow_bench.metrics.fidelity import compute_fidelity
+from biflow_bench.metrics.likelihood import count_params
+from biflow_bench.metrics.reference import load_reference, reference_stats, save_reference_stats
 from biflow_bench.models import PRESETS, build_models
 from biflow_bench.models.presets import PAPER_PARAMS
 from biflow_bench.sample import Sampler, generate
-from biflow_bench.train import train_backward, train_flow
+from biflow_bench.training.stages import train_backward, train_flow
 from biflow_bench.weights import WeightsError
 
 
@@ -176,7 +177,7 @@ def test_reference_statistics_of_a_folder_are_computed_once(latent_setup, tmp_pa
     cached = list((tmp_path / "cache" / "reference").glob("*.npz"))
     assert len(cached) == 1 and mu.shape == (1280,) and sigma.shape == (1280, 1280)
     images, _ = load_images(folder, 32)
-    assert np.allclose(mu, metrics.reference_stats(images, extractor="effnet-lite0")[0], atol=1e-5)
+    assert np.allclose(mu, reference_stats(images, extractor="effnet-lite0")[0], atol=1e-5)
     cached[0].write_bytes(b"truncated")  # a corrupted cache entry is recomputed, not trusted
     again = load_reference(folder, 32, extractor="effnet-lite0", cache_dir=tmp_path / "cache")
     assert np.array_equal(again[0], mu) and np.array_equal(again[1], sigma)

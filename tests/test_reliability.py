@@ -37,8 +37,8 @@ import torch
 
 from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
-from biflow_bench.artifacts import load_model
-from biflow_bench.io import verified_torch_load
+from biflow_bench.cache import load_model
+from biflow_bench.files import verified_torch_load
 from biflow_bench.results import find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def comparable(record: dict, drop: tuple[str, ...] = ("seconds",)) -> dict:
     return r
 
 
-# A resumed stage averages its loss terms over the steps since the resume only (train.fit keeps them in memory and
+# A resumed stage averages its loss terms over the steps since the resume only (loop.fit keeps them in memory and
 # not in the checkpoint), so `terms` is left out of resumed comparisons; see test_resumed_loss_terms_match_the_clean_run.
 RESUMED = ("seconds", "resumed_from", "terms")
 CACHED = ("seconds", "cached")  # a cached artifact's meta is the one it was trained with
@@ -728,7 +728,7 @@ def test_fuzzed_argument_lists_exit_0_or_2(tmp_path, monkeypatch, capsys):
     with a message, never in a traceback."""
     import functools
 
-    from biflow_bench import bench
+    from biflow_bench.speed import benchmark as bench
 
     # `run speed` has no options to shorten it: the real benchmark at one batch size and one timed call
     monkeypatch.setattr(bench, "run_speed_bench", functools.partial(bench.run_speed_bench, batch_sizes=(1,),

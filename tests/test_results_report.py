@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from biflow_bench.ablations import AblationSpec, Variant
-from biflow_bench.report import ReportSummary, ablation_table, headline_table, render_report, verdict
+from biflow_bench.report.render import ReportSummary, render_report
+from biflow_bench.report.stats import verdict
+from biflow_bench.report.tables import ablation_table, headline_table
 from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
     read_record, record_path, scan_records, write_record,
@@ -459,7 +461,7 @@ def test_seeds_of_g_share_one_f() -> None:
 
 
 def test_speed_page_nfe_matches_the_cli_and_tiny_labels_drop_b2(tmp_path: Path) -> None:
-    from biflow_bench.report import scale_label
+    from biflow_bench.report.tables import scale_label
 
     rec = speed_record()
     rec["rows"] = [{**r, "nfe_label": "4x15 serial" if r["sampler"] == "exact" else "1"} for r in rec["rows"]]

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from conftest import randomize
 
 from biflow_bench.config import Stage2Config
-from biflow_bench.losses import adaptive_weight, cfg_mix, sample_guidance, stage2_loss
+from biflow_bench.training.losses import adaptive_weight, cfg_mix, sample_guidance, stage2_loss
 from biflow_bench.models import build_models
 from biflow_bench.models.layers import patchify, unpatchify
-from biflow_bench.perceptual import (EffNetLPIPS, EffNetPooled, ConvNeXtPooled, LPIPSVGG, crop_boxes,
+from biflow_bench.training.perceptual import (EffNetLPIPS, EffNetPooled, ConvNeXtPooled, LPIPSVGG, crop_boxes,
                                      effnet_weights_path, efficientnet_lite, shared_crops)
 
 TINY = dict(channels=16, width=16, num_blocks=2, num_groups=2, num_heads=2)

@@ -13,10 +13,11 @@ import torch
 
 from biflow_bench.config import scale_config
 from biflow_bench.data import load_digits
-from biflow_bench.metrics import bits_per_dim
+from biflow_bench.metrics.likelihood import bits_per_dim
 from biflow_bench.models import TARFlow
-from biflow_bench.losses import nll_loss
-from biflow_bench.train import TrainingDiverged, TrainingInterrupted, fit, train_flow
+from biflow_bench.training.losses import nll_loss
+from biflow_bench.training.loop import TrainingDiverged, TrainingInterrupted, fit
+from biflow_bench.training.stages import train_flow
 
 
 def _tiny(steps: int, **stage1):
@@ -101,7 +102,7 @@ def test_persistent_nan_stops_with_step_terms_and_checkpoint(tmp_path):
 
 def test_learning_rate_schedule_golden_values():
     """Linear warm-up to the peak over `warmup` steps, then a half cosine to zero at the last step."""
-    from biflow_bench.train import lr_at
+    from biflow_bench.training.loop import lr_at
 
     assert lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)  # (step + 1) / warmup
     assert lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
@@ -113,7 +114,7 @@ def test_learning_rate_schedule_golden_values():
 
 
 def test_ema_update_golden_values():
-    from biflow_bench.train import ema_update
+    from biflow_bench.training.loop import ema_update
 
     ema, p = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
     ema_update(ema, p, decay=0.99, step=0)  # warm-up decay min(0.99, 1/10) = 0.1
@@ -126,7 +127,7 @@ def test_ema_update_golden_values():
 def test_progress_without_a_terminal_is_a_line_per_stage_and_periodic_lines(tmp_path, monkeypatch, capsys):
     """In a log (stderr not a TTY) a run says when a stage starts, how far it is with the time left, and when it
     ends; a terminal gets the bar instead."""
-    import biflow_bench.train as train
+    import biflow_bench.training.loop as train
 
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
     cfg = _tiny(4)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models.tarflow import TARFlow
+from ..models.tarflow import TARFlow
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .weights import WeightsError, resolve_weights
+from ..weights import WeightsError, resolve_weights
 
 WEIGHT_MODES = ("pretrained", "random")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

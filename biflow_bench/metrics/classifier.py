@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import config_hash
-from .data import DataSplits, batch_indices
-from .io import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
-from .metrics import feature_stats, frechet_bootstrap_std, frechet_distance
+from ..config import config_hash
+from ..data import DataSplits, batch_indices
+from ..files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
+from .frechet import feature_stats, frechet_bootstrap_std, frechet_distance
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Artifact cache: trained models keyed by a hash of everything that determines them.
+"""Artifact cache, the pipeline's step between training and sampling: trained models keyed by a hash of everything
+that determines them, and the orchestration of the two training stages around it (single process: `get_flow`,
+`get_backward`; under torchrun: `train_stages`).
 
     <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree (and
                                         micro-batch / device, where they change the weights: config.stage1_key)
@@ -20,15 +22,28 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .data import ImageDataset
-from .io import CorruptArtifact, atomic_torch_save, verified_torch_load
+from .data import ImageDataset, LatentDataset
+from .distributed import DistEnv, all_true, barrier
+from .files import CorruptArtifact, atomic_torch_save, verified_torch_load
 from .models.biflow import BiFlow, BiFlowConfig
 from .models.tarflow import TARFlow, TARFlowConfig
-from .train import FitResult, train_backward, train_flow
+from .training.loop import FitResult
+from .training.stages import train_backward, train_flow
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BIFLOW_CACHE", "runs/cache"))
+
+
+def stage1_dir(cache_dir: Path, cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> Path:
+    """Where F of `cfg` lives: <cache>/stage1/<key>/ (flow.pt, and checkpoint.pt while it trains)."""
+    return cache_dir / "stage1" / cfg.stage1_key(micro_batch, device)
+
+
+def stage2_dir(cache_dir: Path, cfg: RunConfig, seed: int, micro_batch: int | None = None,
+               device: str = "cpu") -> Path:
+    """Where G of `cfg` and `seed` lives: <cache>/stage2/<key>/ (backward.pt, and checkpoint.pt while it trains)."""
+    return cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch, device)
 
 
 @dataclass
@@ -77,17 +92,22 @@ def _meta(result: FitResult) -> dict[str, Any]:
             "steps": result.steps, "resumed_from": result.resumed_from}
 
 
-def _finish(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, Any]) -> Artifact:
+def _store(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, Any]) -> Path:
+    """The trained model into the cache; its finished training's checkpoint is removed."""
     path = directory / name
     save_model(model, path, meta)
     for leftover in (directory / "checkpoint.pt", directory / "checkpoint.pt.sha256"):
         leftover.unlink(missing_ok=True)
-    return Artifact(path, False, meta)
+    return path
+
+
+def _finish(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, Any]) -> Artifact:
+    return Artifact(_store(model, directory, name, meta), False, meta)
 
 
 def get_flow(cfg: RunConfig, dataset: ImageDataset, cache_dir: Path, progress: bool = True,
              micro_batch: int | None = None) -> tuple[TARFlow, Artifact]:
-    directory = cache_dir / "stage1" / cfg.stage1_key(micro_batch)
+    directory = stage1_dir(cache_dir, cfg, micro_batch)
     hit = _cached(directory / "flow.pt", cfg.flow)
     if hit is not None:
         return hit[0], Artifact(directory / "flow.pt", True, hit[1])  # type: ignore[return-value]
@@ -97,10 +117,62 @@ def get_flow(cfg: RunConfig, dataset: ImageDataset, cache_dir: Path, progress: b
 
 def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset, cache_dir: Path,
                  progress: bool = True, micro_batch: int | None = None) -> tuple[BiFlow, Artifact]:
-    directory = cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch)
+    directory = stage2_dir(cache_dir, cfg, seed, micro_batch)
     hit = _cached(directory / "backward.pt", cfg.backward)
     if hit is not None:
         return hit[0], Artifact(directory / "backward.pt", True, hit[1])  # type: ignore[return-value]
     g, result = train_backward(cfg, flow, dataset, seed, directory / "checkpoint.pt", progress,
                                micro_batch=micro_batch)
     return g, _finish(g, directory, "backward.pt", _meta(result))
+
+
+def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path, env: DistEnv,
+                 micro_batch: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """F (stage 1) and, for the learned inverse, G (stage 2) of `cfg` under DDP, stored in the artifact cache exactly
+    where `get_flow` / `get_backward` look (cache/stage{1,2}/<key>/), so a later single-process `run` or
+    `sample-dist` reuses them. A stage whose artifact exists is loaded, not trained. Only rank 0 writes (checkpoints
+    and artifacts); every rank returns the per-stage summary."""
+
+    def stage(directory: Path, name: str, train) -> tuple[Any, dict[str, Any]]:
+        path = directory / name
+        model, meta = _load_on_all_ranks(path, env)
+        if model is not None:
+            return model.to(env.device), {**meta, "cached": True, "key": directory.name}
+        model, result = train(directory / "checkpoint.pt")
+        meta = {**_meta(result), "world_size": env.world_size, "micro_batch": micro_batch or result.micro_batch,
+                "device": env.device.type}
+        if env.is_main:
+            _store(model, directory, name, meta)
+        barrier(env)
+        return model, {**meta, "cached": False, "key": directory.name}
+
+    micro_batch = distributed_micro_batch(cfg, env, micro_batch)
+    device = env.device.type
+    flow, summary = stage(stage1_dir(cache_dir, cfg, micro_batch, device), "flow.pt",
+                          lambda ck: train_flow(cfg, dataset, ck, progress and env.is_main, env=env,
+                                                micro_batch=micro_batch))
+    out = {"stage1": summary}
+    if cfg.inverse == "learned":
+        _, out["stage2"] = stage(stage2_dir(cache_dir, cfg, seed, micro_batch, device), "backward.pt",
+                                 lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main,
+                                                           env=env, micro_batch=micro_batch))
+    return out
+
+
+def distributed_micro_batch(cfg: RunConfig, env: DistEnv, micro_batch: int | None = None) -> int | None:
+    """The micro-batch `train_stages` trains with: the micro-batch size changes the randomness drawn (one stream per
+    micro-batch), so it is part of the key; under DDP it defaults to an even split of stage 1's batch."""
+    return micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
+
+
+def _load_on_all_ranks(path: Path, env: DistEnv) -> tuple[Any, dict[str, Any]]:
+    """A cached artifact on every rank, or (None, {}) on every rank when any rank cannot read it."""
+    model, meta = None, {}
+    if path.exists():
+        try:
+            model, meta = load_model(path)
+        except CorruptArtifact:
+            model = None
+    if not all_true(model is not None, env):
+        return None, {}
+    return model, meta

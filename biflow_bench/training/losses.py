@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import Stage2Config
-from .data import add_noise, drop_labels
-from .models.biflow import BiFlow
-from .models.tarflow import TARFlow
+from ..config import Stage2Config
+from ..data import add_noise, drop_labels
+from ..models.biflow import BiFlow
+from ..models.tarflow import TARFlow
 from .perceptual import build_perceptual
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from biflow_bench.io import (CorruptArtifact, LockBusy, atomic_torch_save, atomic_write_json, dir_lock,
+from biflow_bench.files import (CorruptArtifact, LockBusy, atomic_torch_save, atomic_write_json, dir_lock,
                              verified_torch_load)
 
 
@@ -66,7 +66,7 @@ def test_written_files_get_the_usual_mode_not_0600(tmp_path):
     import os
     import stat
 
-    from biflow_bench.io import atomic_torch_save, atomic_write_text
+    from biflow_bench.files import atomic_torch_save, atomic_write_text
 
     old = os.umask(0o022)
     try:

@@ -12,6 +12,8 @@ not depend on the values of its weights) and the variant's `Sampler` is timed en
 
 `what="train"` times one optimisation step instead (forward + backward + AdamW): stage 1 (F by maximum likelihood)
 as sampler "train-flow" and stage 2 (G against the frozen F) as "train-backward"; `what="all"` does both.
+`record_speed_bench` runs it and writes the speed record: the one path both `biflow-bench bench speed` and
+`biflow-bench run speed` take.
 """
 
 from __future__ import annotations
@@ -19,301 +21,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import math
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+from torch import Tensor
 
-from .ablations import get_spec
-from .config import RunConfig
-from .losses import nll_loss, stage2_loss
-from .models.biflow import BiFlow
-from .models.tarflow import TARFlow
-from .sample import Sampler, image_noise
-from . import train
-from .train import autocast_context, build_optimizer, compile_in_place
+from ..ablations import get_spec
+from ..config import RunConfig
+from ..files import dir_lock
+from ..metrics.likelihood import count_params
+from ..provenance import device_name, machine_environment
+from ..results import write_record
+from ..sample import Sampler, image_noise
+from ..training import loop
+from ..training.loop import compile_in_place
+from .flops import count_flops
+from .harness import (build_variant_models, parse_train_setting, sampler_call, sampler_inputs,
+                      training_calls)
+from .timing import matmul_peak, peak_memory_mb, reset_peak_memory, time_calls
+
 
 WHATS = ("sample", "train", "all")
+
+
 TRAIN_VARIANT = "learned"  # the speed-table variant whose config the training-step rows use
+
+
 FLOP_BATCH = 2  # batch of the FLOP-counting call (FLOPs per image do not depend on it)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# measurement helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed ones (synchronised on cuda)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                min_tries: int = 5, max_tries: int = 30, budget_s: float = 0.5) -> float:
-    """FLOP/s of a large square matmul, 2 n^3 / t for the best of at least `min_tries` timed products (more, up
-    to `max_tries`, while `budget_s` lasts: the best of many is a steadier peak on a shared machine)."""
-    n = n or (1024 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    reps = 1 if device.type == "cpu" else 10  # on cuda, amortise the launch and the synchronisation
-    best = math.inf
-    with torch.inference_mode():
-        a @ b
-        _sync(device)
-        start = time.perf_counter()
-        for i in range(max_tries):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            _sync(device)
-            best = min(best, (time.perf_counter() - t0) / reps)
-            if i + 1 >= min_tries and time.perf_counter() - start > budget_s:
-                break
-    return 2 * n**3 / best
-
-
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def _flop_mapping() -> dict:
-    """flop_counter knows the CUDA attention kernels but not SDPA's CPU one; count it like the others."""
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
-    return mapping
-
-
-class _FlopCounter(TorchDispatchMode):
-    """Sums flop_counter's per-op formulas over every aten op that runs. Unlike FlopCounterMode it tracks no
-    modules, whose hooks break `torch.autograd.grad` (the score step)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in _flop_mapping().items()}}
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = self.registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
-        return out
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of `fn` by torch.utils.flop_counter's formulas (matmuls, convolutions, attention; the
-    backward of whatever runs under autograd included)."""
-    with _FlopCounter() as counter:
-        fn()
-    return counter.total
-
-
-def count_params(*modules: nn.Module | None) -> int:
-    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
-
-
-def _peak_memory_mb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _unzero(model: nn.Module, seed: int) -> nn.Module:
-    """Fill the zero-initialised parameters (output layers, adaLN modulation) with small random values, so no
-    timed arithmetic runs on all-zero weights. Timing does not depend on the values otherwise."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def _git_commit() -> str:
-    """HEAD's commit read from the .git directory (no subprocess)."""
-    git = Path(__file__).resolve().parent.parent / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(None, 1)[1]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return "unknown"
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    env = {"git_commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": device.type, "threads": str(torch.get_num_threads()),
-           "cpu": _cpu_name()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = str(torch.version.cuda)
-    return env
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# what is timed
-
-
-def build_variant_models(cfg: RunConfig, device: torch.device, seed: int = 0) -> tuple[TARFlow, BiFlow | None]:
-    """F and (for the learned inverse) G of a resolved config, randomly initialised, in eval mode on `device`."""
-    torch.manual_seed(seed)
-    flow = _unzero(TARFlow(cfg.flow), seed).to(device).eval()
-    g = _unzero(BiFlow(cfg.backward), seed + 1).to(device).eval() if cfg.inverse == "learned" else None
-    return flow, g
-
-
-def _inputs(cfg: RunConfig, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
-    z = image_noise(range(batch), shape).to(device)
-    y = torch.arange(batch, device=device) % cfg.flow.num_classes if cfg.flow.num_classes else None
-    return z, y
-
-
-def _sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, y: Tensor | None,
-                  amp: bool, inference: bool = True, stats: dict[str, Any] | None = None) -> Callable[[], Tensor]:
-    """One sampler call under inference_mode (no_grad when the score step needs autograd, or when not
-    `inference`: FLOP counting needs composite ops such as linear decomposed into matmuls, which inference_mode
-    skips), with bf16 autocast for G when `amp`. Jacobi decoding writes its passes into `stats`."""
-    grad_ctx: Callable[[], AbstractContextManager] = (
-        torch.inference_mode if inference and sampler.denoise != "score" else torch.no_grad)
-
-    def call() -> Tensor:
-        with grad_ctx():
-            if amp and sampler.inverse == "learned":
-                with torch.autocast(z.device.type, dtype=torch.bfloat16):
-                    x = g.sample(z, y, cfg_scale=sampler.cfg_scale)  # type: ignore[union-attr]
-                x = x.float()
-                if sampler.denoise == "score":
-                    x = flow.denoise(x, y, sampler.sigma)
-                return x
-            return sampler(flow, g, z, y, stats)
-
-    return call
-
-
-def parse_train_setting(setting: str) -> tuple[str, bool]:
-    """"fp32", "bf16", "fp32+compile", "bf16+compile" -> (precision, compile): TrainingConfig's switches."""
-    precision, _, rest = setting.partition("+")
-    if precision not in ("fp32", "bf16") or rest not in ("", "compile"):
-        raise ValueError(f"training setting {setting!r} is not one of fp32, bf16, fp32+compile, bf16+compile")
-    return precision, rest == "compile"
-
-
-def _train_step(model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, precision: str = "fp32",
-                compile: bool = False, lr: float = 1e-4, weight_decay: float = 1e-4) -> Callable[[], None]:
-    """One optimisation step as train.fit does it, with its optimizer (parameter groups: no decay on biases),
-    autocast and compilation: forward, backward, gradient clipping, AdamW (0.9, 0.95)."""
-    opt = build_optimizer(model, lr, weight_decay)
-    if compile:
-        compile_in_place(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:
-        with autocast_context(device, precision, cuda_bf16=False):
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    return step
-
-
-def _training_calls(cfg: RunConfig, device: torch.device, batch: int, seed: int, setting: str = "fp32",
-                    ) -> dict[str, tuple[Callable[[], None], nn.Module, nn.Module | None]]:
-    """{sampler name: (step, trained model, frozen model)} for stage 1 and stage 2 at one batch size, with the
-    training `setting` (see parse_train_setting)."""
-    precision, compile = parse_train_setting(setting)
-    flow, g = build_variant_models(cfg, device, seed)
-    assert g is not None
-    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(batch, *shape, generator=gen) * 2 - 1).to(device)
-    y = torch.randint(0, max(cfg.flow.num_classes, 1), (batch,), generator=gen).to(device) \
-        if cfg.flow.num_classes else None
-    flow.train()
-    s1 = cfg.stage1
-    frozen = TARFlow(cfg.flow).to(device).eval().requires_grad_(False)  # stage 2 trains G against a frozen F
-    frozen.load_state_dict(flow.state_dict())
-    flow_step = _train_step(flow, lambda: nll_loss(flow, x + s1.noise_sigma * torch.randn_like(x), y), device,
-                            precision, compile, weight_decay=s1.weight_decay)
-
-    g.train()
-    s2 = cfg.stage2
-    step_gen = torch.Generator(device=device).manual_seed(seed)
-
-    def g_loss() -> Tensor:
-        loss, _ = stage2_loss(g, frozen, x, y if cfg.backward.num_classes else None, s2, sigma=s1.noise_sigma,
-                              perceptual={}, generator=step_gen)
-        return loss
-
-    g_step = _train_step(g, g_loss, device, precision, compile, weight_decay=s2.weight_decay)
-    return {"train-flow": (flow_step, flow, None), "train-backward": (g_step, g, frozen)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the benchmark
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -359,7 +98,7 @@ def run_speed_bench(
     _log(progress, f"matmul peak on {dev} ...")
     peak = matmul_peak(dev)
     peak_bf16 = matmul_peak(dev, torch.bfloat16)
-    machine = {"device": _device_name(dev), "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16,
+    machine = {"device": device_name(dev), "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16,
                "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     rows: list[dict[str, Any]] = []
@@ -399,7 +138,7 @@ def run_speed_bench(
                      "inverse and the score step run in float32.")
     if compile:
         notes.append("name:compiled rows: the same sampler with G's pass under torch.compile (backend "
-                     f"{train.COMPILE_BACKEND}, static shapes: compiled once per batch size in the warm-up, untimed); "
+                     f"{loop.COMPILE_BACKEND}, static shapes: compiled once per batch size in the warm-up, untimed); "
                      "the exact inverse runs its hand-fused eager decoder (weights hoisted, KV cache in place), "
                      "not compiled.")
     if what in ("train", "all"):
@@ -419,10 +158,20 @@ def run_speed_bench(
                    "what": what, "amp": amp, **({"train_settings": train_settings} if what != "sample" else {}),
                    **({"compile": True} if compile else {})},
         "rows": rows, "machine": machine, "metrics": {}, "timing": {},
-        "paper": {"table": spec.paper_table}, "notes": notes, "env": environment(dev),
+        "paper": {"table": spec.paper_table}, "notes": notes, "env": machine_environment(dev),
         "wall_time_s": time.perf_counter() - start,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def record_speed_bench(results_dir: Path | str, scale: str, wait: bool, **options: Any) -> tuple[Path, dict[str, Any]]:
+    """Run the speed benchmark at `scale` and write its record: the one path a speed record is written by
+    (`biflow-bench bench speed`, and `run speed` through runner.run). The scale's results directory stays locked
+    from the start of the benchmark to the written record, as during an ablation run; `wait`: wait up to 10 min for
+    another holder (the bench command), else LockBusy at once (`run`). Returns the record's path and the record."""
+    with dir_lock(Path(results_dir) / scale, wait=wait, timeout=600 if wait else None):
+        record = run_speed_bench(scale=scale, **options)
+        return write_record(results_dir, record), record
 
 
 def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, repeats: int, warmup: int,
@@ -438,8 +187,8 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
         sampler = Sampler.from_config(cfg)
         flow, g = build_variant_models(cfg, dev, seed)
         uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
-        z, y = _inputs(cfg, FLOP_BATCH, dev)
-        flops = count_flops(_sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
+        z, y = sampler_inputs(cfg, FLOP_BATCH, dev)
+        flops = count_flops(sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
         row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
         setups[name] = (variant, cfg, sampler, flow, g, count_params(flow if uses_flow else None, g), flops, row_peak)
         if compile and sampler.inverse == "learned" and sampler.denoise != "score":
@@ -454,15 +203,15 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
     for bs in batch_sizes:
         calls, stats = {}, {}
         for name, (_, cfg, sampler, flow, g, *_) in setups.items():
-            z, y = _inputs(cfg, bs, dev)
+            z, y = sampler_inputs(cfg, bs, dev)
             stats[name] = {}
-            calls[name] = _sampler_call(sampler, flow, g, z, y, amp, stats=stats[name])
+            calls[name] = sampler_call(sampler, flow, g, z, y, amp, stats=stats[name])
         times: dict[str, list[float]] = {name: [] for name in calls}
         peak_mb: dict[str, float | None] = {}
         for name, call in calls.items():  # warm-up, which also gives the peak memory of a call (cuda)
-            _reset_peak_memory(dev)
+            reset_peak_memory(dev)
             time_calls(call, dev, 0, max(warmup, 1 if dev.type == "cuda" else 0))
-            peak_mb[name] = _peak_memory_mb(dev)
+            peak_mb[name] = peak_memory_mb(dev)
         for _ in range(repeats):
             for name, call in calls.items():
                 times[name] += time_calls(call, dev, 1, 1)
@@ -495,8 +244,8 @@ def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, rep
                   peak: float, peak_bf16: float | None, progress: bool) -> list[dict]:
     """The VAE decoder at latent scales, timed alone as the paper reports it (BiFlow Table 1 excludes it): the
     local sd-vae-ft-ema when there is one, else a random AutoencoderKL of its architecture (same cost)."""
-    from .latents import SD_VAE_ARCH, TINY_VAE_ARCH, load_vae, random_vae
-    from .weights import WeightsError
+    from ..latents import SD_VAE_ARCH, TINY_VAE_ARCH, load_vae, random_vae
+    from ..weights import WeightsError
 
     try:
         vae, weights = load_vae(device=dev), "local weights"
@@ -521,7 +270,7 @@ def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, rep
     rows = []
     for bs in batch_sizes:
         call = call_for(bs)
-        _reset_peak_memory(dev)
+        reset_peak_memory(dev)
         times = time_calls(call, dev, repeats, max(warmup, 1))
         sec = statistics.median(times)
         rows.append({
@@ -529,7 +278,7 @@ def _decoder_rows(cfg: RunConfig, batch_sizes: list[int], dev: torch.device, rep
             "nfe_label": "1 (decoder)", "params": params, "flops_per_image": flops, "batch_size": bs,
             "ms_per_image": sec / bs * 1e3, "images_per_s": bs / sec, "speedup": None,
             "peak_fraction": flops * bs / sec / ((peak_bf16 if amp and peak_bf16 else peak)),
-            "peak_memory_mb": _peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
+            "peak_memory_mb": peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
             "ms_min": min(times) / bs * 1e3,
         })
         _log(progress, f"vae-decoder  batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image")
@@ -545,12 +294,12 @@ def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
     labels = {"train-flow": "Training step, stage 1 (F, maximum likelihood)",
               "train-backward": "Training step, stage 2 (G against frozen F)"}
     flops: dict[str, float] = {}
-    for name, (step, _, _) in _training_calls(cfg, dev, FLOP_BATCH, seed).items():  # the same math in every setting
+    for name, (step, _, _) in training_calls(cfg, dev, FLOP_BATCH, seed).items():  # the same math in every setting
         flops[name] = count_flops(step) / FLOP_BATCH
     rows: list[dict[str, Any]] = []
     for bs in batch_sizes:
         steps = {(setting, name): call for setting in settings
-                 for name, call in _training_calls(cfg, dev, bs, seed, setting).items()}
+                 for name, call in training_calls(cfg, dev, bs, seed, setting).items()}
         for (setting, name), (step, _, _) in steps.items():
             _log(progress, f"warming up {name} ({setting}) at batch {bs} ...")
             time_calls(step, dev, 0, max(warmup, 2 if parse_train_setting(setting)[1] else 0))
@@ -569,7 +318,7 @@ def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
                 "nfe_label": "fwd + bwd + AdamW", "params": count_params(model), "flops_per_image": flops[name],
                 "batch_size": bs, "ms_per_image": sec / bs * 1e3, "images_per_s": ips, "speedup": base / sec,
                 "peak_fraction": flops[name] * ips / row_peak, "peak_fraction_fp32": flops[name] * ips / peak,
-                "peak_memory_mb": _peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
+                "peak_memory_mb": peak_memory_mb(dev), "paper_ms": None, "paper_speedup": None,
                 "ms_min": min(times[setting, name]) / bs * 1e3,
             })
             _log(progress, f"{name:14s} {setting:13s} batch {bs:4d}: {sec / bs * 1e3:9.3f} ms/image, "
@@ -580,49 +329,3 @@ def _training_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
 
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# terminal table
-
-
-def _fmt(v: Any, spec: str, dash: str = "-") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return dash
-    return format(v, spec)
-
-
-def format_speed_table(record: dict[str, Any]) -> str:
-    """A markdown table of a speed record's rows, with the machine and the notes underneath."""
-    head = ["sampler", "NFE", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)", "GFLOP/image",
-            "paper ms", "paper speed-up"]
-    body = []
-    for r in record["rows"]:
-        body.append([
-            str(r["sampler"]), str(r.get("nfe_label") or r.get("nfe", "")), str(r["batch_size"]),
-            _fmt(r.get("ms_per_image"), ".3f"), _fmt(r.get("images_per_s"), ".1f"),
-            _fmt(r.get("speedup"), ".2f") if r.get("speedup") is None else f"x{r['speedup']:.2f}",
-            _fmt(None if r.get("peak_fraction") is None else 100 * r["peak_fraction"], ".1f"),
-            _fmt(None if r.get("params") is None else r["params"] / 1e6, ".3f"),
-            _fmt(None if r.get("flops_per_image") is None else r["flops_per_image"] / 1e9, ".4f"),
-            _fmt(r.get("paper_ms"), ".2f"),
-            "-" if r.get("paper_speedup") is None else f"x{r['paper_speedup']:.0f}",
-        ])
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
-    right = {i for i in range(2, len(head))}
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    m = record.get("machine", {})
-    peak = m.get("matmul_peak_flops")
-    title = (f"{record.get('label', 'Sampling speed')} - scale {record.get('scale')}, {m.get('device', '?')}, "
-             f"matmul peak {_fmt(None if peak is None else peak / 1e9, '.1f')} GFLOP/s"
-             + (f" (bf16 {m['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s)" if m.get("matmul_peak_flops_bf16") else ""))
-    out = [title, "", line(head), sep, *(line(r) for r in body)]
-    paper = record.get("paper", {}).get("table")
-    if paper:
-        out += ["", f"paper: {paper}"]
-    return "\n".join(out) + "\n"

@@ -1,0 +1,28 @@
+"""The report, the pipeline's last step (spec -> config -> train -> cache -> sample -> metrics -> record -> **report**):
+Markdown, CSV and LaTeX tables and PNG figures regenerated from the result records alone.
+
+    <out>/README.md                          index per scale: headline (`main`), ablation tables, speed, skipped files
+    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID, ranks and Kendall's tau;
+                                               real-data calibration rows on top (results/<scale>/calibration.json)
+                                               and the domain-classifier / precision-recall columns records have
+    <out>/<scale>/speed.{md,csv,tex,png}       ms per image against batch size for every sampler
+    <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
+                                               records exist at that scale too), beside the paper's where known
+
+Seeds are averaged only within one config hash (results.py): each table row is a variant's default config; records
+of other configs (--set overrides, a micro-batch, an older spec's default) are rows of their own under "Other
+configurations", labelled by how their config differs, and the report says what it separated.
+
+Output is a pure function of the records (and the spec registry, for variant order and labels): no timestamps,
+sorted iteration and fixed figure metadata, so regenerating an unchanged results directory is byte-identical.
+Every file is written atomically; files a previous render wrote that this one no longer produces are removed
+(only those listed in the previous render's manifest, never anything else in the output directory).
+
+    stats.py    the statistics: a table's noise rule, Kendall's tau, the verdict on the paper's ordering
+    tables.py   the tables as DataFrames (ablation, other configurations, headline, calibration and extra columns)
+    figures.py  the figures as PNG bytes
+    format.py   cell and table formatting (numbers, mean ± noise, Markdown, LaTeX, links)
+    pages.py    one page per table: an ablation's .md / .csv / .tex / .png, the speed page
+    render.py   `render_report`: every page of every scale and the index README
+    writer.py   atomic writes under the output directory and the manifest-based stale-file sweep
+"""

@@ -1,0 +1,221 @@
+"""The report's pages, one per table: an ablation's Markdown / CSV / LaTeX / PNG (ours beside the paper's, ranks,
+Kendall's tau, calibration rows, the hand-written commentary, other configurations, norms) and the speed page.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..ablations import AblationSpec
+from .figures import ablation_figure, guidance_curves, guidance_figure, speed_figure
+from .format import (DASH, dedup, first_value, fmt_count, fmt_num, fmt_ours, fmt_rank, fmt_text, md_table, notes_block,
+                     rel_link, tex_table)
+from .stats import kendall, verdict
+from .tables import (ablation_table, calibration_cells, calibration_names, extra_columns, other_configs_table,
+                     table_calibration)
+from .writer import ReportWriter
+
+
+COMMENTARY = "COMMENTARY.md"  # results/<scale>/<ablation>/: the hand-written reading of a table
+
+
+def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
+                     spec: AblationSpec | None, comment: str | None,
+                     calibration_entries: dict[str, dict[str, Any]] | None = None,
+                     others: pd.DataFrame | None = None) -> tuple[pd.DataFrame, float | None, str]:
+    table = ablation_table(df, spec)
+    tau, _, tau_text = kendall(table)
+    # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
+    rank_of = {v: i for i, v in enumerate(table["variant"])}
+    ordered = df.assign(_o=df["variant"].map(rank_of)).sort_values(["_o", "seed"], kind="stable")
+    title = spec.title if spec else ablation
+    paper_table = (first_value(df["paper_table"]) or (spec.paper_table if spec else None)) or DASH
+    metrics = sorted({m for m in df["metric"] if isinstance(m, str) and m})
+    metric = metrics[0] if metrics else "metric"
+    base = f"{scale}/{ablation}"
+    out_dir = w.out_dir / scale
+
+    guided = table["best_w"].notna().any()  # the column of guided rows' best w, where a table has them
+    header = ["Variant", f"Ours ({metric}, ↓)", "Seeds", "NFE", *(["Best w"] if guided else []), "Paper FID",
+              "Our rank", "Paper rank"]
+    cells = [[r.label, fmt_ours(r.ours, r.ours_std), str(r.seeds), fmt_text(r.nfe_label),
+              *([fmt_text(r.best_w)] if guided else []), fmt_num(r.paper_fid), fmt_rank(r.our_rank), fmt_rank(r.paper_rank)]
+             for r in table.itertuples()]
+    fill = len(header) - 2  # the calibration rows' empty cells between our metric and the extra metrics
+    tex_cells = [[c if i != 1 else fmt_ours(r.ours, r.ours_std, tex=True) for i, c in enumerate(row)]
+                 for row, r in zip(cells, table.itertuples())]
+    extras = extra_columns(df, list(table["variant"]))
+    header += [h for _, h, _ in extras]
+    for i, row in enumerate(cells):
+        row += [fmt_ours(*col[i]) for _, _, col in extras]
+        tex_cells[i] += [fmt_ours(*col[i], tex=True) for _, _, col in extras]
+    align = "lrrl" + "r" * (len(header) - 4)
+    calibration = table_calibration(df, calibration_entries or {}) or {}
+    cal_rows = [(str(r.get("label") or r.get("name")), r.get("metrics") if isinstance(r.get("metrics"), dict) else {})
+                for r in calibration.get("rows", []) if isinstance(r, dict)]
+    keys = [metric, *[k for k, _, _ in extras]]
+    cells[:0] = [[f"*{label}*", *calibration_cells(m, keys, fill)] for label, m in cal_rows]  # real data on top
+    tex_cells[:0] = [[label, *calibration_cells(m, keys, fill, tex=True)] for label, m in cal_rows]
+
+    notes = []
+    if len(metrics) > 1:
+        notes.append(f"records use different primary metrics ({', '.join(metrics)}); our ranks compare unlike numbers")
+    versions = sorted({int(v) for v in df["spec_version"] if isinstance(v, (int, float)) and not pd.isna(v)})
+    if spec and versions and versions != [spec.version]:
+        notes.append(f"records come from spec version(s) {', '.join(map(str, versions))}; the spec is now version "
+                     f"{spec.version}")
+    notes += [n for row_notes in ordered["notes"] for n in row_notes]
+    notes = dedup(notes)
+
+    md = [f"# {title}: scale `{scale}`\n", f"Paper: {paper_table}. Ablation `{ablation}`"
+          + (f", spec version {spec.version}" if spec else "") + ".\n"]
+    if spec and spec.description:
+        md.append(" ".join(spec.description.split()) + "\n")
+    md.append(md_table(header, cells, align))
+    if cal_rows:
+        accuracy = (calibration.get("classifier") or {}).get("test_accuracy")
+        md.append(f"Rows in italics are real data, not models: {calibration.get('num_images')} training images scored "
+                  "by the same code against the same held-out images (as they are: the floor; with the training "
+                  f"noise sigma = {calibration.get('noise_sigma')}; blurred by a 3x3 box)."
+                  + (f" The domain classifier (acc_cls, conf_cls, fd_cls) has {fmt_num(100 * accuracy, 1)}% test accuracy."
+                     if isinstance(accuracy, (int, float)) else "") + "\n")
+    md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
+    if comment:
+        md.append(f"**Why.** {comment}\n")
+    caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
+                                         "ImageNet: compare rankings, not values.")
+    md.append("± is the std across seeds where a variant has more than one seed (never less than the runs' mean "
+              "bootstrap std), otherwise the bootstrap std of the single run. Lower is better in both columns; "
+              f"rank 1 is the best.{caveat}\n")
+    md.append(f"![{title}]({ablation}.png)\n")
+    curves = guidance_curves(df, list(table["variant"]))
+    if curves:
+        labels = dict(zip(table["variant"], table["label"]))
+        w.bytes(f"{base}-guidance.png", guidance_figure(curves, labels, metric, f"{title}: {metric} against "
+                                                         f"guidance scale (scale {scale})"))
+        md.append("Guided rows are reported at their best w (column *Best w*; ★ in the figure), the same sweep "
+                  "for every sampler, as the paper reports its guided rows.\n")
+        md.append(f"![{title}: metric against guidance]({ablation}-guidance.png)\n")
+    md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
+    norms = norms_section(ordered)
+    if norms:
+        md.append(norms)
+    if notes:
+        md.append("## Notes\n\n" + notes_block(notes))
+    other = other_configs_table(others, spec) if others is not None and len(others) else None
+    if other is not None:
+        md.append("## Other configurations\n\nRecords of configs other than each variant's default, one row per "
+                  "config (seeds averaged within it only); not ranked against the paper.\n\n"
+                  + md_table(["Variant", "Config", f"Ours ({metric}, ↓)", "Seeds", "NFE"],
+                              [[r.label, r.overrides, fmt_ours(r.ours, r.ours_std), str(r.seeds), fmt_text(r.nfe_label)]
+                               for r in other.itertuples()], "llrrl"))
+    samples = []
+    for r in ordered.itertuples():
+        if isinstance(r.samples_png, str) and r.samples_png:
+            target = results_dir / scale / r.samples_png
+            missing = "" if target.is_file() else " (file missing)"
+            samples.append(f"- {r.label}, seed {r.seed}{missing}:\n\n"
+                           f"  ![{r.label}, seed {r.seed}]({rel_link(target, out_dir)})\n")
+    if samples:
+        md.append("## Samples\n\n" + "\n".join(samples))
+    w.text(f"{base}.md", "\n".join(md))
+
+    csv = table.assign(scale=scale, ablation=ablation, config="", **{k: [c[0] for c in col] for k, _, col in extras})[
+        ["scale", "ablation", "variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
+         "best_w", "ms_per_image", "paper_fid", "our_rank", "paper_rank", "config", *[k for k, _, _ in extras]]]
+    if cal_rows:
+        real = pd.DataFrame([{"scale": scale, "ablation": ablation, "variant": f"calibration:{name}", "label": label,
+                              "metric": metric, "ours": m.get(metric, math.nan),
+                              "ours_std": m.get(f"{metric}_std", math.nan), "noise": "bootstrap",
+                              **{k: m.get(k, math.nan) for k, _, _ in extras}}
+                             for name, (label, m) in zip(calibration_names(calibration), cal_rows)],
+                            columns=csv.columns)
+        csv = pd.concat([real, csv], ignore_index=True)
+    if other is not None:
+        csv = pd.concat([csv, other.assign(scale=scale, ablation=ablation, config=other["overrides"])[
+            [c for c in csv.columns if c in other.columns or c in ("scale", "ablation", "config")]]],
+            ignore_index=True)
+    w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
+    w.text(f"{base}.tex", tex_table(header, tex_cells, align, f"{title} ({paper_table}); scale {scale}, "
+                                     f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
+                                     raw_cols=(1,)))
+    w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
+    return table, tau, tau_text
+
+
+def norms_section(records: pd.DataFrame) -> str | None:
+    """What norm control acted on, per variant (seed 0 or the first seed): F's clip c, where c sits among the
+    |pre-clip| affine parameters on held-out data, their largest per-block 99th percentile, and the RMS of every
+    trajectory state. Shown where the table's variants use different forward flows."""
+    first = records.drop_duplicates("variant")
+    first = first[[len(r) > 0 for r in first["trajectory_rms"]]] if "trajectory_rms" in first else first.iloc[0:0]
+    if len(first) < 2 or len({tuple(np.round(r, 6)) for r in first["trajectory_rms"]}) < 2:
+        return None
+    states = max(len(r) for r in first["trajectory_rms"])
+    header = ["Variant", "clip c", "c at percentile", "max p99 pre-clip"] + \
+        [f"RMS x{k}" if k < states - 1 else "RMS z" for k in range(states)]
+    cells = [[r.label, fmt_num(r.flow_clip), fmt_num(r.clip_percentile, 1), fmt_num(r.pre_clip_p99)]
+             + [fmt_num(v) for v in r.trajectory_rms] for r in first.itertuples()]
+    return ("## What norm control acted on\n\nF's affine parameters before the clip (|alpha|, |mu| on held-out "
+            "noisy images) and the RMS of each state of its trajectory, x0 = x~ ... z; measured in each record.\n\n"
+            + md_table(header, cells, "l" + "r" * (len(header) - 1)))
+
+
+def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:
+    """The hand-written reading of a table, `results/<scale>/<ablation>/COMMENTARY.md`, kept with the records it
+    explains (written by whoever ran them; the report never invents one)."""
+    path = results_dir / scale / ablation / COMMENTARY
+    return " ".join(path.read_text(encoding="utf-8").split()) if path.is_file() else None
+
+
+def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationSpec | None,
+                  quality_link: str | None, comment: str | None) -> None:
+    # Several speed records (seeds) at one scale: average each (sampler, batch size) cell.
+    listed = list(spec.variants) if spec else []
+    first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
+    order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
+    agg = (speed.groupby(["sampler", "batch_size"], sort=False)
+           .agg(label=("label", "first"), nfe=("nfe_label", "first"), params=("params", "mean"),
+                ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
+                speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
+                paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
+           .reset_index())
+    agg["_o"] = agg["sampler"].map(order.index)
+    agg = agg.sort_values(["_o", "batch_size"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+    header = ["Sampler", "NFE", "Params", "Batch", "ms / image", "images / s", "Speed-up", "% of matmul peak",
+              "Paper ms", "Paper speed-up"]
+    cells = [[r.label, fmt_text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
+              fmt_count(r.params), fmt_count(r.batch_size), fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
+              DASH if math.isnan(r.speedup) else f"×{fmt_num(r.speedup, 1)}",
+              DASH if math.isnan(r.peak_fraction) else f"{fmt_num(100 * r.peak_fraction)}%", fmt_num(r.paper_ms),
+              DASH if math.isnan(r.paper_speedup) else f"×{fmt_num(r.paper_speedup, 0)}"] for r in agg.itertuples()]
+    machines = sorted({(str(d), float(p)) for d, p in zip(speed["device"], speed["matmul_peak_flops"])})
+    title = spec.title if spec else "Sampling speed"
+    md = [f"# {title}: scale `{scale}`\n"]
+    if spec:
+        md.append(f"Paper: {spec.paper_table}.\n")
+    md.append("Machine: " + "; ".join(f"device `{d}`, measured matmul peak {fmt_count(p)}FLOP/s" for d, p in machines)
+              + ".\n")
+    md.append(md_table(header, cells, "llrrrrrrrr"))
+    md.append("Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
+              "decoder, so compare speed-ups, not milliseconds.\n")
+    if comment:
+        md.append(f"**Why.** {comment}\n")
+    md.append("![ms per image against batch size](speed.png)\n")
+    md.append("Files: [CSV](speed.csv) · [LaTeX](speed.tex)"
+              + (f" · [speed against quality]({quality_link})" if quality_link else "") + "\n")
+    notes = dedup([n for ns in speed["notes"] for n in ns])
+    if notes:
+        md.append("## Notes\n\n" + notes_block(notes))
+    w.text(f"{scale}/speed.md", "\n".join(md))
+    csv = agg.assign(scale=scale, batch_size=agg["batch_size"].astype("Int64"))
+    w.text(f"{scale}/speed.csv", csv[["scale", *agg.columns]].to_csv(index=False, lineterminator="\n"))
+    w.text(f"{scale}/speed.tex", tex_table(header, cells, "llrrrrrrrr", f"{title}; scale {scale}",
+                                            f"tab:{scale}-speed"))
+    w.bytes(f"{scale}/speed.png", speed_figure(speed, order, f"{title} (scale {scale})"))

@@ -1,0 +1,151 @@
+"""`render_report`: every page of every scale (report/pages.py) and the index README with the headline table, the
+ablation index with each table's verdict, speed links and the skipped files; then the stale-file sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..ablations import AblationSpec, load_registry
+from ..config import ConfigError
+from ..results import results_frame, scan_records, speed_frame
+from .figures import speed_quality_figure
+from .format import DASH, first_value, fmt_num, fmt_ours, fmt_text, md_table, rel_link, rel_or_abs
+from .pages import ablation_page, commentary, speed_page
+from .stats import verdict
+from .tables import headline_table, load_calibration, order_scales, scale_label, split_configs
+from .writer import ReportWriter, sweep_stale
+
+
+@dataclass
+class ReportSummary:
+    files: list[Path] = field(default_factory=list)  # every file written by this render, sorted
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # bad record files and why
+    ablations: list[tuple[str, str]] = field(default_factory=list)  # (scale, ablation) rendered
+    removed: list[Path] = field(default_factory=list)  # stale files of a previous render deleted
+    separated: list[str] = field(default_factory=list)  # records of other configs shown apart from the tables
+    kendall: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (scale, ablation) -> tau
+
+
+def _headline_md(h: pd.DataFrame) -> str:
+    if h.empty:
+        return "No `main` records at this scale.\n"
+    metric = first_value(h["metric"]) or "metric"
+    cells = [[r.label, fmt_text(r.inverse), fmt_ours(r.ours, r.ours_std), str(r.seeds), fmt_text(r.nfe_label),
+              fmt_num(r.ms_per_image, 3), DASH if math.isnan(r.speedup_vs_exact) else f"×{fmt_num(r.speedup_vs_exact, 1)}",
+              fmt_num(r.paper_fid)] for r in h.itertuples()]
+    return md_table(["Variant", "Inverse", f"Ours ({metric}, ↓)", "Seeds", "NFE", "ms / image",
+                      "Speed-up vs exact", "Paper FID"], cells, "llrrlrrr")
+
+
+def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:
+    """The report must render from records alone, so a broken or missing spec directory is a note, not an error."""
+    try:
+        return load_registry(), None
+    except (ConfigError, OSError) as e:
+        return {}, str(e).splitlines()[0]
+
+
+def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence[str] | None = None,
+                  registry: dict[str, AblationSpec] | None = None) -> ReportSummary:
+    """Regenerate `out_dir` from the records under `results_dir` (all scales found, or `scales`).
+
+    `registry` gives variant order, labels and fallback paper numbers; by default the project's specs are loaded,
+    and an empty dict renders from the records alone."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    registry_error = None
+    if registry is None:
+        registry, registry_error = _load_registry_quietly()
+    records, skipped = scan_records(results_dir)
+    df = results_frame(records)
+    speed = speed_frame(records)
+    found = set(df["scale"]) | set(speed["scale"])
+    chosen = order_scales(found if scales is None else set(scales))
+
+    w = ReportWriter(out_dir)
+    summary = ReportSummary(skipped=skipped)
+    readme = ["# BiFlow benchmark report\n",
+              f"Regenerated from the records in `{rel_link(results_dir, out_dir)}`: every number below comes from those "
+              "files. Lower is better for every quality metric; rank 1 is the best.\n"]
+    if registry_error:
+        readme.append(f"The ablation specs could not be loaded ({registry_error}); variant order and labels come "
+                      "from the records alone.\n")
+    if not chosen:
+        readme.append("No records found.\n")
+    for scale in chosen:
+        readme.append(f"## Scale `{scale}`\n")
+        sdf, others = split_configs(df[df["scale"] == scale].assign(
+            label=lambda d: d["label"].map(lambda x: scale_label(x, scale))))
+        for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
+            summary.separated.append(f"{scale}/{ablation}/{variant}: {len(g)} record(s) of another config "
+                                     f"({label}) shown apart from the table, under Other configurations")
+        sspeed = speed[speed["scale"] == scale]
+        sspeed = sspeed.assign(label=sspeed["label"].map(lambda x: scale_label(x, scale)))
+        if sdf.empty and others.empty and sspeed.empty:
+            readme.append("No records at this scale.\n")
+            continue
+        main_spec = registry.get("main")
+        readme.append(f"### Headline: {main_spec.title if main_spec else 'main'} (`main`)\n")
+        readme.append(_headline_md(headline_table(sdf, main_spec)))
+
+        index_rows, readings = [], []
+        main_table = None
+        calibration_entries = load_calibration(results_dir, scale)
+        for ablation in sorted(set(sdf["ablation"]) | set(others["ablation"])):
+            spec = registry.get(ablation)
+            comment = commentary(results_dir, scale, ablation)
+            table, tau, tau_text = ablation_page(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
+                                                    spec, comment, calibration_entries, others[others["ablation"] == ablation])
+            summary.ablations.append((scale, ablation))
+            summary.kendall[(scale, ablation)] = tau
+            if ablation == "main":
+                main_table = table
+            run = int((table["seeds"] > 0).sum())
+            p = f"{scale}/{ablation}"
+            index_rows.append([f"[{spec.title if spec else ablation}]({p}.md)", f"`{ablation}`",
+                               f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
+                               f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
+            readings.append(f"- **{spec.title if spec else ablation}** (`{ablation}`): {verdict(table)}"
+                            + (f" {comment}" if comment else "") + "\n")
+        if index_rows:
+            readme.append("### Ablations\n")
+            readme.append(md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
+            readme.append("What reproduced (σ: the noise in each table):\n\n" + "".join(readings))
+
+        if not sspeed.empty:
+            quality_link = None
+            if main_table is not None and np.isfinite(
+                    main_table["ms_per_image"].astype(float) * main_table["ours"].astype(float)).any():
+                quality_link = w.bytes(f"{scale}/speed_quality.png",
+                                       speed_quality_figure(main_table, f"Speed against quality (scale {scale})"))
+            comment = commentary(results_dir, scale, "speed")
+            speed_page(w, scale, sspeed, registry.get("speed"),
+                          quality_link and Path(quality_link).name, comment)
+            readme.append("### Speed\n")
+            readme.append(f"- [Sampling speed table]({scale}/speed.md) · [CSV]({scale}/speed.csv) · "
+                          f"[LaTeX]({scale}/speed.tex) · [figure]({scale}/speed.png)\n"
+                          + (f"- [Speed against quality]({quality_link}) (the `main` variants)\n"
+                             if quality_link else "")
+                          + (f"\n{comment}\n" if comment else ""))
+
+    if summary.separated:
+        readme.append("## Other configurations\n\nSeeds are averaged within one config only; these records were "
+                      "shown apart from their tables:\n\n" + "".join(f"- {n}\n" for n in summary.separated))
+    readme.append("## Skipped files\n")
+    if skipped:
+        readme.append("These files under the results directory are not valid records and were left out:\n\n"
+                      + "".join(f"- `{rel_or_abs(p, results_dir)}`: {why}\n" for p, why in skipped))
+    else:
+        readme.append("None: every record file was read.\n")
+    w.text("README.md", "\n".join(readme))
+
+    # A render of some scales leaves the other scales' files alone (only the README is shared).
+    summary.removed = sweep_stale(out_dir, w.files, None if scales is None else set(chosen))
+    summary.files = sorted(w.files)
+    return summary

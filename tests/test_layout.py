@@ -1,0 +1,102 @@
+"""The package's layout rules (issue 18): no import cycle inside biflow_bench (function-local imports included), no
+module named like a standard-library module, no source file over 450 lines."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import biflow_bench
+
+PACKAGE = Path(biflow_bench.__file__).parent
+MAX_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: Path, name: str, known: set[str]) -> set[str]:
+    """The biflow_bench modules a module imports anywhere in its body (top level, functions, branches)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import runner`
+    internal = set()
+    for target in found:
+        while target and target not in known:  # `pkg.mod.attr` -> `pkg.mod`
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            internal.add(target)
+    return internal
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imported(path, name, set(mods)) for name, path in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None. A package's __init__ importing its own submodules is
+    the usual re-export, not a cycle; a submodule importing its package's __init__ is counted."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def edges(node: str) -> set[str]:
+        return {t for t in graph[node] if not t.startswith(node + ".")}
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(edges(node)):
+            if state.get(target) == 1:
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_graph_sees_function_local_and_relative_imports():
+    graph = import_graph()
+    assert "biflow_bench.config" in graph["biflow_bench.ablations"]
+    assert "biflow_bench.runner" in graph["biflow_bench.cli"]  # imported inside a command function
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_module_shadows_the_standard_library():
+    shadowing = sorted(name for name in modules() if name.rpartition(".")[2] in sys.stdlib_module_names)
+    assert not shadowing, f"modules named like standard-library modules: {shadowing}"
+
+
+def test_no_file_over_the_line_limit():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
