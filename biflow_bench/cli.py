@@ -11,67 +11,21 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from .ablations import load_registry
-from .config import SCALES, ConfigError, did_you_mean
-from .data import DataError
-from .files import LockBusy
-from .weights import WeightsError
+from .cli_args import (USER_ERRORS, Ablation, DataDir, Device, Overrides, ResultsDir, Scale, Seed, VaePath, Variant,
+                       check_device, check_out_file, check_scale, parse_overrides, positive, writable)
+from .cli_bench import bench_app
+from .config import ConfigError
 
-def _plain_help() -> None:
-    """Click-style help: this typer prints option types as "<int>" and required arguments as "{ABLATION}"; show
-    "INT" and "ABLATION" instead (arguments carry their own help text)."""
-    core = typer.core
-    if hasattr(core.TyperOption, "display_type_rich") and hasattr(core.TyperArgument, "_usage_display_name"):
-        option_type = core.TyperOption.display_type_rich
-        core.TyperOption.display_type_rich = lambda self, ctx: (option_type(self, ctx) or "").strip("<>").upper()
-        core.TyperArgument.display_type_rich = lambda self, ctx: None
-        core.TyperArgument._usage_display_name = lambda self: self.display_name_raw + ("" if self.required else "?")
-
-
-_plain_help()
 # rich_markup_mode=None: plain click help (no "<bool>" type column, no "{ablation}" placeholders)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow).")
-bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        help="Benchmarks: speed of every sampler; F beside a reference TARFlow.")
 app.add_typer(bench_app, name="bench")
-
-USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
-
-Scale = Annotated[str, typer.Option(help=f"scale preset: {', '.join(SCALES)}")]
-Seed = Annotated[int, typer.Option(help="training and sampling seed")]
-ResultsDir = Annotated[Path, typer.Option(help="where records are written (results/<scale>/<ablation>/)")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
-                                                     help="config override (TOML value), repeatable")]
-DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files)")]
-Ablation = Annotated[str, typer.Argument(metavar="ABLATION", help="ablation name (see `biflow-bench list`)")]
-Variant = Annotated[str, typer.Argument(metavar="VARIANT", help="variant of the ablation (see `biflow-bench list`)")]
-
-
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE is read as TOML (1e-3, true, "mse") and falls back to a bare string."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stage2.steps=200")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
@@ -79,36 +33,6 @@ def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: l
 
     # progress: a bar on a terminal, periodic lines in a log (loop.fit decides)
     return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides))
-
-
-def _check_scale(scale: str) -> None:
-    if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}{did_you_mean(scale, SCALES)}")
-
-
-def _positive(option: str, value: int) -> int:
-    if value < 1:
-        raise ConfigError(f"{option} {value}: must be a positive integer")
-    return value
-
-
-def _writable(directory: Path, option: str = "--results-dir") -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):  # unique: runs may share the folder
-            pass
-    except OSError as e:
-        raise ConfigError(f"{option} {directory}: directory is not writable ({e.strerror or e}); pass another "
-                          f"{option}") from None
-
-
-def _check_out_file(out: Path, suffixes: tuple[str, ...]) -> None:
-    """--out names a file of a format we write, in a directory we can write to."""
-    if out.suffix.lower() not in suffixes:
-        raise ConfigError(f"--out {out}: use a {' or '.join(suffixes)} path (the file is written in that format)")
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; name a file")
-    _writable(out.parent if str(out.parent) else Path("."), "--out")
 
 
 @app.command("list")
@@ -137,7 +61,7 @@ def run(
     from . import runner
     from .ablations import get_spec
 
-    _check_scale(scale)
+    check_scale(scale)
     spec = get_spec(ablation)
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     if variants is not None and not names:
@@ -147,7 +71,7 @@ def run(
                           "sampler); use `biflow-bench bench speed` for its options")
     for name in names or []:
         spec.resolve(name, scale)  # an unknown variant: one line with the valid names
-    _writable(results_dir)
+    writable(results_dir)
     paths = runner.run(ablation, names, scale, seed, _options(results_dir, data_dir, force, set_))
     typer.echo("\n".join(str(p) for p in paths))
 
@@ -164,7 +88,7 @@ def report(
     if not results_dir.is_dir():
         raise ConfigError(f"--results-dir {results_dir}: no such directory; run an ablation first (biflow-bench run "
                           "...) or pass the directory holding the records")
-    _writable(out, "--out")
+    writable(out, "--out")
     summary = render_report(results_dir, out)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -177,7 +101,7 @@ def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path 
     from . import runner
     from .ablations import get_spec
 
-    _check_scale(scale)
+    check_scale(scale)
     opts = _options(Path("results"), data_dir, False, overrides)
     cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
     return runner, runner.train_variant(cfg, seed, opts)
@@ -199,8 +123,8 @@ def sample(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Se
     """Sample a grid from one variant (trains it first when not cached)."""
     from .data import save_image_grid
 
-    _positive("--num", num)
-    _check_out_file(out, (".png",))
+    positive("--num", num)
+    check_out_file(out, (".png",))
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed, num)
     save_image_grid(images, out, nrow=max(1, int(num**0.5)))
@@ -214,21 +138,6 @@ def eval_(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: See
     runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed)
     typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
-
-
-Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")]
-VaePath = Annotated[str | None, typer.Option("--vae", help="diffusers AutoencoderKL directory (default: BIFLOW_VAE, "
-                                                          "then the local caches)")]
-
-
-def _check_device(device: str | None) -> None:
-    if device not in (None, "cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: use cpu or cuda")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
 @app.command("prepare-latents")
@@ -247,7 +156,7 @@ def prepare_latents(
     from .latents import load_vae
     from .latents import prepare_latents as prepare
 
-    _check_device(device)
+    check_device(device)
     env = init_from_env(device)
     model = load_vae(vae, env.device)
     written = prepare(image_dir, out_dir, model, image_size, batch_size, env.rank, env.world_size, shard_size, workers,
@@ -277,10 +186,10 @@ def train_dist(
     from .data import load_dataset
     from .distributed import init_from_env, shutdown
 
-    _check_scale(scale)
-    _check_device(device)
+    check_scale(scale)
+    check_device(device)
     if micro_batch is not None:
-        _positive("--micro-batch", micro_batch)
+        positive("--micro-batch", micro_batch)
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     dataset = load_dataset(cfg.dataset, data_dir).train
     env = init_from_env(device)
@@ -312,13 +221,13 @@ def sample_dist(
     from .distributed import init_from_env, shutdown
     from .sample import sample_trained
 
-    _check_scale(scale)
-    _check_device(device)
+    check_scale(scale)
+    check_device(device)
     for option, value in (("--num-images", num), ("--batch-size", batch_size)):
         if value is not None:
-            _positive(option, value)
+            positive(option, value)
     if out is not None:
-        _check_out_file(out, (".npz", ".png"))
+        check_out_file(out, (".npz", ".png"))
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     env = init_from_env(device)
     result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out)
@@ -327,70 +236,6 @@ def sample_dist(
     shutdown()
 
 
-@bench_app.command("speed")
-def bench_speed(
-    scale: Scale = "tiny",
-    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
-    repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
-    train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
-                                                     "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
-    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass under torch.compile")] = False,
-    results_dir: ResultsDir = Path("results"),
-    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
-) -> None:
-    """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
-    from .speed.benchmark import WHATS, record_speed_bench
-    from .speed.harness import parse_train_setting
-    from .speed.table import format_speed_table
-
-    _check_scale(scale)
-    _check_device(device)
-    if what not in WHATS:
-        raise ConfigError(f"--what {what!r}: use one of {', '.join(WHATS)}{did_you_mean(what, WHATS)}")
-    _positive("--repeats", repeats)
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
-    if any(b < 1 for b in sizes):
-        raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
-    settings = tuple(t.strip() for t in train_settings.split(","))
-    for t in settings:
-        try:
-            parse_train_setting(t)
-        except ValueError as e:
-            raise ConfigError(f"--train-settings: {e}") from None
-    _writable(results_dir)
-    path, record = record_speed_bench(results_dir, scale, wait=True, batch_sizes=sizes, device=device,
-                                      repeats=repeats, what=what, progress=sys.stderr.isatty(),
-                                      train_settings=settings, compile=compile)
-    typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
-    typer.echo(f"record: {path}", err=True)
-
-
-@bench_app.command("flow-reference")
-def bench_flow_reference(
-    reference: Annotated[Path | None, typer.Option(
-        help="a checkout of apple/ml-tarflow (its transformer_flow.py is imported from there); needed for the "
-             "'reference' variant")] = None,
-    steps: Annotated[int, typer.Option(help="training steps per model (batch 64)")] = 1500,
-    variants: Annotated[str, typer.Option(help="comma-separated: ours, ours-embed-std1, ours-no-out-norm, "
-                                               "ours-out-bias-default, reference")] = "ours,reference",
-    seed: Seed = 0,
-    data_dir: DataDir = None,
-    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
-) -> None:
-    """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
-    from .flow_reference import format_rows, run_flow_reference
-    from .files import atomic_write_json
-
-    names = [v.strip() for v in variants.split(",") if v.strip()]
-    result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())
-    if out is not None:
-        atomic_write_json(out, result)
-    typer.echo(format_rows(result))
 class CtrlC(Exception):
     """Ctrl-C outside training (click would turn KeyboardInterrupt into a silent exit 130)."""
 

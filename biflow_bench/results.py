@@ -38,6 +38,8 @@ CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "ablation": ("metric", "metrics"),
     "speed": ("rows",),
+    "curve": ("points",),  # curve.py: quality against training time
+    "scaling": ("rows",),  # speed/scaling.py: speed-up against the exact inverse's serial steps
 }
 SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
 
@@ -354,6 +356,7 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "path": str(path), "calibration": rec.get("calibration") if isinstance(rec.get("calibration"), str) else None,
     }
     row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
+    row.update({f"diag_{k}": _float(v) for k, v in sorted(_dict(rec, "diagnostics").items())})
     return row
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 
 from biflow_bench.ablations import AblationSpec, Variant
 from biflow_bench.report.render import ReportSummary, render_report
-from biflow_bench.report.stats import verdict
+from biflow_bench.report.stats import pair_verdicts, verdict
 from biflow_bench.report.tables import ablation_table, headline_table
 from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
@@ -121,12 +122,13 @@ def kendall_tau_by_hand(xs: list[float], ys: list[float]) -> float:
 
 
 def table_rows(md: str) -> dict[str, list[str]]:
-    """First cell -> cells, for every body row of the pipe tables in `md`."""
-    rows = {}
+    """First cell -> cells, for every body row of the pipe tables in `md` (the first row wins: the main table comes
+    before the per-pair verdicts and the measurements, whose rows also start with a variant's label)."""
+    rows: dict[str, list[str]] = {}
     for line in md.splitlines():
         if line.startswith("| ") and not line.startswith("| :--") and not line.startswith("| --"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
-            rows[cells[0]] = cells
+            rows.setdefault(cells[0], cells)
     return rows
 
 
@@ -326,7 +328,8 @@ def test_spec_order_labels_and_missing_variants(results: Path, tmp_path: Path) -
     assert md.startswith("# Denoising mode: scale `tiny`")
     rows = table_rows(md)
     # spec order; record labels win over the spec's; the unrun variant keeps its paper number and no rank of ours
-    assert list(rows)[1:] == ["No denoising", "Score-based denoising", "Learned denoising", "spec never-run"]
+    assert list(rows)[1:5] == ["No denoising", "Score-based denoising", "Learned denoising", "spec never-run"]
+    assert list(rows)[5] == "Paper: better"  # the per-pair verdicts follow the table
     assert rows["spec never-run"][1:] == ["—", "0", "—", "7.50", "—", "1"]
     assert "0.333 over 3 variants" in md  # the unrun variant does not enter tau
 
@@ -356,6 +359,27 @@ def test_verdict_counts_pairs_against_noise(rendered: tuple[Path, Path, ReportSu
     assert verdict(table) == ("The paper's best variant is `b`; ours is `a`; 0 of 1 pairs keep the paper's order "
                               "(0 beyond 2σ noise); reversed here: `a` beats `b` (within noise).")
     assert verdict(table.iloc[:1]).startswith("Not comparable")
+
+
+def test_pair_verdicts_golden() -> None:
+    """Each pair the paper orders gets, per metric, reproduced / reversed / unresolved at 2 sigma (sigma: the two
+    rows' noise in quadrature), with the gap in sigma units, positive in the paper's direction."""
+    table = pd.DataFrame({"variant": ["a", "b", "c", "d"], "ours": [10.0, 12.0, 8.0, 1.0],
+                          "ours_std": [1.0, 1.0, 0.0, 0.0], "paper_fid": [1.0, 2.0, 3.0, float("nan")]})
+    extras = [("acc_cls", "acc_cls ↑", [(0.9, 0.01), (0.8, 0.01), (0.95, 0.03), (0.5, 0.0)]),
+              ("fd_cls", "fd_cls ↓", [(5.0, 1.0), (4.0, 1.0), (float("nan"), 1.0), (1.0, 0.0)]),
+              ("conf_cls", "conf_cls ↑", [(0.1, 0.0), (0.9, 0.0), (0.5, 0.0), (0.5, 0.0)])]  # not judged
+    pairs = pair_verdicts(table, extras)
+    assert [(r.better, r.worse, r.paper_gap) for r in pairs.itertuples()] == [("a", "b", 1.0), ("a", "c", 2.0),
+                                                                               ("b", "c", 1.0)]
+    assert list(pairs["ours"]) == ["unresolved", "unresolved", "reversed"]  # z = 2/sqrt2, -2 (not beyond), -4
+    assert pairs["ours_z"].tolist() == pytest.approx([2 / math.sqrt(2), -2.0, -4.0])
+    assert list(pairs["acc_cls"]) == ["reproduced", "unresolved", "reversed"]
+    assert pairs["acc_cls_z"].tolist() == pytest.approx([0.1 / math.hypot(0.01, 0.01), -0.05 / math.hypot(0.01, 0.03),
+                                                         -0.15 / math.hypot(0.01, 0.03)])
+    assert list(pairs["fd_cls"]) == ["unresolved", "unresolved", "unresolved"]  # -1/sqrt2, then a missing number
+    assert pairs["fd_cls_z"].iloc[0] == pytest.approx(-1 / math.sqrt(2)) and math.isnan(pairs["fd_cls_z"].iloc[1])
+    assert "conf_cls" not in pairs
 
 
 def test_seed_std_is_floored_at_the_bootstrap_std(tmp_path: Path) -> None:

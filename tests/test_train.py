@@ -138,3 +138,17 @@ def test_progress_without_a_terminal_is_a_line_per_stage_and_periodic_lines(tmp_
     assert [line.split(" (")[0] for line in lines[1:-1]] == [f"train: step {k}/4" for k in range(1, 5)]
     assert all("steps/s, about" in line and "min left" in line for line in lines[1:-1])
     assert lines[-1].startswith("train: done, 4 steps in ")
+
+
+def test_snapshots_hand_over_the_ema_weights_every_n_steps_and_at_the_end():
+    """fit's Snapshot: called at steps 4, 8 and 10 (the end) with the weights the run would end with (the EMA's);
+    the last equals the trained model's final weights."""
+    from biflow_bench.training.loop import Snapshot
+
+    model = TARFlow(_tiny(10).flow)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    _fit(model, _flow_loss, None, steps=10, ema_decay=0.9, snapshot=Snapshot(4, lambda s, w: seen.__setitem__(s, w)))
+    assert sorted(seen) == [4, 8, 10]
+    final = model.state_dict()  # fit copies the EMA into the model at the end
+    assert seen[10].keys() == final.keys() and all(torch.equal(seen[10][k], final[k]) for k in final)
+    assert any(not torch.equal(seen[4][k], final[k]) for k in final)  # an earlier point is another model

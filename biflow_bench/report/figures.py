@@ -131,3 +131,41 @@ def speed_quality_figure(table: pd.DataFrame, title: str) -> bytes:
         ax.margins(x=0.2, y=0.1)  # room for the point labels
     fig.suptitle(title, fontsize=10)
     return png_bytes(fig)
+
+
+def curve_figure(points: Sequence[dict[str, Any]], metrics: Sequence[str], title: str) -> bytes:
+    """Quality against training minutes of one curve record: a panel per metric, a line per guidance scale."""
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4), layout="constrained")
+    for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics, strict=True):
+        for w in sorted({p["w"] for p in points}):
+            pts = sorted((p["train_s"] / 60, p["metrics"][metric]) for p in points
+                         if p["w"] == w and isinstance(p["metrics"].get(metric), (int, float)))
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"w = {w:g}")
+        ax.set_xlabel("training minutes (this machine)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return png_bytes(fig)
+
+
+def scaling_figure(rows: Sequence[dict[str, Any]], title: str) -> bytes:
+    """Speed-up of one pass of G over the exact inverse against the exact inverse's serial steps: measured, and
+    the FLOP ratio (the speed-up if both ran at the same FLOP/s)."""
+    fig = Figure(figsize=(6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    steps = [r["serial_steps"] for r in rows]
+    ax.plot(steps, [r["speedup"] for r in rows], "o-", label="measured (ms ratio)")
+    ax.plot(steps, [r["flop_ratio"] for r in rows], "s--", label="FLOP ratio")
+    for r in rows:
+        ax.annotate(f"{r['tokens']} tokens", (r["serial_steps"], r["speedup"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("serial steps of the exact inverse (blocks x tokens)")
+    ax.set_ylabel("exact inverse / G")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)

@@ -15,7 +15,7 @@ from ..ablations import AblationSpec
 from .figures import ablation_figure, guidance_curves, guidance_figure, speed_figure
 from .format import (DASH, dedup, first_value, fmt_count, fmt_num, fmt_ours, fmt_rank, fmt_text, md_table, notes_block,
                      rel_link, tex_table)
-from .stats import kendall, verdict
+from .stats import VERDICTS, kendall, pair_verdicts, verdict
 from .tables import (ablation_table, calibration_cells, calibration_names, extra_columns, other_configs_table,
                      table_calibration)
 from .writer import ReportWriter
@@ -85,6 +85,9 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
                   + (f" The domain classifier (acc_cls, conf_cls, fd_cls) has {fmt_num(100 * accuracy, 1)}% test accuracy."
                      if isinstance(accuracy, (int, float)) else "") + "\n")
     md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
+    pairs = verdicts_section(pair_verdicts(table, extras), dict(zip(table["variant"], table["label"])), metric)
+    if pairs:
+        md.append(pairs)
     if comment:
         md.append(f"**Why.** {comment}\n")
     caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
@@ -102,9 +105,9 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
                   "for every sampler, as the paper reports its guided rows.\n")
         md.append(f"![{title}: metric against guidance]({ablation}-guidance.png)\n")
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
-    norms = norms_section(ordered)
-    if norms:
-        md.append(norms)
+    for section in (measurements_section(ordered), norms_section(ordered)):
+        if section:
+            md.append(section)
     if notes:
         md.append("## Notes\n\n" + notes_block(notes))
     other = other_configs_table(others, spec) if others is not None and len(others) else None
@@ -146,6 +149,48 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
                                      raw_cols=(1,)))
     w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
     return table, tau, tau_text
+
+
+def verdicts_section(pairs: pd.DataFrame, labels: dict[str, str], metric: str, sigmas: float = 2.0) -> str | None:
+    """`stats.pair_verdicts` as a table: one row per pair the paper orders, one column per judged metric."""
+    if pairs.empty:
+        return None
+    keys = [k for k in pairs.columns if k not in ("better", "worse", "paper_gap") and not k.endswith("_z")]
+    names = {"ours": metric}
+    cells = [[labels.get(r["better"], r["better"]), labels.get(r["worse"], r["worse"]), fmt_num(r["paper_gap"]),
+              *[r[k] + (f" ({r[f'{k}_z']:+.1f}σ)" if math.isfinite(r[f"{k}_z"]) else "") for k in keys]]
+             for _, r in pairs.iterrows()]
+    counts = "; ".join(f"{names.get(k, k)}: " + ", ".join(f"{int((pairs[k] == v).sum())} {v}" for v in VERDICTS)
+                       for k in keys)
+    return (f"## Verdict per pair\n\nEach pair of variants the paper orders, judged on each metric: *reproduced* when "
+            f"ours orders them the paper's way by more than {sigmas:g}σ (σ: the two rows' ± in quadrature), "
+            f"*reversed* when the other way by as much, else *unresolved*; in brackets our gap in σ, positive in the "
+            f"paper's direction. {counts}.\n\n"
+            + md_table(["Paper: better", "than", "Paper FID gap", *[names.get(k, k) for k in keys]], cells,
+                       "llr" + "l" * len(keys)))
+
+
+# (record column, header): what a table's reading rests on, measured in each record
+MEASUREMENTS = (("metric_noise_residual", "noise left in samples"), ("diag_noise_residual_real", "… in real images"),
+                ("diag_inverse_mse_clean", "G vs F⁻¹, clean target"), ("diag_inverse_mse_noisy", "G vs F⁻¹, noisy target"),
+                ("diag_noise_sigma_sq", "σ²"), ("metric_bpd", "F bits/dim"), ("ms_per_image", "ms / image"))
+
+
+def measurements_section(records: pd.DataFrame) -> str | None:
+    """Per variant, mean over its seeds: the noise left in the samples beside real test images', G's mean squared
+    gap to F's exact inverse on held-out pairs (beside sigma^2 of the training noise), F's bits/dim, ms per image."""
+    cols = [(c, h) for c, h in MEASUREMENTS if c in records and np.isfinite(records[c].astype(float)).any()]
+    if not cols or records.empty:
+        return None
+    cells = []
+    for variant in dict.fromkeys(records["variant"]):
+        g = records[records["variant"] == variant]
+        cells.append([str(g["label"].iloc[0]), *[fmt_num(float(g[c].astype(float).mean()), 4) for c, _ in cols]])
+    return ("## Measurements behind the reading\n\nPer variant, mean over seeds (runner.diagnostics): the "
+            "high-frequency noise left in the samples beside the same measure on real test images, how far G is from "
+            "F's exact inverse on held-out pairs (mean squared error per value; σ² of the training noise for scale), "
+            "F's bits/dim and the sampling time.\n\n"
+            + md_table(["Variant", *[h for _, h in cols]], cells, "l" + "r" * len(cols)))
 
 
 def norms_section(records: pd.DataFrame) -> str | None:

@@ -15,6 +15,7 @@ import pandas as pd
 from ..ablations import AblationSpec, load_registry
 from ..config import ConfigError
 from ..results import results_frame, scan_records, speed_frame
+from .bench_pages import curves_page, scaling_page
 from .figures import speed_quality_figure
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_text, md_table, rel_link, rel_or_abs
 from .pages import ablation_page, commentary, speed_page
@@ -65,7 +66,8 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     records, skipped = scan_records(results_dir)
     df = results_frame(records)
     speed = speed_frame(records)
-    found = set(df["scale"]) | set(speed["scale"])
+    extra = {kind: [rec for _, rec in records if rec["kind"] == kind] for kind in ("curve", "scaling")}
+    found = set(df["scale"]) | set(speed["scale"]) | {rec["scale"] for recs in extra.values() for rec in recs}
     chosen = order_scales(found if scales is None else set(scales))
 
     w = ReportWriter(out_dir)
@@ -87,8 +89,18 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                                      f"({label}) shown apart from the table, under Other configurations")
         sspeed = speed[speed["scale"] == scale]
         sspeed = sspeed.assign(label=sspeed["label"].map(lambda x: scale_label(x, scale)))
+        curves = [rec for rec in extra["curve"] if rec["scale"] == scale]
+        scaling = [rec for rec in extra["scaling"] if rec["scale"] == scale]
+        if curves or scaling:
+            readme.append("### Training time and sequence length\n")
+            if curves:
+                readme.append(f"- [Quality against training time]({curves_page(w, scale, curves)})\n")
+            if scaling:
+                readme.append(f"- [Speed-up against the exact inverse's serial steps]"
+                              f"({scaling_page(w, scale, scaling[-1])})\n")
         if sdf.empty and others.empty and sspeed.empty:
-            readme.append("No records at this scale.\n")
+            if not (curves or scaling):
+                readme.append("No records at this scale.\n")
             continue
         main_spec = registry.get("main")
         readme.append(f"### Headline: {main_spec.title if main_spec else 'main'} (`main`)\n")

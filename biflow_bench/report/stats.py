@@ -58,3 +58,41 @@ def table_noise(values: pd.Series, stds: pd.Series) -> float:
     """The table's noise rule: the std across seeds, floored at the runs' mean bootstrap std (one run: its own)."""
     boot = float(stds.astype(float).mean()) if len(stds) else math.nan
     return max(float(values.std(ddof=1)), boot) if len(values) > 1 else boot
+
+
+# Metrics judged pair by pair beside the primary one: the domain classifier's, independent of ImageNet features
+# (key -> higher is better).
+VERDICT_METRICS = {"acc_cls": True, "fd_cls": False}
+VERDICTS = ("reproduced", "reversed", "unresolved")
+
+
+def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[float, float]]]],
+                  sigmas: float = 2.0) -> pd.DataFrame:
+    """For every pair of variants the paper orders (by its FID) and for the primary metric ('ours') and each of
+    VERDICT_METRICS among `extras` ((key, header, [(mean, noise) per table row])): 'reproduced' when ours orders the
+    pair the paper's way by more than `sigmas` x the combined noise (hypot of the two rows' ±), 'reversed' when the
+    other way by as much, else 'unresolved'; `<key>_z` is the gap in units of that noise, positive in the paper's
+    direction. One row per pair: better, worse (the paper's), paper_gap, then the verdicts."""
+    columns = {"ours": (list(zip(table["ours"].astype(float), table["ours_std"].astype(float))), False)}
+    columns.update({key: (cells, VERDICT_METRICS[key]) for key, _, cells in extras if key in VERDICT_METRICS})
+    ranked = sorted((r for r in table.reset_index(drop=True).itertuples() if math.isfinite(float(r.paper_fid))),
+                    key=lambda r: float(r.paper_fid))
+    rows = []
+    for i, better in enumerate(ranked):
+        for worse in ranked[i + 1:]:
+            if better.paper_fid == worse.paper_fid:
+                continue
+            row: dict[str, object] = {"better": better.variant, "worse": worse.variant,
+                                      "paper_gap": float(worse.paper_fid) - float(better.paper_fid)}
+            for key, (cells, higher) in columns.items():
+                (mean_b, std_b), (mean_w, std_w) = cells[better.Index], cells[worse.Index]
+                gap = (mean_b - mean_w) if higher else (mean_w - mean_b)  # > 0: the paper's direction
+                noise = math.hypot(*(s if math.isfinite(s) else 0.0 for s in (std_b, std_w)))
+                if not math.isfinite(gap):
+                    row[key], row[f"{key}_z"] = "unresolved", math.nan
+                    continue
+                z = gap / noise if noise > 0 else math.copysign(math.inf, gap) if gap else 0.0
+                row[key] = "unresolved" if abs(z) <= sigmas else "reproduced" if z > 0 else "reversed"
+                row[f"{key}_z"] = z
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -176,6 +176,15 @@ class _Loss(nn.Module):
         return self.loss_fn(self.model, x, y, gen)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Hand the weights (the EMA's when there is one) to `call(step, state_dict)` every `every` steps and at the
+    end: quality-against-training-time curves (curve.py)."""
+
+    every: int
+    call: Callable[[int, dict[str, Tensor]], None]
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -200,6 +209,7 @@ def fit(
     bf16: bool = True,
     precision: str = "fp32",
     compile: bool = False,
+    snapshot: Snapshot | None = None,
 ) -> FitResult:
     """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass.
     `precision` "bf16" runs the forward under bfloat16 autocast on any device (`bf16`: on CUDA regardless);
@@ -291,6 +301,11 @@ def fit(
                 for k, v in step_terms.items():
                     recent.setdefault(k, []).append(v)
                     del recent[k][:-50]
+            if snapshot is not None and ((step + 1) % snapshot.every == 0 or step + 1 == steps):
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if ema is not None:  # the weights a run ends with: the EMA's
+                    weights.update({name: e.clone() for (name, _), e in zip(model.named_parameters(), ema, strict=True)})
+                snapshot.call(step + 1, weights)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
             bar.update(1)

@@ -16,13 +16,13 @@ from ..distributed import DistEnv
 from ..latents import differentiable_decoder, load_vae
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
-from .loop import FitResult, fit
+from .loop import FitResult, Snapshot, fit
 from .losses import build_perceptual_terms, nll_loss, stage2_loss
 
 
 def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint: Path | None = None,
                progress: bool = True, env: DistEnv | None = None,
-               micro_batch: int | None = None) -> tuple[TARFlow, FitResult]:
+               micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[TARFlow, FitResult]:
     """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop.
     Seeded by stage1.seed alone: every seed of G trains against the same F."""
     s1 = cfg.stage1
@@ -44,14 +44,14 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint
         weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=s1.seed, checkpoint=checkpoint,
         checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
         progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, precision=s1.precision,
-        compile=s1.compile,
+        compile=s1.compile, snapshot=snapshot,
     )
     return flow, result
 
 
 def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | LatentDataset, seed: int,
                    checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
-                   micro_batch: int | None = None) -> tuple[BiFlow, FitResult]:
+                   micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[BiFlow, FitResult]:
     """Stage 2: G against the frozen F (BiFlow sec. 3); F's weights are never updated."""
     torch.manual_seed(seed + 1)
     g = BiFlow(cfg.backward)
@@ -72,7 +72,7 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
         desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, precision=s2.precision,
-        compile=s2.compile,
+        compile=s2.compile, snapshot=snapshot,
     )
     return g, result
 

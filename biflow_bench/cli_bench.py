@@ -1,0 +1,156 @@
+"""`biflow-bench bench ...`: the speed of every sampler, F beside a reference TARFlow, quality against training
+time, and how the exact inverse's cost grows with the sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, parse_overrides, positive,
+                       writable)
+from .config import ConfigError, did_you_mean
+
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Benchmarks: speed of every sampler; F beside a reference TARFlow; quality against "
+                             "training time; speed against sequence length.")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    scale: Scale = "tiny",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
+    repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
+    train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
+                                                     "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass under torch.compile")] = False,
+    results_dir: ResultsDir = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+) -> None:
+    """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
+    from .speed.benchmark import WHATS, record_speed_bench
+    from .speed.harness import parse_train_setting
+    from .speed.table import format_speed_table
+
+    check_scale(scale)
+    check_device(device)
+    if what not in WHATS:
+        raise ConfigError(f"--what {what!r}: use one of {', '.join(WHATS)}{did_you_mean(what, WHATS)}")
+    positive("--repeats", repeats)
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
+    if any(b < 1 for b in sizes):
+        raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
+    settings = tuple(t.strip() for t in train_settings.split(","))
+    for t in settings:
+        try:
+            parse_train_setting(t)
+        except ValueError as e:
+            raise ConfigError(f"--train-settings: {e}") from None
+    writable(results_dir)
+    path, record = record_speed_bench(results_dir, scale, wait=True, batch_sizes=sizes, device=device,
+                                      repeats=repeats, what=what, progress=sys.stderr.isatty(),
+                                      train_settings=settings, compile=compile)
+    typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
+    typer.echo(f"record: {path}", err=True)
+
+
+@bench_app.command("flow-reference")
+def bench_flow_reference(
+    reference: Annotated[Path | None, typer.Option(
+        help="a checkout of apple/ml-tarflow (its transformer_flow.py is imported from there); needed for the "
+             "'reference' variant")] = None,
+    steps: Annotated[int, typer.Option(help="training steps per model (batch 64)")] = 1500,
+    variants: Annotated[str, typer.Option(help="comma-separated: ours, ours-embed-std1, ours-no-out-norm, "
+                                               "ours-out-bias-default, reference")] = "ours,reference",
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+) -> None:
+    """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
+    from .flow_reference import format_rows, run_flow_reference
+    from .files import atomic_write_json
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())
+    if out is not None:
+        atomic_write_json(out, result)
+    typer.echo(format_rows(result))
+
+
+@bench_app.command("curve")
+def bench_curve(
+    stage: Annotated[str, typer.Argument(metavar="STAGE", help="flow (F, by its exact inverse) or backward (G)")],
+    scale: Scale = "small",
+    every: Annotated[int, typer.Option(help="evaluate the weights every this many steps (and at the end)")] = 1000,
+    scales: Annotated[str, typer.Option("--w", help="comma-separated guidance scales evaluated at each point")] = "0",
+    num: Annotated[int, typer.Option(help="samples per point")] = 1000,
+    overrides: Overrides = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    results_dir: ResultsDir = Path("results"),
+) -> None:
+    """Quality against training time: train F or G once (the scale's preset plus --set overrides), scoring its
+    weights every --every steps with the tables' metrics; record results/<scale>/curve/<stage>__seed<N>.json."""
+    from .config import apply_delta, scale_config
+    from .curve import STAGES, curve_record, training_curve
+    from .files import dir_lock
+    from .results import write_record
+
+    check_scale(scale)
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r}: use one of {', '.join(STAGES)}{did_you_mean(stage, STAGES)}")
+    positive("--every", every)
+    positive("--num", num)
+    try:
+        ws = tuple(float(w) for w in scales.split(","))
+    except ValueError:
+        raise ConfigError(f"--w {scales!r}: expected comma-separated numbers, e.g. 0,1,2") from None
+    if any(w < 0 for w in ws):
+        raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
+    cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
+    writable(results_dir)
+    body = training_curve(cfg, stage, seed, every, ws, num, data_dir=data_dir)
+    with dir_lock(results_dir / scale, wait=True, timeout=600):
+        path = write_record(results_dir, curve_record(cfg, seed, body))
+    for p in body["points"]:
+        shown = " ".join(f"{k}={p['metrics'][k]:.3f}" for k in ("fd_effnet", "acc_cls", "conf_cls", "bpd")
+                         if k in p["metrics"])
+        typer.echo(f"step {p['step']:6d}  {p['train_s'] / 60:6.1f} min  w={p['w']:g}  {shown}")
+    typer.echo(f"record: {path}", err=True)
+
+
+@bench_app.command("scaling")
+def bench_scaling(
+    sides: Annotated[str, typer.Option(help="comma-separated latent sides (patch 2: side^2 / 4 tokens)")] = "8,16,32",
+    batch: Annotated[int, typer.Option(help="images per timed call")] = 1,
+    repeats: Annotated[int, typer.Option(help="timed calls per sampler and shape")] = 3,
+    results_dir: ResultsDir = Path("results"),
+) -> None:
+    """Speed-up of one pass of G over the exact inverse (+ CFG + score step) against the exact inverse's serial
+    steps: the paper-B/2 models, randomly initialised, on latents up to the paper's 32x32x4; FLOP ratio beside it."""
+    from .files import dir_lock
+    from .results import write_record
+    from .speed.scaling import scaling_record, scaling_rows
+
+    try:
+        shape = tuple(int(s) for s in sides.split(","))
+    except ValueError:
+        raise ConfigError(f"--sides {sides!r}: expected comma-separated integers, e.g. 8,16,32") from None
+    if any(s < 2 or s % 2 for s in shape):
+        raise ConfigError(f"--sides {sides!r}: each side must be an even integer >= 2 (patch size 2)")
+    positive("--batch", batch)
+    positive("--repeats", repeats)
+    writable(results_dir)
+    rows = scaling_rows(shape, batch, repeats, progress=True)
+    with dir_lock(results_dir / "paper", wait=True, timeout=600):
+        path = write_record(results_dir, scaling_record(rows))
+    typer.echo(f"record: {path}", err=True)

@@ -1,0 +1,88 @@
+"""Quality against training time (curve.py, `bench curve`) and speed-up against serial steps (speed/scaling.py,
+`bench scaling`): the flattening rule by hand, a tiny run of each end to end, their report pages, their CLI checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from biflow_bench.config import apply_delta, scale_config
+from biflow_bench.curve import curve_record, flattening, training_curve
+from biflow_bench.report.render import render_report
+from biflow_bench.results import scan_records, write_record
+from biflow_bench.speed.scaling import scaling_record, scaling_rows
+
+
+def _points(values: dict[int, tuple[float, float]], w: float = 0.0, key: str = "fd_effnet") -> list[dict]:
+    return [{"step": s, "train_s": 6.0 * s, "images_seen": s, "w": w, "metrics": {key: v, f"{key}_std": sd}}
+            for s, (v, sd) in values.items()]
+
+
+def test_flattening_golden():
+    # 100 -> 200 gains 30 (> noise 5), 200 -> 400 gains 20 (> 4), 400 -> 800 gains 2 (<= 3): flat from step 400
+    pts = _points({100: (100.0, 5.0), 200: (70.0, 4.0), 400: (50.0, 3.0), 800: (48.0, 3.0)})
+    assert flattening(pts, "fd_effnet", 0.0) == {"step": 400, "to_step": 800, "gain": 2.0, "noise": 3.0}
+    assert flattening(pts[:3], "fd_effnet", 0.0) is None  # every doubling paid
+    assert flattening(pts, "fd_effnet", 1.0) is None  # no points at that w
+    # higher is better: 0.5 -> 0.7 pays (0.2 > 0.01), 0.7 -> 0.705 does not (0.005 <= 0.01)
+    acc = _points({10: (0.5, 0.01), 20: (0.7, 0.01), 40: (0.705, 0.01)}, key="acc_cls")
+    flat = flattening(acc, "acc_cls", 0.0, higher_is_better=True)
+    assert flat["step"] == 20 and flat["to_step"] == 40 and flat["gain"] == pytest.approx(0.005)
+    # a step whose half-step has no point is compared with the last point before it: 30 against 10 (<= 15)
+    odd = _points({10: (9.0, 1.0), 30: (8.5, 1.0)})
+    assert flattening(odd, "fd_effnet", 0.0) == {"step": 10, "to_step": 30, "gain": 0.5, "noise": 1.0}
+
+
+@pytest.mark.parametrize("stage", ["flow", "backward"])
+def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
+    cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage2.steps": 20, "eval.num_real": 60})
+    body = training_curve(cfg, stage, 0, every=10, scales=(0.0, 1.0), num=40, cache_dir=tmp_path / "cache",
+                          progress=False)
+    assert [(p["step"], p["w"]) for p in body["points"]] == [(10, 0.0), (10, 1.0), (20, 0.0), (20, 1.0)]
+    assert all(p["images_seen"] == p["step"] * 64 for p in body["points"])
+    assert all({"fd_effnet", "acc_cls", "acc_cls_std"} <= set(p["metrics"]) for p in body["points"])
+    assert ("bpd" in body["points"][0]["metrics"]) == (stage == "flow")  # F's likelihood, once per point
+    assert body["points"][0]["train_s"] < body["points"][2]["train_s"]
+    path = write_record(tmp_path / "results", curve_record(cfg, 0, body))
+    assert path == tmp_path / "results" / "tiny" / "curve" / f"{stage}__seed0.json"
+    assert scan_records(tmp_path / "results")[1] == []  # a valid record
+    render_report(tmp_path / "results", tmp_path / "report", registry={})
+    page = (tmp_path / "report" / "tiny" / "curves.md").read_text()
+    assert f"![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
+    assert "| 20 |" in page and "`fd_effnet` at w = 0:" in page
+    assert "[Quality against training time](tiny/curves.md)" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_scaling_rows_count_serial_steps_and_render(tmp_path: Path):
+    rows = scaling_rows((4, 8), batch=1, repeats=1, warmup=0, scale="tiny-latent")
+    assert [(r["tokens"], r["blocks"]) for r in rows] == [(4, 4), (16, 4)]
+    assert [r["serial_steps"] for r in rows] == [4 * 3, 4 * 15]  # blocks x (tokens - 1)
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["ms_exact"] / r["ms_learned"])
+        assert r["flop_ratio"] == pytest.approx(r["flops_exact"] / r["flops_learned"]) and r["flop_ratio"] > 1
+    assert rows[1]["flops_exact"] > rows[0]["flops_exact"]
+    write_record(tmp_path / "results", scaling_record(rows))
+    render_report(tmp_path / "results", tmp_path / "report", registry={})
+    page = (tmp_path / "report" / "paper" / "speed-scaling.md").read_text()
+    assert "| 8 | 16 | 60 |" in page and (tmp_path / "report" / "paper" / "speed-scaling.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "curve", "flw"], "stage 'flw': use one of flow, backward; did you mean 'flow'?"),
+    (["bench", "curve", "flow", "--every", "0"], "--every 0: must be a positive integer"),
+    (["bench", "curve", "flow", "--w", "a,b"], "--w 'a,b': expected comma-separated numbers"),
+    (["bench", "curve", "flow", "--set", "stage1.steps=x"], "stage1.steps"),
+    (["bench", "scaling", "--sides", "7"], "--sides '7': each side must be an even integer"),
+    (["bench", "scaling", "--repeats", "0"], "--repeats 0: must be a positive integer"),
+])
+def test_curve_and_scaling_options_fail_in_one_line(args, message, capsys, monkeypatch):
+    from biflow_bench import cli
+
+    monkeypatch.setattr("sys.argv", ["biflow-bench", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
