@@ -1,6 +1,6 @@
 """Artifact cache, the pipeline's step between training and sampling: trained models keyed by a hash of everything
-that determines them, and the orchestration of the two training stages around it (single process: `get_flow`,
-`get_backward`; under torchrun: `train_stages`).
+that determines them, and the orchestration of the two training stages around it (`get_flow`, `get_backward`,
+both in `train_stages`), one code path for one process and for every rank of a torchrun job.
 
     <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree (and
                                         micro-batch / device, where they change the weights: config.stage1_key)
@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .config import RunConfig
@@ -71,7 +72,9 @@ def load_model(path: Path) -> tuple[TARFlow | BiFlow, dict[str, Any]]:
     return model.eval(), meta
 
 
-def _cached(path: Path, expected: TARFlowConfig | BiFlowConfig) -> tuple[Any, dict[str, Any]] | None:
+def _cached(path: Path, expected: TARFlowConfig | BiFlowConfig, remove: bool = True) -> tuple[Any, dict[str, Any]] | None:
+    """The artifact at `path` when it is readable and holds a model of `expected`'s config; else None, and
+    (`remove`: the process that writes) the bad file is deleted so the stage is rebuilt."""
     if not path.exists():
         return None
     try:
@@ -80,16 +83,20 @@ def _cached(path: Path, expected: TARFlowConfig | BiFlowConfig) -> tuple[Any, di
             raise CorruptArtifact(f"{path}: holds a model of another config than its cache key says (moved file?)")
         return model, meta
     except CorruptArtifact as e:
-        print(f"warning: {e}; rebuilding it", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        Path(str(path) + ".sha256").unlink(missing_ok=True)
+        if remove:
+            print(f"warning: {e}; rebuilding it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            Path(str(path) + ".sha256").unlink(missing_ok=True)
         return None
 
 
-def _meta(result: FitResult) -> dict[str, Any]:
+def _meta(result: FitResult, env: DistEnv) -> dict[str, Any]:
     """What a record's `train` section says about a stage; resumed_from > 0 when a checkpoint was picked up."""
-    return {"seconds": result.seconds, "terms": result.terms, "skipped_steps": result.skipped_steps,
+    meta = {"seconds": result.seconds, "terms": result.terms, "skipped_steps": result.skipped_steps,
             "steps": result.steps, "resumed_from": result.resumed_from}
+    if env.distributed:
+        meta.update(world_size=env.world_size, micro_batch=result.micro_batch, device=env.device.type)
+    return meta
 
 
 def _store(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, Any]) -> Path:
@@ -101,78 +108,60 @@ def _store(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, 
     return path
 
 
-def _finish(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, Any]) -> Artifact:
-    return Artifact(_store(model, directory, name, meta), False, meta)
+def _stage(directory: Path, name: str, expected: TARFlowConfig | BiFlowConfig,
+           train: Callable[[Path], tuple[Any, FitResult]], env: DistEnv) -> tuple[Any, Artifact]:
+    """One stage through the cache, on one process or every rank of a torchrun job alike: the artifact when every
+    rank can read it, else trained (DDP across the ranks), written by rank 0 alone, then shared."""
+    path = directory / name
+    hit = _cached(path, expected, remove=env.is_main)
+    if all_true(hit is not None, env):
+        return hit[0].to(env.device), Artifact(path, True, hit[1])  # type: ignore[index]
+    model, result = train(directory / "checkpoint.pt")
+    meta = _meta(result, env)
+    if env.is_main:
+        _store(model, directory, name, meta)
+    barrier(env)
+    return model, Artifact(path, False, meta)
 
 
-def get_flow(cfg: RunConfig, dataset: ImageDataset, cache_dir: Path, progress: bool = True,
-             micro_batch: int | None = None) -> tuple[TARFlow, Artifact]:
-    directory = stage1_dir(cache_dir, cfg, micro_batch)
-    hit = _cached(directory / "flow.pt", cfg.flow)
-    if hit is not None:
-        return hit[0], Artifact(directory / "flow.pt", True, hit[1])  # type: ignore[return-value]
-    flow, result = train_flow(cfg, dataset, directory / "checkpoint.pt", progress, micro_batch=micro_batch)
-    return flow, _finish(flow, directory, "flow.pt", _meta(result))
+def get_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, cache_dir: Path, progress: bool = True,
+             micro_batch: int | None = None, env: DistEnv | None = None) -> tuple[TARFlow, Artifact]:
+    """F of `cfg` from the cache, trained on a miss (under torchrun: with DDP on every rank)."""
+    env = env or DistEnv()
+    return _stage(stage1_dir(cache_dir, cfg, micro_batch, env.device.type), "flow.pt", cfg.flow,
+                  lambda ck: train_flow(cfg, dataset, ck, progress and env.is_main, env=env, micro_batch=micro_batch),
+                  env)
 
 
-def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset, cache_dir: Path,
-                 progress: bool = True, micro_batch: int | None = None) -> tuple[BiFlow, Artifact]:
-    directory = stage2_dir(cache_dir, cfg, seed, micro_batch)
-    hit = _cached(directory / "backward.pt", cfg.backward)
-    if hit is not None:
-        return hit[0], Artifact(directory / "backward.pt", True, hit[1])  # type: ignore[return-value]
-    g, result = train_backward(cfg, flow, dataset, seed, directory / "checkpoint.pt", progress,
-                               micro_batch=micro_batch)
-    return g, _finish(g, directory, "backward.pt", _meta(result))
+def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset | LatentDataset, cache_dir: Path,
+                 progress: bool = True, micro_batch: int | None = None,
+                 env: DistEnv | None = None) -> tuple[BiFlow, Artifact]:
+    """G of `cfg` and `seed` against `flow`, from the cache or trained likewise."""
+    env = env or DistEnv()
+    return _stage(stage2_dir(cache_dir, cfg, seed, micro_batch, env.device.type), "backward.pt", cfg.backward,
+                  lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main, env=env,
+                                            micro_batch=micro_batch), env)
 
 
-def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path, env: DistEnv,
-                 micro_batch: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """F (stage 1) and, for the learned inverse, G (stage 2) of `cfg` under DDP, stored in the artifact cache exactly
-    where `get_flow` / `get_backward` look (cache/stage{1,2}/<key>/), so a later single-process `run` or
-    `sample-dist` reuses them. A stage whose artifact exists is loaded, not trained. Only rank 0 writes (checkpoints
-    and artifacts); every rank returns the per-stage summary."""
-
-    def stage(directory: Path, name: str, train) -> tuple[Any, dict[str, Any]]:
-        path = directory / name
-        model, meta = _load_on_all_ranks(path, env)
-        if model is not None:
-            return model.to(env.device), {**meta, "cached": True, "key": directory.name}
-        model, result = train(directory / "checkpoint.pt")
-        meta = {**_meta(result), "world_size": env.world_size, "micro_batch": micro_batch or result.micro_batch,
-                "device": env.device.type}
-        if env.is_main:
-            _store(model, directory, name, meta)
-        barrier(env)
-        return model, {**meta, "cached": False, "key": directory.name}
-
+def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path,
+                 env: DistEnv | None = None, micro_batch: int | None = None,
+                 progress: bool = True) -> tuple[TARFlow, BiFlow | None, dict[str, Any]]:
+    """F (stage 1) and, for the learned inverse, G (stage 2) of `cfg`, each from the cache or trained, on one
+    process or every rank of a torchrun job (the micro-batch defaults to an even split of the batch over the
+    ranks, `distributed_micro_batch`). Returns F, G (None for the exact inverse) and the per-stage summary a
+    record's `train` section holds."""
+    env = env or DistEnv()
     micro_batch = distributed_micro_batch(cfg, env, micro_batch)
-    device = env.device.type
-    flow, summary = stage(stage1_dir(cache_dir, cfg, micro_batch, device), "flow.pt",
-                          lambda ck: train_flow(cfg, dataset, ck, progress and env.is_main, env=env,
-                                                micro_batch=micro_batch))
-    out = {"stage1": summary}
+    flow, art = get_flow(cfg, dataset, cache_dir, progress, micro_batch, env)
+    summary = {"stage1": {**art.meta, "cached": art.cached, "key": art.path.parent.name}}
+    g = None
     if cfg.inverse == "learned":
-        _, out["stage2"] = stage(stage2_dir(cache_dir, cfg, seed, micro_batch, device), "backward.pt",
-                                 lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main,
-                                                           env=env, micro_batch=micro_batch))
-    return out
+        g, art = get_backward(cfg, seed, flow, dataset, cache_dir, progress, micro_batch, env)
+        summary["stage2"] = {**art.meta, "cached": art.cached, "key": art.path.parent.name}
+    return flow, g, summary
 
 
 def distributed_micro_batch(cfg: RunConfig, env: DistEnv, micro_batch: int | None = None) -> int | None:
     """The micro-batch `train_stages` trains with: the micro-batch size changes the randomness drawn (one stream per
     micro-batch), so it is part of the key; under DDP it defaults to an even split of stage 1's batch."""
     return micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
-
-
-def _load_on_all_ranks(path: Path, env: DistEnv) -> tuple[Any, dict[str, Any]]:
-    """A cached artifact on every rank, or (None, {}) on every rank when any rank cannot read it."""
-    model, meta = None, {}
-    if path.exists():
-        try:
-            model, meta = load_model(path)
-        except CorruptArtifact:
-            model = None
-    if not all_true(model is not None, env):
-        return None, {}
-    return model, meta

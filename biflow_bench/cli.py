@@ -56,10 +56,16 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run variants that already have a record of this config")
                      ] = False,
     set_: Overrides = None,
+    micro_batch: Annotated[int | None, typer.Option(help="rows per forward pass in training (default: the batch "
+                                                        "split over the processes); part of the record's config")
+                           ] = None,
 ) -> None:
-    """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config."""
+    """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config. Under
+    torchrun (CPU processes, gloo) the same command trains with DDP across the processes, shards the sampling
+    (image i from seed i whatever their number) and evaluates and writes on rank 0 alone."""
     from . import runner
     from .ablations import get_spec
+    from .distributed import init_from_env, shutdown
 
     check_scale(scale)
     spec = get_spec(ablation)
@@ -71,9 +77,17 @@ def run(
                           "sampler); use `biflow-bench bench speed` for its options")
     for name in names or []:
         spec.resolve(name, scale)  # an unknown variant: one line with the valid names
+    if micro_batch is not None:
+        positive("--micro-batch", micro_batch)
     writable(results_dir)
-    paths = runner.run(ablation, names, scale, seed, _options(results_dir, data_dir, force, set_))
-    typer.echo("\n".join(str(p) for p in paths))
+    opts = _options(results_dir, data_dir, force, set_)
+    opts.micro_batch, opts.env = micro_batch, init_from_env("cpu")
+    try:
+        paths = runner.run(ablation, names, scale, seed, opts)
+    finally:
+        shutdown()
+    if opts.env.is_main:
+        typer.echo("\n".join(str(p) for p in paths))
 
 
 @app.command()
@@ -193,7 +207,7 @@ def train_dist(
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     dataset = load_dataset(cfg.dataset, data_dir).train
     env = init_from_env(device)
-    summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch)
+    summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch)[2]
     if env.is_main:
         typer.echo(json.dumps(summary, indent=2))
     shutdown()

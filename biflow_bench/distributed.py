@@ -1,10 +1,12 @@
 """Process-group helpers and collectives for torchrun (one process per GPU, or a few CPU processes with gloo).
 
     env = init_from_env()     RANK / WORLD_SIZE / LOCAL_RANK -> process group (nccl on CUDA, gloo on CPU), device
-    all_true / any_true / mean_over_ranks / barrier   the collectives the training loop and the cache agree with
+    all_true / any_true / mean_over_ranks / barrier / broadcast_object   the collectives the training loop, the
+                              cache and the runner agree with (rank 0 decides what is skipped and writes)
     gather_rows(...)          rank r holds rows r, r + W, ...; rank 0 gets the whole table in row order
 
-Stage orchestration under DDP (train F, then G, into the artifact cache) lives in cache.py (`train_stages`).
+Stage orchestration (train F, then G, into the artifact cache; one process or DDP) lives in cache.py (`train_stages`);
+`biflow-bench run` under torchrun trains with DDP, samples sharded, and evaluates and writes on rank 0 (runner.py).
 
 How the work is split (loop.fit, sample.generate): every global batch is cut into micro-batches of a fixed size; rank
 r takes micro-batches r, r + W, ... (gradient accumulation over them), and each micro-batch draws its randomness from
@@ -75,6 +77,15 @@ def all_true(flag: bool, env: DistEnv) -> bool:
 
 def any_true(flag: bool, env: DistEnv) -> bool:
     return not all_true(not flag, env)
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank (picklable; the other ranks' values are ignored)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:

@@ -20,11 +20,13 @@ checkpoint is keyed by the hash of what determines it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,12 @@ from typing import Any
 import torch
 
 from .ablations import AblationSpec, get_spec
-from .cache import default_cache_dir, get_backward, get_flow
+from .cache import default_cache_dir, distributed_micro_batch, train_stages
 from .config import ConfigError, RunConfig
 from .data import DataSplits, add_noise, class_balanced_labels, save_image_grid
 from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
-from .files import atomic_write_json, dir_lock
+from .distributed import DistEnv, barrier, broadcast_object
+from .files import LockBusy, atomic_write_json, dir_lock
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
@@ -63,7 +66,8 @@ class RunOptions:
     force: bool = False
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
-    micro_batch: int | None = None  # rows per forward pass in training (None: the whole batch)
+    micro_batch: int | None = None  # rows per forward pass in training (None: the batch split over the ranks)
+    env: DistEnv = field(default_factory=DistEnv)  # this process's place in a torchrun job (one process: the default)
 
     @property
     def cache(self) -> Path:
@@ -109,20 +113,15 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
     preflight(cfg, seed)
     splits = dataset_splits(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
-    micro = opts.micro_batch
-    flow, flow_art = get_flow(cfg, splits.train, opts.cache, opts.progress, micro)
-    train = {"stage1": {**flow_art.meta, "cached": flow_art.cached, "key": cfg.stage1_key(micro)}}
-    g = None
-    if cfg.inverse == "learned":
-        g, g_art = get_backward(cfg, seed, flow, splits.train, opts.cache, opts.progress, micro)
-        train["stage2"] = {**g_art.meta, "cached": g_art.cached, "key": cfg.stage2_key(seed, micro)}
+    flow, g, train = train_stages(cfg, seed, splits.train, opts.cache, opts.env, opts.micro_batch, opts.progress)
     return Trained(cfg, flow, g, splits, train)
 
 
-def sample_variant(t: Trained, seed: int, num: int | None = None,
-                   cfg_scale: float | None = None) -> tuple[torch.Tensor, float]:
+def sample_variant(t: Trained, seed: int, num: int | None = None, cfg_scale: float | None = None,
+                   env: DistEnv | None = None) -> tuple[torch.Tensor | None, float]:
     """`num` images (default: the config's) with class-balanced labels at guidance `cfg_scale` (default: the
-    config's); returns them and ms per image."""
+    config's); returns them and ms per image. Under torchrun every rank makes its share and rank 0 gets them all
+    (the other ranks None): image i comes from seed (seed, i) whatever the number of processes."""
     cfg = t.cfg
     num = num or cfg.sample.num_samples
     labels = class_balanced_labels(num, cfg.flow.num_classes) if cfg.flow.num_classes else None
@@ -130,7 +129,7 @@ def sample_variant(t: Trained, seed: int, num: int | None = None,
     if cfg_scale is not None:
         sampler = dataclasses.replace(sampler, cfg_scale=cfg_scale)
     start = time.perf_counter()
-    images = generate(sampler, t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed)
+    images = generate(sampler, t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed, env)
     return images, (time.perf_counter() - start) * 1000 / num
 
 
@@ -139,20 +138,24 @@ def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
     return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
 
 
-def sweep_guidance(t: Trained, seed: int, data_dir: Path | None,
-                   cache_dir: Path | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+def sweep_guidance(t: Trained, seed: int, data_dir: Path | None, cache_dir: Path | None = None,
+                   env: DistEnv | None = None) -> tuple[dict[str, Any], torch.Tensor] | None:
     """Sample and evaluate at every guidance scale of the run (sampling only, no retraining); the best w by the
     primary metric is the row's result, as the paper reports each guided row at its best w. Returns the guidance
-    record {'scales', 'curve', 'best_w', 'selected_by'} and the images of the best w."""
+    record {'scales', 'curve', 'best_w', 'selected_by'} and the images of the best w. Under torchrun every rank
+    samples its share and rank 0 alone evaluates (the other ranks get None)."""
     curve, best_images, best = [], None, None
     for w in guidance_scales(t.cfg):
-        images, ms = sample_variant(t, seed, cfg_scale=w)
+        images, ms = sample_variant(t, seed, cfg_scale=w, env=env)
+        if images is None:  # not rank 0
+            continue
         metrics = evaluate(t, images, seed, data_dir, cache_dir, nll=False)  # F's NLL does not depend on w
         metric = primary_metric(metrics)
         curve.append({"w": w, "metrics": metrics, "ms_per_image": ms})
         if best is None or metrics[metric] < best["metrics"][metric]:
             best, best_images = curve[-1], images
-    assert best is not None and best_images is not None
+    if best is None or best_images is None:
+        return None
     return {"scales": list(guidance_scales(t.cfg)), "curve": curve, "best_w": best["w"],
             "selected_by": primary_metric(best["metrics"])}, best_images
 
@@ -278,20 +281,27 @@ class RunIdentity:
 
 def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions) -> tuple[RunConfig, RunIdentity]:
     cfg = spec.resolve(variant, scale, opts.overrides)
-    micro = cfg.effective_micro_batch(opts.micro_batch)
+    micro = cfg.effective_micro_batch(distributed_micro_batch(cfg, opts.env, opts.micro_batch))
     overrides = config_overrides(cfg.to_dict(), spec.resolve(variant, scale).to_dict())
     if micro is not None:
         overrides["micro_batch"] = micro
     return cfg, RunIdentity(config_id(cfg.to_dict(), micro), overrides, micro)
 
 
-def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path:
+def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path | None:
+    """Train, sample, evaluate and record one variant. Under torchrun every rank trains (DDP) and samples its share;
+    rank 0 alone evaluates and writes, and returns the record's path (the other ranks None)."""
     start = time.perf_counter()
     cfg, ident = identity(spec, variant, scale, opts)
     shown = ", ".join(f"{k}={v}" for k, v in ident.overrides.items())
-    log(f"[{spec.name}/{variant}] scale={scale} seed={seed}" + (f" config {ident.config_hash} ({shown})" if shown else ""))
+    if opts.env.is_main:
+        log(f"[{spec.name}/{variant}] scale={scale} seed={seed}"
+            + (f" config {ident.config_hash} ({shown})" if shown else ""))
     t = train_variant(cfg, seed, opts)
-    guidance, images = sweep_guidance(t, seed, opts.data_dir, opts.cache)
+    swept = sweep_guidance(t, seed, opts.data_dir, opts.cache, opts.env)
+    if swept is None:  # not rank 0
+        return None
+    guidance, images = swept
     best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
     metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
     metrics["bpd"] = held_out_bpd(t, seed)
@@ -340,17 +350,43 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
         for key, value in (("ablation", spec.name), ("variant", name)):
             if err := _check_name(value, key):
                 raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")
-    if spec.kind == "speed":
-        return [record_speed_bench(opts.results_dir, scale, wait=False, progress=opts.progress)[0]]
+    env = opts.env
+    if spec.kind == "speed":  # timing is one process's business: rank 0 times, the others wait
+        paths = [record_speed_bench(opts.results_dir, scale, wait=False, progress=opts.progress)[0]] \
+            if env.is_main else []
+        barrier(env)
+        return paths
     paths = []
-    with dir_lock(opts.results_dir / scale, wait=False):
+    with main_rank_lock(opts.results_dir / scale, env):
         for name in names:
             _, ident = identity(spec, name, scale, opts)
-            found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash)
+            found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) \
+                if env.is_main else None
+            found = broadcast_object(found, env)  # rank 0's results directory decides, for every rank
             if found is not None and not opts.force:
-                log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
-                    "(--force to re-run)")
+                if env.is_main:
+                    log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
+                        "(--force to re-run)")
                 paths.append(found)
                 continue
-            paths.append(run_variant(spec, name, scale, seed, opts))
+            path = run_variant(spec, name, scale, seed, opts)
+            barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
+            paths.append(broadcast_object(path, env))
     return paths
+
+
+@contextlib.contextmanager
+def main_rank_lock(directory: Path, env: DistEnv) -> Iterator[None]:
+    """The results directory's lock, held by rank 0 alone for the whole job; when it is busy every rank raises the
+    same one-line LockBusy."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if env.is_main:
+            try:
+                stack.enter_context(dir_lock(directory, wait=False))
+            except LockBusy as e:
+                error = str(e)
+        error = broadcast_object(error, env)
+        if error is not None:
+            raise LockBusy(error)
+        yield

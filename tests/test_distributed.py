@@ -151,3 +151,37 @@ def test_global_batch_must_split_evenly():
         fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, steps=1, batch_size=24, lr=1e-3,
             warmup=1, weight_decay=0.0, grad_clip=1.0, seed=0, micro_batch=8, progress=False,
             env=DistEnv(0, 2))
+
+
+def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp_path):
+    """`biflow-bench run` under torchrun: DDP training, sharded sampling, evaluation and the record on rank 0 alone;
+    the record equals the one-process run's with the same micro-batch (float tolerance). While another job holds
+    the results directory, a torchrun job refuses in one line (exit 2) on every rank."""
+    from biflow_bench import runner
+    from biflow_bench.files import dir_lock
+
+    extra = {"sample.cfg_scale": 0.0, "sample.num_samples": 60, "eval.num_real": 60, "eval.nll_samples": 60}
+    args = ["run", "main", "--variants", "biflow-mse", "--scale", "tiny", *SET,
+            *[a for k, v in extra.items() for a in ("--set", f"{k}={v}")], "--results-dir", str(tmp_path / "two")]
+    out, writes = torchrun(tmp_path, tmp_path / "cache-two", *args)
+    assert {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing: no checkpoint, artifact or record
+    (two,) = [Path(line) for line in out.stdout.splitlines() if line.endswith(".json")]
+    opts = runner.RunOptions(results_dir=tmp_path / "one", cache_dir=tmp_path / "cache-one", progress=False,
+                             overrides={**OVERRIDES, **extra}, micro_batch=MICRO)
+    (one,) = runner.run("main", ["biflow-mse"], "tiny", 0, opts)
+    assert one.relative_to(tmp_path / "one") == two.relative_to(tmp_path / "two")  # the same config hash and name
+    rec_one, rec_two = (json.loads(p.read_text()) for p in (one, two))
+    assert rec_two["overrides"]["micro_batch"] == MICRO and rec_two["config_hash"] == rec_one["config_hash"]
+    assert rec_two["train"]["stage2"]["world_size"] == 2 and "world_size" not in rec_one["train"]["stage2"]
+    assert rec_one["metrics"].keys() == rec_two["metrics"].keys()
+    for key, value in rec_one["metrics"].items():
+        assert rec_two["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+    env = {**os.environ, "BIFLOW_CACHE": str(tmp_path / "cache-two"), "OMP_NUM_THREADS": "1"}
+    with dir_lock(tmp_path / "two" / "tiny", wait=False):
+        busy = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "biflow_bench", *args], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+    assert busy.returncode != 0
+    errors = [line for line in busy.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("is in use by" in e or "in use" in e for e in errors), busy.stderr[-2000:]
