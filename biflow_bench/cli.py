@@ -112,46 +112,64 @@ def report(
 
 
 def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path | None, overrides: list[str] | None):
+    """The runner, this process's place in a torchrun job (one process: the default) and the trained variant (F and
+    G from the cache, trained on a miss; under torchrun with DDP)."""
     from . import runner
     from .ablations import get_spec
+    from .distributed import init_from_env
 
     check_scale(scale)
     opts = _options(Path("results"), data_dir, False, overrides)
     cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
-    return runner, runner.train_variant(cfg, seed, opts)
+    opts.env = init_from_env("cpu")
+    return runner, opts.env, runner.train_variant(cfg, seed, opts)
 
 
 @app.command()
 def train(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
           set_: Overrides = None) -> None:
-    """Train (or load from the artifact cache) F and G of one variant."""
-    _, t = _trained(ablation, variant, scale, seed, data_dir, set_)
-    typer.echo(json.dumps(t.train, indent=2))
+    """Train (or load from the artifact cache) F and G of one variant (under torchrun: with DDP)."""
+    from .distributed import shutdown
+
+    _, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    if env.is_main:
+        typer.echo(json.dumps(t.train, indent=2))
+    shutdown()
 
 
 @app.command()
 def sample(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0,
-           num: Annotated[int, typer.Option(help="images in the grid")] = 100,
+           num: Annotated[int, typer.Option("--num", "--num-images",
+                                            help="images in the grid (under torchrun: --num-images)")] = 100,
            out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
            data_dir: DataDir = None, set_: Overrides = None) -> None:
-    """Sample a grid from one variant (trains it first when not cached)."""
+    """Sample a grid from one variant (trains it first when not cached; under torchrun each process samples its
+    share and rank 0 writes the grid)."""
     from .data import save_image_grid
+    from .distributed import shutdown
 
     positive("--num", num)
     check_out_file(out, (".png",))
-    runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
-    images, ms = runner.sample_variant(t, seed, num)
-    save_image_grid(images, out, nrow=max(1, int(num**0.5)))
-    typer.echo(f"{out} ({ms:.3f} ms per image)")
+    runner, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed, num, env=env)
+    if images is not None:
+        save_image_grid(images, out, nrow=max(1, int(num**0.5)))
+        typer.echo(f"{out} ({ms:.3f} ms per image)")
+    shutdown()
 
 
 @app.command("eval")
 def eval_(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
           set_: Overrides = None) -> None:
-    """Evaluate one variant and print its metrics (no record written)."""
-    runner, t = _trained(ablation, variant, scale, seed, data_dir, set_)
-    images, ms = runner.sample_variant(t, seed)
-    typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
+    """Evaluate one variant and print its metrics (no record written; under torchrun the sampling is shared and
+    rank 0 evaluates)."""
+    from .distributed import shutdown
+
+    runner, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed, env=env)
+    if images is not None:
+        typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
+    shutdown()
 
 
 @app.command("prepare-latents")

@@ -4,6 +4,7 @@ says how to fix it, exit code 2 in cli.main) and click-style help.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import tomllib
 from pathlib import Path
@@ -103,3 +104,8 @@ def check_device(device: str | None) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
+
+
+def not_rank_zero() -> bool:
+    """True in a torchrun process other than rank 0: a benchmark times one process, so the others leave at once."""
+    return int(os.environ.get("RANK", "0")) != 0

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .cli_args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, parse_overrides, positive,
-                       writable)
+                       not_rank_zero, writable)
 from .config import ConfigError, did_you_mean
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -56,6 +56,8 @@ def bench_speed(
         except ValueError as e:
             raise ConfigError(f"--train-settings: {e}") from None
     writable(results_dir)
+    if not_rank_zero():
+        return
     path, record = record_speed_bench(results_dir, scale, wait=True, batch_sizes=sizes, device=device,
                                       repeats=repeats, what=what, progress=sys.stderr.isatty(),
                                       train_settings=settings, compile=compile)
@@ -80,6 +82,8 @@ def bench_flow_reference(
     from .files import atomic_write_json
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
+    if not_rank_zero():
+        return
     result = run_flow_reference(reference, names, steps, seed, data_dir, progress=sys.stderr.isatty())
     if out is not None:
         atomic_write_json(out, result)
@@ -118,6 +122,8 @@ def bench_curve(
         raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
     cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
     writable(results_dir)
+    if not_rank_zero():
+        return
     body = training_curve(cfg, stage, seed, every, ws, num, data_dir=data_dir)
     with dir_lock(results_dir / scale, wait=True, timeout=600):
         path = write_record(results_dir, curve_record(cfg, seed, body))
@@ -150,6 +156,8 @@ def bench_scaling(
     positive("--batch", batch)
     positive("--repeats", repeats)
     writable(results_dir)
+    if not_rank_zero():
+        return
     rows = scaling_rows(shape, batch, repeats, progress=True)
     with dir_lock(results_dir / "paper", wait=True, timeout=600):
         path = write_record(results_dir, scaling_record(rows))

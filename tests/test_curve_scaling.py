@@ -86,3 +86,17 @@ def test_curve_and_scaling_options_fail_in_one_line(args, message, capsys, monke
         cli.main()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_benchmarks_run_on_rank_zero_alone(tmp_path: Path, monkeypatch):
+    """Under torchrun a benchmark times one process: every other rank checks its options and leaves, writing nothing."""
+    from biflow_bench import cli
+
+    monkeypatch.setenv("RANK", "1")
+    for args in (["bench", "scaling", "--sides", "4"], ["bench", "curve", "flow", "--scale", "tiny"],
+                 ["bench", "speed", "--scale", "tiny"]):
+        monkeypatch.setattr("sys.argv", ["biflow-bench", *args, "--results-dir", str(tmp_path / "r")])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code in (0, None)
+    assert not any(p.is_file() for p in (tmp_path / "r").rglob("*"))

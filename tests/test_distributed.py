@@ -185,3 +185,21 @@ def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp
     assert busy.returncode != 0
     errors = [line for line in busy.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all("is in use by" in e or "in use" in e for e in errors), busy.stderr[-2000:]
+
+
+def test_torchrun_sample_shares_the_sampling_and_rank_0_writes_the_grid(trained, cfg):
+    """`biflow-bench sample` under torchrun: the models trained with the batch split over 2 processes (the cache
+    of `trained`), each process samples its share, rank 0 writes the grid: the same PNG as one process makes."""
+    from PIL import Image
+
+    from biflow_bench.data import save_image_grid
+
+    tmp, cache, _, _ = trained
+    out, writes = torchrun(tmp, cache, "sample", "main", "biflow", "--scale", "tiny", *SET, "--num-images", "16",
+                           "--out", str(tmp / "grid.png"))
+    assert writes == [("0", tmp / "grid.png")] and out.stdout.count("grid.png") == 1
+    flow = load_model(cache / "stage1" / cfg.stage1_key(MICRO) / "flow.pt")[0]
+    g = load_model(cache / "stage2" / cfg.stage2_key(0, MICRO) / "backward.pt")[0]
+    images = generate(Sampler.from_config(cfg), flow, g, torch.arange(16) % 10, range(16), 16, 0)
+    save_image_grid(images, tmp / "one.png", nrow=4)
+    assert np.array_equal(np.asarray(Image.open(tmp / "grid.png")), np.asarray(Image.open(tmp / "one.png")))
