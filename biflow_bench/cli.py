@@ -246,6 +246,9 @@ def sample_dist(
     out: Annotated[Path | None, typer.Option(help=".npz (uint8 NHWC arr_0 + labels: ADM's format) or .png")] = None,
     device: Device = None,
     set_: Overrides = None,
+    micro_batch: Annotated[int | None, typer.Option(help="the micro-batch the variant was trained with (default: "
+                                                        "its batch split over these processes, as train-dist does)")
+                           ] = None,
 ) -> None:
     """Sample a trained variant on every process of a torchrun job (image i from seed (seed, i), class i mod K);
     rank 0 gathers the images in order, writes --out and, with --ref-stats, prints FID / IS (Inception)."""
@@ -255,14 +258,15 @@ def sample_dist(
 
     check_scale(scale)
     check_device(device)
-    for option, value in (("--num-images", num), ("--batch-size", batch_size)):
+    for option, value in (("--num-images", num), ("--batch-size", batch_size), ("--micro-batch", micro_batch)):
         if value is not None:
             positive(option, value)
     if out is not None:
         check_out_file(out, (".npz", ".png"))
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     env = init_from_env(device)
-    result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out)
+    result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out,
+                            micro_batch=micro_batch)
     if env.is_main:
         typer.echo(json.dumps(result, indent=2))
     shutdown()

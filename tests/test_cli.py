@@ -106,6 +106,8 @@ FAST = ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.n
     (["sample", "main", "biflow", "--out", "/proc/g.png"], "--out /proc: directory is not writable"),
     (["sample", "main", "biflow", "--out", "g.jpg"], "--out g.jpg: use a .png path"),
     (["sample-dist", "main", "biflow", "--out", "g.jpg"], "--out g.jpg: use a .npz or .png path"),
+    (["sample-dist", "main", "biflow", "--micro-batch", "0"], "--micro-batch 0: must be a positive integer"),
+    (["run", "denoise", "--micro-batch", "-1"], "--micro-batch -1: must be a positive integer"),
     (["report", "--results-dir", "/nonexistent"], "--results-dir /nonexistent: no such directory"),
     (["run", "speed", "--variants", "learned"], "speed is the speed benchmark: it takes no --variants or --set"),
     (["run", "denoize"], "unknown ablation 'denoize'; valid: "),
