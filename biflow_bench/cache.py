@@ -25,7 +25,7 @@ from typing import Any
 from .config import RunConfig
 from .data import ImageDataset, LatentDataset
 from .distributed import DistEnv, all_true, barrier
-from .files import CorruptArtifact, atomic_torch_save, verified_torch_load
+from .files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
 from .models.biflow import BiFlow, BiFlowConfig
 from .models.tarflow import TARFlow, TARFlowConfig
 from .training.loop import FitResult
@@ -85,8 +85,7 @@ def _cached(path: Path, expected: TARFlowConfig | BiFlowConfig, remove: bool = T
     except CorruptArtifact as e:
         if remove:
             print(f"warning: {e}; rebuilding it", file=sys.stderr)
-            path.unlink(missing_ok=True)
-            Path(str(path) + ".sha256").unlink(missing_ok=True)
+            remove_artifact(path)
         return None
 
 
@@ -103,8 +102,7 @@ def _store(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, 
     """The trained model into the cache; its finished training's checkpoint is removed."""
     path = directory / name
     save_model(model, path, meta)
-    for leftover in (directory / "checkpoint.pt", directory / "checkpoint.pt.sha256"):
-        leftover.unlink(missing_ok=True)
+    remove_artifact(directory / "checkpoint.pt")
     return path
 
 

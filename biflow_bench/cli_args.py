@@ -109,3 +109,12 @@ def check_device(device: str | None) -> None:
 def not_rank_zero() -> bool:
     """True in a torchrun process other than rank 0: a benchmark times one process, so the others leave at once."""
     return int(os.environ.get("RANK", "0")) != 0
+
+
+def parse_list(option: str, text: str, kind: type, example: str) -> tuple:
+    """A comma-separated option as a tuple of `kind` (int or float), or a one-line ConfigError."""
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ConfigError(f"{option} {text!r}: expected comma-separated {noun}, e.g. {example}") from None

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .cli_args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, parse_overrides, positive,
-                       not_rank_zero, writable)
+                       not_rank_zero, parse_list, writable)
 from .config import ConfigError, did_you_mean
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -43,10 +43,7 @@ def bench_speed(
     if what not in WHATS:
         raise ConfigError(f"--what {what!r}: use one of {', '.join(WHATS)}{did_you_mean(what, WHATS)}")
     positive("--repeats", repeats)
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers, e.g. 1,64,256") from None
+    sizes = parse_list("--batch-sizes", batch_sizes, int, "1,64,256")
     if any(b < 1 for b in sizes):
         raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
     settings = tuple(t.strip() for t in train_settings.split(","))
@@ -114,10 +111,7 @@ def bench_curve(
         raise ConfigError(f"stage {stage!r}: use one of {', '.join(STAGES)}{did_you_mean(stage, STAGES)}")
     positive("--every", every)
     positive("--num", num)
-    try:
-        ws = tuple(float(w) for w in scales.split(","))
-    except ValueError:
-        raise ConfigError(f"--w {scales!r}: expected comma-separated numbers, e.g. 0,1,2") from None
+    ws = parse_list("--w", scales, float, "0,1,2")
     if any(w < 0 for w in ws):
         raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
     cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
@@ -147,10 +141,7 @@ def bench_scaling(
     from .results import write_record
     from .speed.scaling import scaling_record, scaling_rows
 
-    try:
-        shape = tuple(int(s) for s in sides.split(","))
-    except ValueError:
-        raise ConfigError(f"--sides {sides!r}: expected comma-separated integers, e.g. 8,16,32") from None
+    shape = parse_list("--sides", sides, int, "8,16,32")
     if any(s < 2 or s % 2 for s in shape):
         raise ConfigError(f"--sides {sides!r}: each side must be an even integer >= 2 (patch size 2)")
     positive("--batch", batch)

@@ -165,4 +165,4 @@ def test_help_is_plain_and_describes_arguments():
     assert out.returncode == 0 and "Usage: python -m biflow_bench sample [OPTIONS] ABLATION VARIANT" in out.stdout
     assert "ABLATION  ablation name" in out.stdout and "VARIANT   variant of the ablation" in out.stdout
     assert not any(noise in out.stdout for noise in ("<bool>", "<str>", "{ABLATION}", "{ablation}", "╭"))
-    assert "--set KEY=VALUE" in out.stdout and "--num INT" in out.stdout
+    assert "--set KEY=VALUE" in out.stdout and "--num, --num-images INT" in out.stdout

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..data import ImageDataset, LatentDataset, batch_indices, data_generator, get_batch
 from ..distributed import DistEnv, all_true, any_true, mean_over_ranks
-from ..files import CorruptArtifact, atomic_torch_save, verified_torch_load
+from ..files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
 
@@ -132,8 +132,7 @@ def _load_checkpoint(path: Path, owner: bool = True) -> dict | None:
     except CorruptArtifact as e:
         if owner:
             print(f"warning: {e}; starting this stage again", file=sys.stderr)
-            path.unlink(missing_ok=True)
-            Path(str(path) + ".sha256").unlink(missing_ok=True)
+            remove_artifact(path)
         return None
 
 
