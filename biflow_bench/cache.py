@@ -136,7 +136,7 @@ def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset
                  env: DistEnv | None = None) -> tuple[BiFlow, Artifact]:
     """G of `cfg` and `seed` against `flow`, from the cache or trained likewise."""
     env = env or DistEnv()
-    return _stage(stage2_dir(cache_dir, cfg, seed, micro_batch, env.device.type), "backward.pt", cfg.backward,
+    return _stage(stage2_dir(cache_dir, cfg, seed, micro_batch, env.device.type), "backward.pt", cfg.trained_backward,
                   lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main, env=env,
                                             micro_batch=micro_batch), env)
 

@@ -188,9 +188,17 @@ class RunConfig:
         return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1),
                             "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, self.stage1.batch_size, device)})
 
+    @property
+    def trained_backward(self) -> BiFlowConfig:
+        """G's config as stage 2 trains it: denoise 'none' and 'score' train the same G (no denoising stage of its
+        own; they differ only in sampling, BiFlow sec. 3.2), so both are trained and cached as 'score'."""
+        if self.backward.denoise == "none":
+            return dataclasses.replace(self.backward, denoise="score")
+        return self.backward
+
     def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
         """Hash of everything that determines G: the run's seed, its config and (through stage1_key) its F."""
-        return config_hash({"stage1": self.stage1_key(micro_batch, device), "backward": self.backward,
+        return config_hash({"stage1": self.stage1_key(micro_batch, device), "backward": self.trained_backward,
                             "stage2": _identity(self.stage2), "seed": seed,
                             **_split_key(micro_batch, self.stage2.batch_size, device)})
 

@@ -56,7 +56,7 @@ def training_curve(cfg: RunConfig, stage: str, seed: int, every: int, scales: tu
     def score(step: int, weights: dict[str, torch.Tensor]) -> None:
         nonlocal eval_s
         start = time.perf_counter()
-        model = TARFlow(cfg.flow) if stage == "flow" else BiFlow(cfg.backward)
+        model = TARFlow(cfg.flow) if stage == "flow" else BiFlow(cfg.trained_backward)
         model.load_state_dict(weights)
         model.eval()
         t = Trained(eval_cfg, model if stage == "flow" else flow, None if stage == "flow" else model,

@@ -54,7 +54,7 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
                    micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[BiFlow, FitResult]:
     """Stage 2: G against the frozen F (BiFlow sec. 3); F's weights are never updated."""
     torch.manual_seed(seed + 1)
-    g = BiFlow(cfg.backward)
+    g = BiFlow(cfg.trained_backward)
     s2 = cfg.stage2
     device = (env or DistEnv()).device
     flow.to(device).eval().requires_grad_(False)
