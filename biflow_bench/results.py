@@ -368,7 +368,7 @@ def results_frame(records: Iterable[tuple[Path, Mapping[str, Any]]],
     if not rows:
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
     df = pd.DataFrame(rows)
-    metric_cols = sorted(c for c in df.columns if c.startswith("metric_"))
+    metric_cols = sorted(c for c in df.columns if c.startswith(("metric_", "diag_")))  # metrics, then diagnostics
     df = df[[*RESULT_COLUMNS, *metric_cols]]
     return df.sort_values(["scale", "ablation", "variant", "seed"], kind="stable").reset_index(drop=True)
 

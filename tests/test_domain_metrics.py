@@ -197,3 +197,18 @@ def test_report_puts_calibration_rows_on_top_with_metric_columns(tmp_path):
     assert "another config" not in md and "93.0% test accuracy" in md
     csv = (tmp_path / "out" / "tiny" / "denoise.csv").read_text().splitlines()
     assert csv[0].endswith(",acc_cls,fd_cls") and csv[1].split(",")[2] == "calibration:real"
+
+
+def test_headline_shows_acc_cls_beside_the_primary_metric(tmp_path):
+    from biflow_bench.results import RESULT_SCHEMA
+
+    rdir = tmp_path / "results"
+    for variant, value, acc, inverse in (("itarflow", 10.0, 0.9, "exact"), ("biflow", 20.0, 0.5, "learned")):
+        rec = _record(variant, value, acc, None)
+        write_record(rdir, {**rec, "schema": RESULT_SCHEMA, "ablation": "main", "config": {"inverse": inverse},
+                            "metrics": {**rec["metrics"], "acc_cls_std": 0.01}})
+    render_report(rdir, tmp_path / "out", registry={})
+    readme = (tmp_path / "out" / "README.md").read_text()
+    header = next(ln for ln in readme.splitlines() if ln.startswith("| Variant | Inverse"))
+    assert "| Ours (fd_effnet, ↓) | acc_cls ↑ | Seeds |" in header
+    assert "| itarflow | exact | 10.00 ± 0.50 | 0.90 ± 0.01 | 1 |" in readme

@@ -377,9 +377,25 @@ def test_pair_verdicts_golden() -> None:
     assert list(pairs["acc_cls"]) == ["reproduced", "unresolved", "reversed"]
     assert pairs["acc_cls_z"].tolist() == pytest.approx([0.1 / math.hypot(0.01, 0.01), -0.05 / math.hypot(0.01, 0.03),
                                                          -0.15 / math.hypot(0.01, 0.03)])
-    assert list(pairs["fd_cls"]) == ["unresolved", "unresolved", "unresolved"]  # -1/sqrt2, then a missing number
+    assert list(pairs["fd_cls"]) == ["unresolved", "missing", "missing"]  # -1/sqrt2, then c has no number
     assert pairs["fd_cls_z"].iloc[0] == pytest.approx(-1 / math.sqrt(2)) and math.isnan(pairs["fd_cls_z"].iloc[1])
     assert "conf_cls" not in pairs
+
+
+def test_measurements_section_averages_diagnostics_over_seeds() -> None:
+    from biflow_bench.report.pages import measurements_section
+
+    records = pd.DataFrame({"variant": ["a", "a", "b"], "label": ["A", "A", "B"],
+                            "metric_noise_residual": [0.01, 0.03, 0.05], "diag_noise_residual_real": [0.04] * 3,
+                            "diag_inverse_mse_clean": [0.1, 0.3, float("nan")], "metric_bpd": [5.0, 5.0, 5.0],
+                            "ms_per_image": [1.0, 3.0, 2.0]})
+    md = measurements_section(records)
+    rows = table_rows(md)
+    assert rows["Variant"] == ["Variant", "noise left in samples", "… in real images", "G vs F⁻¹, clean target",
+                               "F bits/dim", "ms / image"]  # columns no record has are left out
+    assert rows["A"] == ["A", "0.02", "0.04", "0.2000", "5.0000", "2.0000"]
+    assert rows["B"][3] == "—"
+    assert measurements_section(records.drop(columns=[c for c in records if c not in ("variant", "label")])) is None
 
 
 def test_seed_std_is_floored_at_the_bootstrap_std(tmp_path: Path) -> None:

@@ -38,11 +38,13 @@ def _headline_md(h: pd.DataFrame) -> str:
     if h.empty:
         return "No `main` records at this scale.\n"
     metric = first_value(h["metric"]) or "metric"
-    cells = [[r.label, fmt_text(r.inverse), fmt_ours(r.ours, r.ours_std), str(r.seeds), fmt_text(r.nfe_label),
-              fmt_num(r.ms_per_image, 3), DASH if math.isnan(r.speedup_vs_exact) else f"×{fmt_num(r.speedup_vs_exact, 1)}",
-              fmt_num(r.paper_fid)] for r in h.itertuples()]
-    return md_table(["Variant", "Inverse", f"Ours ({metric}, ↓)", "Seeds", "NFE", "ms / image",
-                      "Speed-up vs exact", "Paper FID"], cells, "llrrlrrr")
+    acc = bool(np.isfinite(h["acc_cls"].astype(float)).any())  # a column only where some record has it
+    cells = [[r.label, fmt_text(r.inverse), fmt_ours(r.ours, r.ours_std), *([fmt_ours(r.acc_cls, r.acc_cls_std)] * acc),
+              str(r.seeds), fmt_text(r.nfe_label), fmt_num(r.ms_per_image, 3),
+              DASH if math.isnan(r.speedup_vs_exact) else f"×{fmt_num(r.speedup_vs_exact, 1)}", fmt_num(r.paper_fid)]
+             for r in h.itertuples()]
+    return md_table(["Variant", "Inverse", f"Ours ({metric}, ↓)", *(["acc_cls ↑"] * acc), "Seeds", "NFE",
+                     "ms / image", "Speed-up vs exact", "Paper FID"], cells, "llr" + "r" * acc + "rlrrr")
 
 
 def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:

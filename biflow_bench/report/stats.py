@@ -63,7 +63,7 @@ def table_noise(values: pd.Series, stds: pd.Series) -> float:
 # Metrics judged pair by pair beside the primary one: the domain classifier's, independent of ImageNet features
 # (key -> higher is better).
 VERDICT_METRICS = {"acc_cls": True, "fd_cls": False}
-VERDICTS = ("reproduced", "reversed", "unresolved")
+VERDICTS = ("reproduced", "reversed", "unresolved", "missing")
 
 
 def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[float, float]]]],
@@ -71,7 +71,7 @@ def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[f
     """For every pair of variants the paper orders (by its FID) and for the primary metric ('ours') and each of
     VERDICT_METRICS among `extras` ((key, header, [(mean, noise) per table row])): 'reproduced' when ours orders the
     pair the paper's way by more than `sigmas` x the combined noise (hypot of the two rows' ±), 'reversed' when the
-    other way by as much, else 'unresolved'; `<key>_z` is the gap in units of that noise, positive in the paper's
+    other way by as much, else 'unresolved' ('missing' when a row has no number); `<key>_z` is the gap in units of that noise, positive in the paper's
     direction. One row per pair: better, worse (the paper's), paper_gap, then the verdicts."""
     columns = {"ours": (list(zip(table["ours"].astype(float), table["ours_std"].astype(float))), False)}
     columns.update({key: (cells, VERDICT_METRICS[key]) for key, _, cells in extras if key in VERDICT_METRICS})
@@ -88,8 +88,8 @@ def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[f
                 (mean_b, std_b), (mean_w, std_w) = cells[better.Index], cells[worse.Index]
                 gap = (mean_b - mean_w) if higher else (mean_w - mean_b)  # > 0: the paper's direction
                 noise = math.hypot(*(s if math.isfinite(s) else 0.0 for s in (std_b, std_w)))
-                if not math.isfinite(gap):
-                    row[key], row[f"{key}_z"] = "unresolved", math.nan
+                if not math.isfinite(gap):  # a row without a number (not run yet): nothing to judge
+                    row[key], row[f"{key}_z"] = "missing", math.nan
                     continue
                 z = gap / noise if noise > 0 else math.copysign(math.inf, gap) if gap else 0.0
                 row[key] = "unresolved" if abs(z) <= sigmas else "reproduced" if z > 0 else "reversed"

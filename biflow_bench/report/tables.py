@@ -113,8 +113,9 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
 
 
 def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
-    """The `main` ablation per scale: our metric, NFE, ms per image, and the speed-up of each variant over the exact
-    inverse (exact ms / variant ms) where an exact-inverse variant was timed at that scale."""
+    """The `main` ablation per scale: our metric, the domain classifier's acc_cls where recorded, NFE, ms per image,
+    and the speed-up of each variant over the exact inverse (exact ms / variant ms) where an exact-inverse variant
+    was timed at that scale."""
     main = df[df["ablation"] == "main"]
     parts = []
     for scale in order_scales(set(main["scale"])):
@@ -123,9 +124,11 @@ def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         exact = t[(t["inverse"] == "exact") & np.isfinite(t["ms_per_image"].astype(float))]
         exact_ms = float(exact["ms_per_image"].iloc[0]) if len(exact) else math.nan
         t = t.assign(scale=scale, speedup_vs_exact=exact_ms / t["ms_per_image"].astype(float))
-        parts.append(t)
-    cols = ["scale", "variant", "label", "inverse", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-            "ms_per_image", "speedup_vs_exact", "paper_fid"]
+        acc = dict((k, cells) for k, _, cells in extra_columns(main[main["scale"] == scale], list(t["variant"])))
+        acc_cells = acc.get("acc_cls", [(math.nan, math.nan)] * len(t))  # the domain classifier's class accuracy
+        parts.append(t.assign(acc_cls=[m for m, _ in acc_cells], acc_cls_std=[sd for _, sd in acc_cells]))
+    cols = ["scale", "variant", "label", "inverse", "metric", "ours", "ours_std", "acc_cls", "acc_cls_std", "noise",
+            "seeds", "nfe_label", "ms_per_image", "speedup_vs_exact", "paper_fid"]
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)[cols]
