@@ -38,7 +38,7 @@ def split_configs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
     keep = pd.Series(df["overrides"] == "", index=df.index)
     labels = df["overrides"].copy()
-    for _, g in df[keep].groupby("variant", sort=True):
+    for _, g in df[keep].groupby(["ablation", "variant"], sort=True):  # a variant name recurs across tables
         if g["config_hash"].nunique() < 2:
             continue
         ranked = sorted(g.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
