@@ -212,3 +212,17 @@ def test_headline_shows_acc_cls_beside_the_primary_metric(tmp_path):
     header = next(ln for ln in readme.splitlines() if ln.startswith("| Variant | Inverse"))
     assert "| Ours (fd_effnet, ↓) | acc_cls ↑ | Seeds |" in header
     assert "| itarflow | exact | 10.00 ± 0.50 | 0.90 ± 0.01 | 1 |" in readme
+
+
+def test_a_variant_name_shared_by_two_tables_keeps_each_tables_default(tmp_path):
+    """`none` is a variant of several tables, each with its own default config: neither is an 'other config'."""
+    from biflow_bench.results import RESULT_SCHEMA
+
+    rdir = tmp_path / "results"
+    for ablation, config_hash in (("denoise", "aaa"), ("norm-control", "bbb")):
+        write_record(rdir, {**_record("none", 10.0, 0.5, None), "schema": RESULT_SCHEMA, "ablation": ablation,
+                            "config": {"inverse": "learned", "table": ablation}, "config_hash": config_hash})
+    summary = render_report(rdir, tmp_path / "out", registry={})
+    assert summary.separated == []
+    for ablation in ("denoise", "norm-control"):
+        assert "Other configurations" not in (tmp_path / "out" / "tiny" / f"{ablation}.md").read_text()
