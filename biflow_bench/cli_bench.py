@@ -94,15 +94,19 @@ def bench_curve(
     every: Annotated[int, typer.Option(help="evaluate the weights every this many steps (and at the end)")] = 1000,
     scales: Annotated[str, typer.Option("--w", help="comma-separated guidance scales evaluated at each point")] = "0",
     num: Annotated[int, typer.Option(help="samples per point")] = 1000,
+    from_checkpoints: Annotated[Path | None, typer.Option(
+        help="score the training checkpoints (*.pt) kept in this folder and the stage's cached model, instead of "
+             "training anew")] = None,
     overrides: Overrides = None,
     seed: Seed = 0,
     data_dir: DataDir = None,
     results_dir: ResultsDir = Path("results"),
 ) -> None:
     """Quality against training time: train F or G once (the scale's preset plus --set overrides), scoring its
-    weights every --every steps with the tables' metrics; record results/<scale>/curve/<stage>__seed<N>.json."""
+    weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints);
+    record results/<scale>/curve/<stage>__seed<N>.json."""
     from .config import apply_delta, scale_config
-    from .curve import STAGES, curve_record, training_curve
+    from .curve import STAGES, checkpoint_curve, curve_record, training_curve
     from .files import dir_lock
     from .results import write_record
 
@@ -115,10 +119,16 @@ def bench_curve(
     if any(w < 0 for w in ws):
         raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
     cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
+    checkpoints = None
+    if from_checkpoints is not None:
+        checkpoints = sorted(from_checkpoints.glob("*.pt")) if from_checkpoints.is_dir() else []
+        if not checkpoints:
+            raise ConfigError(f"--from-checkpoints {from_checkpoints}: no *.pt training checkpoints there")
     writable(results_dir)
     if not_rank_zero():
         return
-    body = training_curve(cfg, stage, seed, every, ws, num, data_dir=data_dir)
+    body = (training_curve(cfg, stage, seed, every, ws, num, data_dir=data_dir) if checkpoints is None else
+            checkpoint_curve(cfg, stage, seed, checkpoints, ws, num, data_dir=data_dir))
     with dir_lock(results_dir / scale, wait=True, timeout=600):
         path = write_record(results_dir, curve_record(cfg, seed, body))
     for p in body["points"]:

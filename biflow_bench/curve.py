@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .cache import default_cache_dir, get_flow
+from .cache import default_cache_dir, get_backward, get_flow
 from .config import ConfigError, RunConfig, apply_delta
 from .evaluation import dataset_splits
+from .files import verified_torch_load
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .provenance import environment
@@ -42,37 +43,84 @@ def training_curve(cfg: RunConfig, stage: str, seed: int, every: int, scales: tu
     """Train `stage` of `cfg` from scratch (G against F from the artifact cache), evaluating its weights (G: the EMA
     weights) every `every` steps and at the end on `num` samples at each guidance scale of `scales`. Returns the
     record body: {'stage', 'every', 'points': [{'step', 'train_s', 'images_seen', 'w', 'metrics'}]}."""
-    if every < 1 or num < 1 or not scales:
-        raise ConfigError("a curve needs --every >= 1, --num >= 1 and at least one guidance scale")
-    eval_cfg = apply_delta(curve_config(cfg, stage), {"sample.num_samples": num})
-    splits = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None)
-    cache = cache_dir or default_cache_dir()
-    flow = None if stage == "flow" else get_flow(cfg, splits.train, cache, progress)[0]
-    batch = cfg.stage1.batch_size if stage == "flow" else cfg.stage2.batch_size
-    points: list[dict[str, Any]] = []
-    eval_s = 0.0
-    t0 = time.perf_counter()
+    if every < 1:
+        raise ConfigError("a curve needs --every >= 1")
+    scorer = _Scorer(cfg, stage, seed, scales, num, cache_dir, data_dir, progress)
+    t0, eval_s = time.perf_counter(), 0.0
 
     def score(step: int, weights: dict[str, torch.Tensor]) -> None:
         nonlocal eval_s
         start = time.perf_counter()
-        model = TARFlow(cfg.flow) if stage == "flow" else BiFlow(cfg.trained_backward)
-        model.load_state_dict(weights)
-        model.eval()
-        t = Trained(eval_cfg, model if stage == "flow" else flow, None if stage == "flow" else model,
-                           splits, {})
-        train_s = start - t0 - eval_s
-        for w in scales:
-            images, _ = sample_variant(t, seed, cfg_scale=w)
-            metrics = evaluate(t, images, seed, data_dir, cache, nll=stage == "flow" and w == scales[0])
-            points.append({"step": step, "train_s": train_s, "images_seen": step * batch, "w": w, "metrics": metrics})
+        scorer(step, start - t0 - eval_s, weights)
         eval_s += time.perf_counter() - start
 
     if stage == "flow":
-        train_flow(cfg, splits.train, None, progress, snapshot=Snapshot(every, score))
+        train_flow(cfg, scorer.splits.train, None, progress, snapshot=Snapshot(every, score))
     else:
-        train_backward(cfg, flow, splits.train, seed, None, progress, snapshot=Snapshot(every, score))
-    return {"stage": stage, "every": every, "scales": list(scales), "num_samples": num, "points": points}
+        train_backward(cfg, scorer.flow, scorer.splits.train, seed, None, progress, snapshot=Snapshot(every, score))
+    return scorer.body(every=every)
+
+
+def checkpoint_curve(cfg: RunConfig, stage: str, seed: int, checkpoints: list[Path], scales: tuple[float, ...],
+                     num: int, cache_dir: Path | None = None, data_dir: Path | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """The same points scored from a finished run instead of a new one: `checkpoints` are training checkpoints of
+    `stage` of `cfg` (the files fit writes every checkpoint_every steps, kept as the run went; G: their EMA
+    weights), and the last point is the stage's trained model from the artifact cache (trained on a miss). Each
+    point's training seconds are the checkpoint's own."""
+    scorer = _Scorer(cfg, stage, seed, scales, num, cache_dir, data_dir, progress)
+    for path in sorted(checkpoints):
+        state = verified_torch_load(path)
+        if not isinstance(state, dict) or not {"step", "model", "elapsed"} <= set(state):
+            raise ConfigError(f"{path}: not a training checkpoint (no step / model / elapsed); pass the "
+                              "checkpoint.pt files a stage writes every checkpoint_every steps")
+        weights = state["model"]
+        if stage == "backward" and state.get("ema"):
+            weights = dict(zip(weights, state["ema"], strict=True))
+        scorer(int(state["step"]), float(state["elapsed"]), weights, source=str(path))
+    model, artifact = (get_flow(cfg, scorer.splits.train, scorer.cache, progress) if stage == "flow" else
+                       get_backward(cfg, seed, scorer.flow, scorer.splits.train, scorer.cache, progress))
+    steps = cfg.stage1.steps if stage == "flow" else cfg.stage2.steps
+    scorer(steps, float(artifact.meta.get("seconds", float("nan"))), model.state_dict(), source=str(artifact.path))
+    return scorer.body(checkpoints=len(checkpoints))
+
+
+class _Scorer:
+    """Scores one stage's weights at a step: samples at each guidance scale, evaluated by the tables' metrics."""
+
+    def __init__(self, cfg: RunConfig, stage: str, seed: int, scales: tuple[float, ...], num: int,
+                 cache_dir: Path | None, data_dir: Path | None, progress: bool):
+        if num < 1 or not scales:
+            raise ConfigError("a curve needs --num >= 1 and at least one guidance scale")
+        self.cfg, self.stage, self.seed, self.scales, self.num = cfg, stage, seed, scales, num
+        self.eval_cfg = apply_delta(curve_config(cfg, stage), {"sample.num_samples": num})
+        self.data_dir = data_dir
+        self.splits = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None)
+        self.cache = cache_dir or default_cache_dir()
+        self.flow = None if stage == "flow" else get_flow(cfg, self.splits.train, self.cache, progress)[0]
+        self.points: list[dict[str, Any]] = []
+
+    def __call__(self, step: int, train_s: float, weights: dict[str, torch.Tensor], source: str = "") -> None:
+        model = TARFlow(self.cfg.flow) if self.stage == "flow" else BiFlow(self.cfg.trained_backward)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ConfigError(f"{source or 'weights'} at step {step} do not fit the {self.stage} of this config "
+                              f"(pass the --set overrides it was trained with): {str(e).splitlines()[0]}") from None
+        model.eval()
+        t = Trained(self.eval_cfg, model if self.stage == "flow" else self.flow,
+                    None if self.stage == "flow" else model, self.splits, {})
+        batch = self.cfg.stage1.batch_size if self.stage == "flow" else self.cfg.stage2.batch_size
+        for w in self.scales:
+            images, _ = sample_variant(t, self.seed, cfg_scale=w)
+            metrics = evaluate(t, images, self.seed, self.data_dir, self.cache,
+                               nll=self.stage == "flow" and w == self.scales[0])
+            self.points.append({"step": step, "train_s": train_s, "images_seen": step * batch, "w": w,
+                                "metrics": metrics})
+
+    def body(self, **how: Any) -> dict[str, Any]:
+        return {"stage": self.stage, **how, "scales": list(self.scales), "num_samples": self.num,
+                "points": self.points}
 
 
 def curve_record(cfg: RunConfig, seed: int, body: dict[str, Any]) -> dict[str, Any]:

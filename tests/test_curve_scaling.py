@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from biflow_bench.config import apply_delta, scale_config
-from biflow_bench.curve import curve_record, flattening, training_curve
+from biflow_bench.config import ConfigError, apply_delta, scale_config
+from biflow_bench.curve import checkpoint_curve, curve_record, flattening, training_curve
+from biflow_bench.evaluation import dataset_splits
 from biflow_bench.report.render import render_report
 from biflow_bench.results import scan_records, write_record
 from biflow_bench.speed.scaling import scaling_record, scaling_rows
+from biflow_bench.training.stages import train_flow
 
 
 def _points(values: dict[int, tuple[float, float]], w: float = 0.0, key: str = "fd_effnet") -> list[dict]:
@@ -54,6 +56,32 @@ def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
     assert f"![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
     assert "| 20 |" in page and "`fd_effnet` at w = 0:" in page
     assert "[Quality against training time](tiny/curves.md)" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_curve_from_checkpoints_matches_the_curve_of_a_fresh_run(tmp_path: Path):
+    # a run's kept checkpoint (step 10 of 20) scores exactly as the fresh curve's snapshot at step 10: training and
+    # sampling are seeded, so the weights and the samples are the same; the last point is the cached model
+    cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage1.checkpoint_every": 10, "eval.num_real": 60})
+    fresh = training_curve(cfg, "flow", 0, every=10, scales=(0.0,), num=40, cache_dir=tmp_path / "c1",
+                           progress=False)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    train_flow(cfg, dataset_splits(cfg.dataset, None).train,
+               kept / "checkpoint.pt", progress=False)  # a 20-step run leaves its step-10 checkpoint
+    body = checkpoint_curve(cfg, "flow", 0, [kept / "checkpoint.pt"], (0.0,), 40, cache_dir=tmp_path / "c2",
+                            progress=False)
+    assert [p["step"] for p in body["points"]] == [10, 20] and body["checkpoints"] == 1
+    for a, b in zip(fresh["points"], body["points"], strict=True):
+        assert a["metrics"]["fd_effnet"] == pytest.approx(b["metrics"]["fd_effnet"], rel=1e-5)
+        assert a["metrics"]["bpd"] == pytest.approx(b["metrics"]["bpd"], rel=1e-6)
+    assert 0 < body["points"][0]["train_s"] < body["points"][1]["train_s"]
+    write_record(tmp_path / "results", curve_record(cfg, 0, body))
+    render_report(tmp_path / "results", tmp_path / "report", registry={})
+    assert "1 training checkpoints" in (tmp_path / "report" / "tiny" / "curves.md").read_text()
+    other = apply_delta(cfg, {"flow.channels": 2 * cfg.flow.channels})
+    with pytest.raises(ConfigError, match="do not fit the flow of this config"):
+        checkpoint_curve(other, "flow", 0, [kept / "checkpoint.pt"], (0.0,), 40, cache_dir=tmp_path / "c2",
+                         progress=False)
 
 
 def test_scaling_rows_count_serial_steps_and_render(tmp_path: Path):

@@ -41,6 +41,10 @@ def curves_page(w: ReportWriter, scale: str, records: Sequence[dict[str, Any]]) 
         steps = sorted({p["step"] for p in points})
         md.append(f"## {rec.get('label') or rec['variant']}, seed {rec['seed']}\n")
         md.append(f"![{title}]({name}.png)\n")
+        if rec.get("checkpoints"):
+            md.append(f"Scored after training (`--from-checkpoints`): {rec['checkpoints']} training checkpoints of "
+                      "the run that made the cached model, then that model; minutes are the checkpoints' own "
+                      "training time.\n")
         cells = [[str(p["step"]), fmt_num(p["train_s"] / 60, 1), f"{p['w']:g}",
                   *[fmt_num(p["metrics"].get(m), 3) for m in metrics]]
                  for p in sorted(points, key=lambda p: (p["step"], p["w"]))]
