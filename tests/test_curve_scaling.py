@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -53,7 +51,7 @@ def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
     assert scan_records(tmp_path / "results")[1] == []  # a valid record
     render_report(tmp_path / "results", tmp_path / "report", registry={})
     page = (tmp_path / "report" / "tiny" / "curves.md").read_text()
-    assert f"![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
+    assert "![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
     assert "| 20 |" in page and "`fd_effnet` at w = 0:" in page
     assert "[Quality against training time](tiny/curves.md)" in (tmp_path / "report" / "README.md").read_text()
 

@@ -3,7 +3,6 @@ measurements (trajectory RMS, pre-clip parameter percentiles) against plain refe
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch

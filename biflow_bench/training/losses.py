@@ -105,7 +105,6 @@ def stage2_loss(
     distance) and each perceptual term. `decode` maps latents to images for the perceptual terms."""
     cfg = g.config
     z, targets = stage2_targets(flow, x, y, sigma, cfg.denoise, generator)
-    b = x.shape[0]
     y_g, w = y, None
     if cfg.cfg_mode != "none" and y is not None:
         y_g = drop_labels(y, s2.label_drop, g.null_class, generator)
