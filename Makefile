@@ -38,10 +38,13 @@ report: setup
 
 # every ablation at each seed: seed 0 first, so a partial run already fills every table. A later seed trains a
 # second G of each variant against the same F (stage1.seed) and draws other samples: the seed spread of each row.
+# `progress` prints what is recorded and about how long the rest takes, before each seed and at the end.
 SEEDS ?= 0 1
+PROGRESS = $(BENCH) progress --scale small --seeds $(shell echo $(SEEDS) | tr ' ' ',')
 reproduce-small: setup
-	for seed in $(SEEDS); do $(MAKE) --no-print-directory $(ABLATIONS) SCALE=small SEED=$$seed || exit 1; done
+	for seed in $(SEEDS); do $(PROGRESS) && $(MAKE) --no-print-directory $(ABLATIONS) SCALE=small SEED=$$seed || exit 1; done
 	$(MAKE) --no-print-directory bench-speed report SCALE=small
+	$(PROGRESS)
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -91,6 +91,22 @@ def run(
 
 
 @app.command()
+def progress(
+    scale: Scale = "small",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds of the reproduction")] = "0,1",
+    results_dir: ResultsDir = Path("results"),
+) -> None:
+    """How far a reproduction has come: per ablation and seed the rows recorded at the current config, the minutes
+    they took, and about how many are left."""
+    from .cli_args import parse_list
+    from .progress import format_progress, progress_rows
+
+    check_scale(scale)
+    typer.echo(format_progress(progress_rows(results_dir, scale, list(parse_list("--seeds", seeds, int, "0,1"))),
+                               scale), nl=False)
+
+
+@app.command()
 def report(
     results_dir: Annotated[Path, typer.Option(help="where the records are (results/<scale>/<ablation>/)")
                            ] = Path("results"),

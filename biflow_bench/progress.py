@@ -1,0 +1,72 @@
+"""How far a reproduction has come (`biflow-bench progress`): for every quality ablation and seed, the variants whose
+record of the current config is stored, the wall time they took, and a rough estimate of the time left.
+
+A record counts only when its config hash is the current one (a record of an old preset is work still to do). The
+estimate of a missing row is the wall time of the same variant at another seed when one is recorded, else the median
+wall time of the scale's recorded rows: rows that share a cached F or G take less, the first row of a new F more.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ablations import AblationSpec, load_registry
+from .results import find_record, read_record
+from .runner import RunOptions, identity
+
+
+@dataclass(frozen=True)
+class Row:
+    ablation: str
+    variant: str
+    seed: int
+    wall_s: float | None  # the record's wall time; None while missing
+
+
+def progress_rows(results_dir: Path, scale: str, seeds: list[int],
+                  registry: dict[str, AblationSpec] | None = None) -> list[Row]:
+    """One row per (quality ablation, variant, seed), in the registry's order."""
+    registry = registry if registry is not None else load_registry()
+    opts = RunOptions(results_dir=results_dir)
+    rows = []
+    for seed in seeds:
+        for spec in registry.values():
+            if spec.kind != "quality":
+                continue
+            for name in spec.variants:
+                path = find_record(results_dir, scale, spec.name, name, seed, identity(spec, name, scale, opts)[1]
+                                   .config_hash)
+                wall = float(read_record(path).get("wall_time_s", 0.0)) if path else None
+                rows.append(Row(spec.name, name, seed, wall))
+    return rows
+
+
+def estimate_left(rows: list[Row]) -> float:
+    """Seconds still to run (see the module docstring); 0 when nothing is recorded to estimate from."""
+    done = [r.wall_s for r in rows if r.wall_s is not None]
+    if not done:
+        return 0.0
+    typical = statistics.median(done)
+    same = {(r.ablation, r.variant): r.wall_s for r in rows if r.wall_s is not None}
+    return sum(same.get((r.ablation, r.variant), typical) for r in rows if r.wall_s is None)
+
+
+def format_progress(rows: list[Row], scale: str) -> str:
+    """A table per (ablation, seed): recorded of all, minutes spent; then the total and the estimate."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.ablation, r.seed), []).append(r)
+    lines = [f"reproduction at scale {scale}:", f"  {'ablation':20s} {'seed':>4s} {'recorded':>9s} {'minutes':>8s}  missing"]
+    for (ablation, seed), group in groups.items():
+        done = [r for r in group if r.wall_s is not None]
+        missing = ", ".join(r.variant for r in group if r.wall_s is None) or "-"
+        lines.append(f"  {ablation:20s} {seed:4d} {len(done):4d} of {len(group):<2d} "
+                     f"{sum(r.wall_s for r in done) / 60:8.1f}  {missing}")
+    done = [r for r in rows if r.wall_s is not None]
+    spent = sum(r.wall_s for r in done) / 60
+    left = estimate_left(rows) / 60
+    lines.append(f"  {len(done)} of {len(rows)} rows recorded, {spent:.1f} min spent; about {left:.0f} min left "
+                 "(rough: from the recorded rows' wall times)")
+    return "\n".join(lines) + "\n"

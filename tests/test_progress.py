@@ -1,0 +1,46 @@
+"""`biflow-bench progress`: which rows of a reproduction are recorded at the current config, the time they took and
+the estimate of the time left (golden values on hand-made records)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from biflow_bench.ablations import get_spec, load_registry
+from biflow_bench.cli import app
+from biflow_bench.progress import estimate_left, format_progress, progress_rows
+from biflow_bench.results import write_record
+
+
+def _record(ablation: str, variant: str, seed: int, wall_s: float, config: dict) -> dict:
+    return {"kind": "ablation", "ablation": ablation, "variant": variant, "scale": "tiny", "seed": seed,
+            "config": config, "metric": "fd_effnet", "metrics": {"fd_effnet": 1.0}, "wall_time_s": wall_s}
+
+
+def test_progress_counts_current_records_and_estimates_the_rest(tmp_path: Path):
+    registry = {"denoise": get_spec("denoise")}  # learned, score, none
+    spec = registry["denoise"]
+    write_record(tmp_path, _record("denoise", "learned", 0, 600.0, spec.resolve("learned", "tiny").to_dict()))
+    write_record(tmp_path, _record("denoise", "score", 0, 60.0, spec.resolve("score", "tiny").to_dict()))
+    write_record(tmp_path, _record("denoise", "learned", 1, 300.0, spec.resolve("learned", "tiny").to_dict()))
+    stale = spec.resolve("none", "tiny").to_dict() | {"scale": "old"}  # a record of another config: not done
+    write_record(tmp_path, _record("denoise", "none", 0, 5.0, stale))
+    rows = progress_rows(tmp_path, "tiny", [0, 1], registry)
+    assert [(r.variant, r.seed, r.wall_s) for r in rows] == [
+        ("learned", 0, 600.0), ("score", 0, 60.0), ("none", 0, None),
+        ("learned", 1, 300.0), ("score", 1, None), ("none", 1, None)]
+    # missing rows: the same variant at another seed when recorded (score: 60), else the median of the recorded
+    # rows (300; their mean would be 320)
+    assert estimate_left(rows) == 300.0 + 60.0 + 300.0
+    text = format_progress(rows, "tiny")
+    assert "denoise                 0    2 of 3      11.0  none" in text
+    assert "3 of 6 rows recorded, 16.0 min spent; about 11 min left" in text
+    assert estimate_left([r for r in rows if r.wall_s is None]) == 0.0  # nothing recorded: no estimate
+
+
+def test_progress_command_lists_every_quality_ablation(tmp_path: Path):
+    result = CliRunner().invoke(app, ["progress", "--scale", "tiny", "--seeds", "3", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    quality = [s.name for s in load_registry().values() if s.kind == "quality"]
+    assert all(f"  {name:20s}    3    0 of" in result.output for name in quality)
