@@ -110,6 +110,10 @@ def test_format_speed_table(tiny_record):
     assert len(table) == 2 + len(tiny_record["rows"])  # header, separator, one line per row
     for name in get_spec("speed").variants:
         assert f"| {name} " in text
+    exact = next(r for r in tiny_record["rows"] if r["sampler"] == "exact")
+    cells = [c.strip() for c in next(ln for ln in table if ln.startswith("| exact ")).split("|")[1:-1]]
+    blocks, tokens = (int(v) for v in str(exact["nfe_label"]).split()[0].split("x"))  # "4x15 serial"
+    assert cells[2] == str(exact["nfe"]) == str(blocks * tokens)  # serial steps: one per token and block
 
 
 def test_training_rows():

@@ -266,6 +266,8 @@ def test_report_figures_links_and_samples(rendered: tuple[Path, Path, ReportSumm
     speed_md = (out / "tiny" / "speed.md").read_text()
     speed_rows = [line for line in speed_md.splitlines() if line.startswith("| exact inverse")]
     assert len(speed_rows) == 2 and "×1.0" in speed_rows[0] and "1.00%" in speed_rows[0]
+    # NFE, serial steps (the nfe count), GFLOP per image (1e6 FLOPs), params, batch
+    assert speed_rows[0].startswith("| exact inverse | 64 | 64 | 0.001 | 150 | 1 |")
     assert "device `cpu`" in speed_md and "timed on CPU" in speed_md
 
 

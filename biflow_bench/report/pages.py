@@ -225,7 +225,8 @@ def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationS
     first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
     order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
     agg = (speed.groupby(["sampler", "batch_size"], sort=False)
-           .agg(label=("label", "first"), nfe=("nfe_label", "first"), params=("params", "mean"),
+           .agg(label=("label", "first"), nfe=("nfe_label", "first"), serial=("nfe", "first"),
+                flops=("flops_per_image", "mean"), params=("params", "mean"),
                 ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
                 speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
                 paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
@@ -233,10 +234,10 @@ def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationS
     agg["_o"] = agg["sampler"].map(order.index)
     agg = agg.sort_values(["_o", "batch_size"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
-    header = ["Sampler", "NFE", "Params", "Batch", "ms / image", "images / s", "Speed-up", "% of matmul peak",
-              "Paper ms", "Paper speed-up"]
+    header = ["Sampler", "NFE", "Serial steps", "GFLOP / image", "Params", "Batch", "ms / image", "images / s",
+              "Speed-up", "% of matmul peak", "Paper ms", "Paper speed-up"]
     cells = [[r.label, fmt_text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
-              fmt_count(r.params), fmt_count(r.batch_size), fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
+              fmt_count(r.serial), fmt_num(r.flops / 1e9, 4), fmt_count(r.params), fmt_count(r.batch_size), fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
               DASH if math.isnan(r.speedup) else f"×{fmt_num(r.speedup, 1)}",
               DASH if math.isnan(r.peak_fraction) else f"{fmt_num(100 * r.peak_fraction)}%", fmt_num(r.paper_ms),
               DASH if math.isnan(r.paper_speedup) else f"×{fmt_num(r.paper_speedup, 0)}"] for r in agg.itertuples()]
@@ -247,8 +248,10 @@ def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationS
         md.append(f"Paper: {spec.paper_table}.\n")
     md.append("Machine: " + "; ".join(f"device `{d}`, measured matmul peak {fmt_count(p)}FLOP/s" for d, p in machines)
               + ".\n")
-    md.append(md_table(header, cells, "llrrrrrrrr"))
-    md.append("Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
+    md.append(md_table(header, cells, "llrrrrrrrrrr"))
+    md.append("Serial steps: the network evaluations an image waits for one after the other (the exact inverse: one "
+              "per token and flow block; CFG batches its two passes, the score step adds one). "
+              "Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
               "decoder, so compare speed-ups, not milliseconds.\n")
     if comment:
         md.append(f"**Why.** {comment}\n")
@@ -261,6 +264,6 @@ def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationS
     w.text(f"{scale}/speed.md", "\n".join(md))
     csv = agg.assign(scale=scale, batch_size=agg["batch_size"].astype("Int64"))
     w.text(f"{scale}/speed.csv", csv[["scale", *agg.columns]].to_csv(index=False, lineterminator="\n"))
-    w.text(f"{scale}/speed.tex", tex_table(header, cells, "llrrrrrrrr", f"{title}; scale {scale}",
+    w.text(f"{scale}/speed.tex", tex_table(header, cells, "llrrrrrrrrrr", f"{title}; scale {scale}",
                                             f"tab:{scale}-speed"))
     w.bytes(f"{scale}/speed.png", speed_figure(speed, order, f"{title} (scale {scale})"))

@@ -15,12 +15,13 @@ def _fmt(v: Any, spec: str, dash: str = "-") -> str:
 
 def format_speed_table(record: dict[str, Any]) -> str:
     """A markdown table of a speed record's rows, with the machine and the notes underneath."""
-    head = ["sampler", "NFE", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)", "GFLOP/image",
+    head = ["sampler", "NFE", "serial steps", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)", "GFLOP/image",
             "paper ms", "paper speed-up"]
     body = []
     for r in record["rows"]:
         body.append([
-            str(r["sampler"]), str(r.get("nfe_label") or r.get("nfe", "")), str(r["batch_size"]),
+            str(r["sampler"]), str(r.get("nfe_label") or r.get("nfe", "")), _fmt(r.get("nfe"), "d"),
+            str(r["batch_size"]),
             _fmt(r.get("ms_per_image"), ".3f"), _fmt(r.get("images_per_s"), ".1f"),
             _fmt(r.get("speedup"), ".2f") if r.get("speedup") is None else f"x{r['speedup']:.2f}",
             _fmt(None if r.get("peak_fraction") is None else 100 * r["peak_fraction"], ".1f"),
@@ -30,7 +31,7 @@ def format_speed_table(record: dict[str, Any]) -> str:
             "-" if r.get("paper_speedup") is None else f"x{r['paper_speedup']:.0f}",
         ])
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
-    right = {i for i in range(2, len(head))}
+    right = {i for i in range(2, len(head))}  # numbers
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
