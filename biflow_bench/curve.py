@@ -75,8 +75,9 @@ def checkpoint_curve(cfg: RunConfig, stage: str, seed: int, checkpoints: list[Pa
             raise ConfigError(f"{path}: not a training checkpoint (no step / model / elapsed); pass the "
                               "checkpoint.pt files a stage writes every checkpoint_every steps")
         weights = state["model"]
-        if stage == "backward" and state.get("ema"):
-            weights = dict(zip(weights, state["ema"], strict=True))
+        if stage == "backward" and state.get("ema"):  # the EMA's parameters, by name as fit keeps them
+            names = [n for n, _ in BiFlow(cfg.trained_backward).named_parameters()]
+            weights = {**weights, **dict(zip(names, state["ema"], strict=True))}
         scorer(int(state["step"]), float(state["elapsed"]), weights, source=str(path))
     model, artifact = (get_flow(cfg, scorer.splits.train, scorer.cache, progress) if stage == "flow" else
                        get_backward(cfg, seed, scorer.flow, scorer.splits.train, scorer.cache, progress))

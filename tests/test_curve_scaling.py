@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from biflow_bench.cache import get_flow
 from biflow_bench.config import ConfigError, apply_delta, scale_config
 from biflow_bench.curve import checkpoint_curve, curve_record, flattening, training_curve
 from biflow_bench.evaluation import dataset_splits
 from biflow_bench.report.render import render_report
 from biflow_bench.results import scan_records, write_record
 from biflow_bench.speed.scaling import scaling_record, scaling_rows
-from biflow_bench.training.stages import train_flow
+from biflow_bench.training.stages import train_backward, train_flow
 
 
 def _points(values: dict[int, tuple[float, float]], w: float = 0.0, key: str = "fd_effnet") -> list[dict]:
@@ -126,3 +127,20 @@ def test_benchmarks_run_on_rank_zero_alone(tmp_path: Path, monkeypatch):
             cli.main()
         assert e.value.code in (0, None)
     assert not any(p.is_file() for p in (tmp_path / "r").rglob("*"))
+
+
+def test_curve_from_checkpoints_of_g_scores_their_ema_weights(tmp_path: Path):
+    # G's kept checkpoint is scored by its EMA weights, exactly as the fresh curve's snapshot at the same step
+    cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage2.steps": 20, "stage2.checkpoint_every": 10,
+                                             "eval.num_real": 60})
+    fresh = training_curve(cfg, "backward", 0, every=10, scales=(0.0,), num=40, cache_dir=tmp_path / "c",
+                           progress=False)
+    splits = dataset_splits(cfg.dataset, None)
+    (tmp_path / "kept").mkdir()
+    train_backward(cfg, get_flow(cfg, splits.train, tmp_path / "c", False)[0], splits.train, 0,
+                   tmp_path / "kept" / "checkpoint.pt", False)
+    body = checkpoint_curve(cfg, "backward", 0, [tmp_path / "kept" / "checkpoint.pt"], (0.0,), 40,
+                            cache_dir=tmp_path / "c", progress=False)
+    assert [p["step"] for p in body["points"]] == [10, 20]
+    for a, b in zip(fresh["points"], body["points"], strict=True):
+        assert a["metrics"]["fd_effnet"] == pytest.approx(b["metrics"]["fd_effnet"], rel=1e-6)
