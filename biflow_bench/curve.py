@@ -24,7 +24,7 @@ from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .provenance import environment
 from .runner import Trained, evaluate, sample_variant
-from .training.loop import Snapshot
+from .training.loop import Snapshot, with_ema
 from .training.stages import train_backward, train_flow
 
 STAGES = ("flow", "backward")
@@ -75,9 +75,8 @@ def checkpoint_curve(cfg: RunConfig, stage: str, seed: int, checkpoints: list[Pa
             raise ConfigError(f"{path}: not a training checkpoint (no step / model / elapsed); pass the "
                               "checkpoint.pt files a stage writes every checkpoint_every steps")
         weights = state["model"]
-        if stage == "backward" and state.get("ema"):  # the EMA's parameters, by name as fit keeps them
-            names = [n for n, _ in BiFlow(cfg.trained_backward).named_parameters()]
-            weights = {**weights, **dict(zip(names, state["ema"], strict=True))}
+        if stage == "backward" and state.get("ema"):  # G's curve scores the EMA's weights, as fit's snapshots do
+            weights = with_ema(BiFlow(cfg.trained_backward), weights, state["ema"])
         scorer(int(state["step"]), float(state["elapsed"]), weights, source=str(path))
     model, artifact = (get_flow(cfg, scorer.splits.train, scorer.cache, progress) if stage == "flow" else
                        get_backward(cfg, seed, scorer.flow, scorer.splits.train, scorer.cache, progress))

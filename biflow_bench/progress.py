@@ -58,7 +58,8 @@ def format_progress(rows: list[Row], scale: str) -> str:
     groups: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.ablation, r.seed), []).append(r)
-    lines = [f"reproduction at scale {scale}:", f"  {'ablation':20s} {'seed':>4s} {'recorded':>9s} {'minutes':>8s}  missing"]
+    lines = [f"reproduction at scale {scale}:",
+             f"  {'ablation':20s} {'seed':>4s} {'recorded':>9s} {'minutes':>8s}  missing"]
     for (ablation, seed), group in groups.items():
         done = [r for r in group if r.wall_s is not None]
         missing = ", ".join(r.variant for r in group if r.wall_s is None) or "-"

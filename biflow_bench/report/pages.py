@@ -237,7 +237,8 @@ def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationS
     header = ["Sampler", "NFE", "Serial steps", "GFLOP / image", "Params", "Batch", "ms / image", "images / s",
               "Speed-up", "% of matmul peak", "Paper ms", "Paper speed-up"]
     cells = [[r.label, fmt_text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
-              fmt_count(r.serial), fmt_num(r.flops / 1e9, 4), fmt_count(r.params), fmt_count(r.batch_size), fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
+              fmt_count(r.serial), fmt_num(r.flops / 1e9, 4), fmt_count(r.params), fmt_count(r.batch_size),
+              fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
               DASH if math.isnan(r.speedup) else f"×{fmt_num(r.speedup, 1)}",
               DASH if math.isnan(r.peak_fraction) else f"{fmt_num(100 * r.peak_fraction)}%", fmt_num(r.paper_ms),
               DASH if math.isnan(r.paper_speedup) else f"×{fmt_num(r.paper_speedup, 0)}"] for r in agg.itertuples()]

@@ -71,8 +71,9 @@ def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[f
     """For every pair of variants the paper orders (by its FID) and for the primary metric ('ours') and each of
     VERDICT_METRICS among `extras` ((key, header, [(mean, noise) per table row])): 'reproduced' when ours orders the
     pair the paper's way by more than `sigmas` x the combined noise (hypot of the two rows' ±), 'reversed' when the
-    other way by as much, else 'unresolved' ('missing' when a row has no number); `<key>_z` is the gap in units of that noise, positive in the paper's
-    direction. One row per pair: better, worse (the paper's), paper_gap, then the verdicts."""
+    other way by as much, else 'unresolved' ('missing' when a row has no number); `<key>_z` is the gap in units of
+    that noise, positive in the paper's direction. One row per pair: better, worse (the paper's), paper_gap, then
+    the verdicts."""
     columns = {"ours": (list(zip(table["ours"].astype(float), table["ours_std"].astype(float))), False)}
     columns.update({key: (cells, VERDICT_METRICS[key]) for key, _, cells in extras if key in VERDICT_METRICS})
     ranked = sorted((r for r in table.reset_index(drop=True).itertuples() if math.isfinite(float(r.paper_fid))),

@@ -15,8 +15,8 @@ def _fmt(v: Any, spec: str, dash: str = "-") -> str:
 
 def format_speed_table(record: dict[str, Any]) -> str:
     """A markdown table of a speed record's rows, with the machine and the notes underneath."""
-    head = ["sampler", "NFE", "serial steps", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)", "GFLOP/image",
-            "paper ms", "paper speed-up"]
+    head = ["sampler", "NFE", "serial steps", "batch", "ms/image", "images/s", "speed-up", "% peak", "params (M)",
+            "GFLOP/image", "paper ms", "paper speed-up"]
     body = []
     for r in record["rows"]:
         body.append([

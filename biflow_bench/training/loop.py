@@ -175,6 +175,12 @@ class _Loss(nn.Module):
         return self.loss_fn(self.model, x, y, gen)
 
 
+def with_ema(model: nn.Module, state: dict[str, Tensor], ema: list[Tensor]) -> dict[str, Tensor]:
+    """`state` (a state_dict of `model`) with its parameters replaced by the EMA's, which fit keeps as a list in the
+    order of model.parameters() (as in its checkpoints)."""
+    return {**state, **{name: e for (name, _), e in zip(model.named_parameters(), ema, strict=True)}}
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Hand the weights (the EMA's when there is one) to `call(step, state_dict)` every `every` steps and at the
@@ -303,7 +309,7 @@ def fit(
             if snapshot is not None and ((step + 1) % snapshot.every == 0 or step + 1 == steps):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if ema is not None:  # the weights a run ends with: the EMA's
-                    weights.update({name: e.clone() for (name, _), e in zip(model.named_parameters(), ema, strict=True)})
+                    weights = with_ema(model, weights, [e.clone() for e in ema])
                 snapshot.call(step + 1, weights)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
