@@ -20,7 +20,7 @@ from .models.tarflow import TARFlowConfig
 from .training.perceptual import NETWORKS
 
 INVERSES = ("learned", "exact")
-DECODERS = ("serial", "jacobi")  # how the exact inverse is solved (sample.decoder)
+DECODERS = ("serial", "jacobi", "compiled")  # how the exact inverse is solved (sample.decoder)
 PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 CFG_DISTRIBUTIONS = ("inverse", "uniform")
@@ -117,7 +117,8 @@ class SampleConfig:
         object.__setattr__(self, "cfg_sweep", tuple(float(w) for w in self.cfg_sweep))
     guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
     annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
-    decoder: str = "serial"  # exact inverse: "serial" token by token, or "jacobi" (parallel fixed-point passes)
+    decoder: str = "serial"  # exact inverse: "serial" token by token, "jacobi" (parallel fixed-point passes), or
+    # "compiled" (serial, each token's step one torch.compile'd function)
     jacobi_tol: float = 1e-3  # jacobi: a group of tokens is done when no value moved more than this in a pass
     jacobi_group: int = 64  # jacobi: tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
 

@@ -40,7 +40,7 @@ class Sampler:
     sigma: float  # noise level F was trained with (score denoising)
     guidance_temperature: float | None = None
     annealed: bool = False
-    decoder: str = "serial"  # exact inverse: "serial" or "jacobi" (TARFlow.reverse_jacobi)
+    decoder: str = "serial"  # exact inverse: "serial", "jacobi" (TARFlow.reverse_jacobi) or "compiled"
     jacobi_tol: float = 1e-3
     jacobi_group: int = 64
 
@@ -67,7 +67,7 @@ class Sampler:
                 stats["jacobi_iterations"] = result.iterations
         elif self.inverse == "exact":
             x = flow.reverse(z, y, guidance=self.cfg_scale, guidance_temperature=self.guidance_temperature,
-                             annealed=self.annealed)
+                             annealed=self.annealed, compiled=self.decoder == "compiled")
         else:
             assert g is not None, "the learned inverse needs a backward model"
             x = g.sample(z, y, cfg_scale=self.cfg_scale)

@@ -194,18 +194,20 @@ def test_fast_inverse_equals_reference_variants(attention_path, overrides):
     assert torch.allclose(flow.reverse(z, y, **kw), flow.reverse(z, y, kv_cache=False, **kw), atol=1e-10)
 
 
-def test_fast_inverse_with_qk_norm(attention_path):
-    """The decoder also handles query/key normalisation (TARFlow's blocks have none; kept general)."""
-    flow = _tiny_flow(torch.float64)
-    for block in flow.blocks:
-        for layer in block.layers:
-            hd = layer.attn.head_dim
-            layer.attn.q_norm = nn.RMSNorm(hd).to(torch.float64)
-            layer.attn.k_norm = nn.RMSNorm(hd).to(torch.float64)
-    randomize(flow, scale=0.5)
-    z, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 3])
-    for kw in (dict(), dict(guidance=1.0, guidance_temperature=0.5)):
-        assert torch.allclose(flow.reverse(z, y, **kw), flow.reverse(z, y, kv_cache=False, **kw), atol=1e-10)
+@pytest.mark.parametrize("overrides", [dict(), dict(num_classes=0, clip=None), dict(nvp=False),
+                                       dict(layers_per_block=2, num_heads=2)])
+def test_compiled_inverse_equals_reference(fast_compile, overrides):
+    """The compiled per-token step (one graph for every position: masked cache slots) is the same inverse."""
+    flow = _tiny_flow(torch.float64, **overrides)
+    z = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 2, 10]) if flow.config.num_classes else None
+    guides = [dict(), dict(guidance=1.0, guidance_temperature=0.5, annealed=True)]
+    guides += [dict(guidance=1.5)] if flow.config.num_classes else []
+    for kw in guides:
+        ref = flow.reverse(z, y, kv_cache=False, **kw)
+        assert torch.allclose(flow.reverse(z, y, compiled=True, **kw), ref, atol=1e-10)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert (flow.reverse(flow(x, y).z, y, compiled=True) - x).abs().max() < 1e-9
 
 
 def test_fast_inverse_batch_independent(attention_path):
@@ -247,9 +249,9 @@ def test_sampler_runs_jacobi_decoding_from_the_config():
 def fast_compile(monkeypatch):
     """torch.compile through aot_eager: the same dynamo tracing and AOT forward/backward graphs as inductor, without
     its C++ code generation (a minute per model on a small CPU)."""
-    import biflow_bench.training.loop as train
+    from biflow_bench.models import layers
 
-    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(layers, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -347,8 +349,9 @@ def test_compiled_sampling_pass_equals_eager_and_gets_rows(fast_compile):
     assert not torch.allclose(g.sample(z, y, 0.0), g.sample(z, y, 1.5), atol=1e-3)  # w matters: not vacuous
     rec = run_speed_bench("tiny", batch_sizes=(1,), repeats=1, warmup=0, compile=True)
     by = {r["sampler"]: r for r in rec["rows"]}
-    assert {"learned:compiled", "learned-cfg:compiled"} <= set(by) and "exact:compiled" not in by
-    for name in ("learned", "learned-cfg"):
+    assert {"learned:compiled", "learned-cfg:compiled", "exact:compiled", "exact-cfg:compiled"} <= set(by)
+    assert "exact-jacobi:compiled" not in by and "learned-score:compiled" not in by
+    for name in ("learned", "learned-cfg", "exact", "exact-cfg"):
         row = by[f"{name}:compiled"]
         _check_row(row)
         assert row["nfe"] == by[name]["nfe"] and row["flops_per_image"] == by[name]["flops_per_image"]

@@ -14,6 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# torch.compile's backend wherever the suite compiles (training's `compile` switches, the compiled exact decoder,
+# the speed bench's compiled rows); the tests swap in "aot_eager" (the same tracing, without inductor's C++
+# compilation, which takes a minute on a small CPU)
+COMPILE_BACKEND = "inductor"
+
+
 class ImageTokens:
     """Shared by the model configs (dataclasses with in_channels, image_size, patch_size): the token grid of
     patchify, and a plain dict for checkpoints."""

@@ -33,6 +33,7 @@ from ..config import ConfigError
 from ..data import ImageDataset, LatentDataset, batch_indices, data_generator, get_batch
 from ..distributed import DistEnv, all_true, any_true, mean_over_ranks
 from ..files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
+from ..models import layers
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
 
@@ -153,15 +154,10 @@ def autocast_context(device: torch.device, precision: str = "fp32", cuda_bf16: b
     return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
 
 
-# torch.compile's backend for the `compile` switches; the tests swap in "aot_eager" (the same tracing, forward and
-# backward graphs, without inductor's C++ compilation, which takes a minute on a small CPU)
-COMPILE_BACKEND = "inductor"
-
-
 def compile_in_place(model: nn.Module) -> None:
     """torch.compile the model's forward in place: its state_dict keys and methods stay those of the model, and
     methods that call self(...) (F's log_prob) run the compiled forward."""
-    model.compile(backend=COMPILE_BACKEND, dynamic=False)
+    model.compile(backend=layers.COMPILE_BACKEND, dynamic=False)
 
 
 class _Loss(nn.Module):
