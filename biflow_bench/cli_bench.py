@@ -29,7 +29,7 @@ def bench_speed(
     repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
     train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
                                                      "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
-    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass under torch.compile")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="also time G's pass and the exact inverse's token step under torch.compile")] = False,
     results_dir: ResultsDir = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:

@@ -329,6 +329,27 @@ def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
         assert diff > 0
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_autocast_keeps_attention_in_float32(causal):
+    """Under CPU bf16 autocast the attention itself runs in float32 (bf16's flash-attention backward is several
+    times slower on the CPU); the projections around it stay bf16."""
+    import torch.nn.functional as F
+
+    from biflow_bench.models.layers import Attention
+
+    attn = Attention(16, 2, causal=causal, qk_norm=not causal)
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = attn(x)
+        q, k, v = attn.qkv(x).view(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        assert q.dtype == torch.bfloat16  # the projections did run in bf16
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        ref = attn.proj(y.transpose(1, 2).reshape(3, 5, 16))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
 def test_compiled_sampling_pass_equals_eager_and_gets_rows(fast_compile):
     """G's pass under torch.compile (aot_eager here: dynamo's capture and AOT graphs, not inductor's codegen)
     gives eager's images, and the bench times it beside the eager row."""
