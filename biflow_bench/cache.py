@@ -15,17 +15,18 @@ Each artifact carries its model config, so it can be rebuilt without re-typing f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import RunConfig
 from .data import ImageDataset, LatentDataset
 from .distributed import DistEnv, all_true, barrier
-from .files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
+from .files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
 from .models.biflow import BiFlow, BiFlowConfig
 from .models.tarflow import TARFlow, TARFlowConfig
 from .training.loop import FitResult
@@ -111,15 +112,30 @@ def _stage(directory: Path, name: str, expected: TARFlowConfig | BiFlowConfig,
     """One stage through the cache, on one process or every rank of a torchrun job alike: the artifact when every
     rank can read it, else trained (DDP across the ranks), written by rank 0 alone, then shared."""
     path = directory / name
-    hit = _cached(path, expected, remove=env.is_main)
-    if all_true(hit is not None, env):
-        return hit[0].to(env.device), Artifact(path, True, hit[1])  # type: ignore[index]
-    model, result = train(directory / "checkpoint.pt")
-    meta = _meta(result, env)
-    if env.is_main:
-        _store(model, directory, name, meta)
-    barrier(env)
+    with _training_lock(directory, env):
+        hit = _cached(path, expected, remove=env.is_main)
+        if all_true(hit is not None, env):
+            return hit[0].to(env.device), Artifact(path, True, hit[1])  # type: ignore[index]
+        model, result = train(directory / "checkpoint.pt")
+        meta = _meta(result, env)
+        if env.is_main:
+            _store(model, directory, name, meta)
+        barrier(env)
     return model, Artifact(path, False, meta)
+
+
+@contextlib.contextmanager
+def _training_lock(directory: Path, env: DistEnv) -> Iterator[None]:
+    """One process: the artifact's lock, so that two runs side by side (two tables on one cache) train it once,
+    the second waiting for the first and then loading its result. Under torchrun the ranks train together."""
+    with contextlib.ExitStack() as stack:
+        if env.world_size == 1:
+            try:
+                stack.enter_context(dir_lock(directory, wait=False))
+            except LockBusy:
+                print(f"[cache] another process is training {directory}: waiting for it", file=sys.stderr, flush=True)
+                stack.enter_context(dir_lock(directory, wait=True))
+        yield
 
 
 def get_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, cache_dir: Path, progress: bool = True,

@@ -215,25 +215,36 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
 
 def ensure_calibration(cfg: RunConfig, opts: RunOptions) -> str:
     """The calibration entry of `cfg` in results/<scale>/calibration.json, computed and added (atomically) when
-    missing or unreadable; returns its key (which each record names)."""
+    missing or unreadable; returns its key (which each record names). Tables of one scale may run side by side
+    (each holds its own lock): the scale's lock makes one of them compute a missing entry and the others find it."""
     key = calibration_key(cfg, opts.data_dir)
     path = opts.results_dir / cfg.scale / CALIBRATION
+    if key in _calibration_entries(path, warn=False):
+        return key
+    with dir_lock(path.parent, wait=True):
+        entries = _calibration_entries(path, warn=True)
+        if key not in entries:
+            log(f"[calibration] real-data rows for {cfg.dataset}, {cfg.sample.num_samples} images")
+            model_meta = domain_classifier(cfg.dataset, str(opts.data_dir) if opts.data_dir else None, opts.cache)[1]
+            entries[key] = {"key": key, "dataset": cfg.dataset, "eval": dataclasses.asdict(cfg.eval),
+                            "num_images": cfg.sample.num_samples, "noise_sigma": cfg.stage1.noise_sigma,
+                            "classifier": {"key": model_meta["key"], "test_accuracy": model_meta["test_accuracy"]},
+                            "rows": calibration_rows(cfg, opts.data_dir, opts.cache)}
+            atomic_write_json(path, {"schema": 1, "entries": entries})
+    return key
+
+
+def _calibration_entries(path: Path, warn: bool) -> dict[str, Any]:
+    """calibration.json's entries; {} when it is missing or unreadable (with a warning when `warn`)."""
     try:
         entries = json.loads(path.read_text())["entries"] if path.exists() else {}
         if not isinstance(entries, dict):
             raise ValueError("entries is not an object")
+        return entries
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log(f"warning: {path} unreadable ({e}); computing the calibration rows again")
-        entries = {}
-    if key not in entries:
-        log(f"[calibration] real-data rows for {cfg.dataset}, {cfg.sample.num_samples} images")
-        model_meta = domain_classifier(cfg.dataset, str(opts.data_dir) if opts.data_dir else None, opts.cache)[1]
-        entries[key] = {"key": key, "dataset": cfg.dataset, "eval": dataclasses.asdict(cfg.eval),
-                        "num_images": cfg.sample.num_samples, "noise_sigma": cfg.stage1.noise_sigma,
-                        "classifier": {"key": model_meta["key"], "test_accuracy": model_meta["test_accuracy"]},
-                        "rows": calibration_rows(cfg, opts.data_dir, opts.cache)}
-        atomic_write_json(path, {"schema": 1, "entries": entries})
-    return key
+        if warn:
+            log(f"warning: {path} unreadable ({e}); computing the calibration rows again")
+        return {}
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
@@ -357,7 +368,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
         barrier(env)
         return paths
     paths = []
-    with main_rank_lock(opts.results_dir / scale, env):
+    with main_rank_lock(opts.results_dir / scale / spec.name, env):  # one run per table; tables side by side
         for name in names:
             _, ident = identity(spec, name, scale, opts)
             found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) \
@@ -377,8 +388,8 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
 
 @contextlib.contextmanager
 def main_rank_lock(directory: Path, env: DistEnv) -> Iterator[None]:
-    """The results directory's lock, held by rank 0 alone for the whole job; when it is busy every rank raises the
-    same one-line LockBusy."""
+    """The table's results lock (results/<scale>/<table>), held by rank 0 alone for the whole job; when it is busy
+    every rank raises the same one-line LockBusy."""
     with contextlib.ExitStack() as stack:
         error = None
         if env.is_main:

@@ -75,3 +75,32 @@ def test_written_files_get_the_usual_mode_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644] * 3
+
+
+def test_an_artifact_in_training_is_waited_for_and_loaded_not_trained_again(tmp_path):
+    """Two runs side by side on one cache (two tables): the second finds the artifact's lock held by the first,
+    waits, and loads what the first stored instead of training it again."""
+    import threading
+
+    from biflow_bench import cache
+    from biflow_bench.distributed import DistEnv
+    from biflow_bench.models import TARFlow, preset_configs
+
+    cfg = preset_configs("tiny")[0]
+    directory, model = tmp_path / "stage1" / "key", TARFlow(cfg)
+    trained, out = [], []
+
+    def train(checkpoint):
+        trained.append(checkpoint)
+        raise AssertionError("trained again")
+
+    with dir_lock(directory, wait=False):  # the first run, training
+        waiter = threading.Thread(target=lambda: out.append(cache._stage(directory, "flow.pt", cfg, train, DistEnv())))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not out  # the second run waits
+        cache.save_model(model, directory / "flow.pt", {"seconds": 1.0})
+    waiter.join(timeout=30)
+    loaded, artifact = out[0]
+    assert not trained and artifact.cached and artifact.meta == {"seconds": 1.0}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -38,7 +38,7 @@ import torch
 from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.cache import load_model
-from biflow_bench.files import verified_torch_load
+from biflow_bench.files import dir_lock, verified_torch_load
 from biflow_bench.results import find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,7 +399,7 @@ def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd
 def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_path):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     results.mkdir()
-    lock = results / "tiny" / ".lock"
+    lock = results / "tiny" / "denoise" / ".lock"
     first = start(RUN, results, cache)
     try:
         # once it holds the lock, stall it (SIGSTOP): it keeps the lock for as long as the test needs
@@ -414,14 +414,20 @@ def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_p
         raise
     assert second.returncode == 2 and second.stdout == ""
     line = one_line_error(second.stderr)
-    assert line == (f"error: {results / 'tiny'} is in use by pid {first.pid}; wait for it to finish or use another "
-                    "--results-dir")
+    assert line == (f"error: {results / 'tiny' / 'denoise'} is in use by pid {first.pid}; wait for it to finish or "
+                    "use another --results-dir")
     out = finish(first)
     assert out.returncode == 0, out.stderr
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-    assert files == ["tiny/.lock", "tiny/calibration.json", f"tiny/denoise/learned__seed0__{HASH}.json",
-                     f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
+    assert files == ["tiny/.lock", "tiny/calibration.json", "tiny/denoise/.lock",
+                     f"tiny/denoise/learned__seed0__{HASH}.json", f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
     assert comparable(record_of(results), CACHED) == comparable(clean.record, CACHED)
+
+    # the lock is the table's: another table runs beside a busy one (distance-metric's MSE row: the same models)
+    with dir_lock(results / "tiny" / "denoise", wait=False):
+        other = cli_run(["run", "distance-metric", "--variants", "mse", *RUN[4:]], results, cache)
+    assert other.returncode == 0, other.stderr
+    assert list((results / "tiny" / "distance-metric").glob("mse__seed0__*.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
