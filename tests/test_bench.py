@@ -329,6 +329,15 @@ def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
         assert diff > 0
 
 
+def test_compiled_inverse_serves_more_shapes_than_dynamo_recompiles_by_default(fast_compile):
+    """One graph per batch size (and guidance mode): a benchmark's sweep needs more than dynamo's default 8."""
+    flow = _tiny_flow()
+    for b in range(1, 7):
+        z, y = torch.randn(b, 1, 8, 8), torch.arange(b) % 10
+        for w in (0.0, 1.0):
+            assert flow.reverse(z, y, guidance=w, compiled=True).shape == z.shape
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_bf16_autocast_keeps_attention_in_float32(causal):
     """Under CPU bf16 autocast the attention itself runs in float32 (bf16's flash-attention backward is several
