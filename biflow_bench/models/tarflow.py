@@ -18,7 +18,6 @@ decoder, group >= N - 1 plain Jacobi over the whole block.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import layers as _layers
+from .compiled_decoder import reverse_compiled
 from .layers import CausalBlock, ImageTokens, KVCache, patchify, unpatchify
 
 
@@ -127,11 +126,12 @@ class FlowBlock(nn.Module):
         p~ = (1 + w) p(. | y) - w p(. | y_uncond).
 
         kv_cache=True is the fast decoder (`_reverse_cached`; with `compiled`, its token step under torch.compile,
-        `_reverse_compiled`); kv_cache=False is the plain reference that re-runs the whole prefix through the
+        compiled_decoder.reverse_compiled); kv_cache=False is the plain reference that re-runs the whole prefix through the
         modules at every step (the tests check that all agree)."""
         z = self._order(z)
-        decode = self._reverse_reference if not kv_cache else \
-            self._reverse_compiled if compiled else self._reverse_cached
+        if compiled and kv_cache:
+            return self._order(reverse_compiled(self, z, y, y_uncond, guidance, temperature, annealed))
+        decode = self._reverse_cached if kv_cache else self._reverse_reference
         return self._order(decode(z, y, y_uncond, guidance, temperature, annealed))
 
     def _reverse_reference(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
@@ -189,16 +189,14 @@ class FlowBlock(nn.Module):
         w_out, b_out = self.proj_out.weight, self.proj_out.bias
         if cfg.clip is not None:  # c * tanh(p / c) with 1/c folded into the read-out
             w_out, b_out = w_out / cfg.clip, b_out / cfg.clip
-        norm = self.norm_out
-        return table, self.proj_in.weight.t(), layers, ((norm.weight, norm.bias, norm.eps), w_out.t(), b_out)
+        norm = (self.norm_out.weight, self.norm_out.bias, self.norm_out.eps)
+        return table, self.proj_in.weight.t(), layers, (norm, w_out.t(), b_out)
 
     def _row_scale(self, b: int, guided: bool, temperature: float, like: Tensor) -> Tensor | None:
         """1 / temperature of each of the 2B rows (TARFlow's attention-temperature guidance), None when all are 1."""
         if not guided or temperature == 1.0:
             return None
-        scale = like.new_ones(2 * b, 1, 1)
-        scale[b:] = 1.0 / temperature
-        return scale
+        return torch.cat([like.new_ones(b, 1, 1), like.new_full((b, 1, 1), 1.0 / temperature)])
 
     def _reverse_cached(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
                         temperature: float, annealed: bool) -> Tensor:
@@ -272,36 +270,6 @@ class FlowBlock(nn.Module):
                 torch.add(mu, zs[i + 1], out=xs[i + 1])
         return x
 
-    def _reverse_compiled(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
-                          temperature: float, annealed: bool) -> Tensor:
-        """The fast inverse with each token's step (every layer, the read-out, guidance and the update) as one
-        torch.compile'd function, `_token_step`: the per-operator overhead that dominates small batches is fused
-        away. Every step has the same shapes (the cache has all N slots, the step masks those not yet written), so
-        one compiled graph serves every position, block and call at a batch size; the new keys and values come back
-        and are written into the cache here."""
-        cfg = self.cfg
-        b, n, _ = z.shape
-        guided = guidance > 0
-        x = z.clone()
-        if n == 1:
-            return x
-        table, w_in, layers, readout = self._decode_weights(b, y, y_uncond, guided, z.dtype)
-        heads = cfg.num_heads
-        # zeros: the masked slots must hold finite values (0 x NaN would leak through the softmax)
-        caches = [z.new_zeros(2, 2 * b if guided else b, heads, n, cfg.channels // heads) for _ in layers]
-        steps = torch.arange(1, n, device=z.device, dtype=z.dtype)  # guidance weight of tokens 1..N-1
-        weights = (guidance * steps / (n - 1) if annealed else torch.full_like(steps, guidance)) if guided else None
-        row_scale = self._row_scale(b, guided, temperature, z)
-        step = _compiled_token_step(_layers.COMPILE_BACKEND)
-        positions = torch.arange(n, device=z.device).unbind()
-        for i in range(n - 1):
-            x_next, new_kv = step(x, z, table, positions[i], w_in, layers, caches, readout, row_scale, weights,
-                                  cfg.clip, cfg.nvp)
-            x[:, i + 1] = x_next
-            for cache, kv in zip(caches, new_kv):
-                cache[:, :, :, i] = kv
-        return x
-
     @torch.no_grad()
     def reverse_jacobi(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None = None, guidance: float = 0.0,
                        temperature: float = 1.0, annealed: bool = False, tol: float = 1e-3,
@@ -364,49 +332,6 @@ class FlowBlock(nn.Module):
 _SDPA_MAX_PAIRS = 16
 
 
-def _token_step(x: Tensor, z: Tensor, table: Tensor, pos: Tensor, w_in: Tensor, layers: list[tuple],
-                caches: list[Tensor], readout: tuple, row_scale: Tensor | None, weights: Tensor | None,
-                clip: float | None, nvp: bool) -> tuple[Tensor, list[Tensor]]:
-    """One step of the exact inverse (FlowBlock._reverse_compiled, weights from _decode_weights): token `pos` of
-    the ordered sequence x (B, N, D) -> token pos + 1, and the new token's (keys, values) of each layer. caches:
-    (2, rows, heads, N, head_dim) per layer, slots < pos written; table (rows, N, width)."""
-    b, n, _ = x.shape
-    rows, heads, head_dim = caches[0].shape[1], caches[0].shape[2], caches[0].shape[4]
-    width = heads * head_dim
-    index = pos.view(1)
-    h = table.index_select(1, index)[:, 0] + (x.index_select(1, index)[:, 0] @ w_in).repeat(rows // b, 1)
-    hidden = torch.arange(n, device=x.device) >= pos  # cache slots not yet written (the new token comes apart)
-    new_kv = []
-    for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_1, b_1, w_2, b_2), cache in zip(layers, caches):
-        q, k, v = torch.addmm(b_qkv, F.layer_norm(h, (width,), *ln1), w_qkv).view(rows, 3, heads, head_dim).unbind(1)
-        if row_scale is not None:
-            q = q * row_scale
-        new_kv.append(torch.stack([k, v]))
-        s_cache = torch.einsum("rhd,rhnd->rhn", q, cache[0]).masked_fill(hidden, float("-inf"))
-        s = torch.cat([s_cache, (q * k).sum(-1, keepdim=True)], -1).softmax(-1)  # (rows, heads, N + 1)
-        att = torch.einsum("rhn,rhnd->rhd", s[..., :n], cache[1]) + s[..., n:] * v
-        h = h + torch.addmm(b_proj, att.reshape(rows, width), w_proj)
-        h = h + torch.addmm(b_2, F.gelu(torch.addmm(b_1, F.layer_norm(h, (width,), *ln2), w_1)), w_2)
-    norm, w_out, b_out = readout
-    p = torch.addmm(b_out, F.layer_norm(h, (width,), *norm), w_out)
-    if clip is not None:
-        p = clip * torch.tanh(p)
-    if weights is not None:  # (1 + w) p_c - w p_u
-        p = torch.lerp(p[b:], p[:b], 1.0 + weights[pos])
-    alpha, mu = p.chunk(2, dim=-1)
-    z_next = z.index_select(1, index + 1)[:, 0]
-    return (mu + z_next * torch.exp(alpha) if nvp else mu + z_next), new_kv
-
-
-@functools.cache
-def _compiled_token_step(backend: str):
-    # inductor's C++ wrapper: fewer Python calls per step (about 15% faster per token at batch 1 here)
-    options = {"cpp_wrapper": True} if backend == "inductor" else None
-    # one graph per batch size, guidance on or off, temperature rows and grad mode: more than dynamo's default 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(_token_step, backend=backend, dynamic=False, fullgraph=True, options=options)
-
-
 class TARFlow(nn.Module):
     def __init__(self, cfg: TARFlowConfig):
         super().__init__()
@@ -458,7 +383,7 @@ class TARFlow(nn.Module):
         compiled: bool = False,
     ) -> Tensor:
         """Exact inverse x = F^-1(z): num_blocks x (N - 1) serial decoding steps (`compiled`: each step one
-        torch.compile'd function, see FlowBlock._reverse_compiled).
+        torch.compile'd function, see compiled_decoder.reverse_compiled).
 
         guidance > 0 with guidance_temperature None: classifier-free guidance against the null class; with a
         temperature: TARFlow's attention-temperature guidance (the guiding pass keeps the class, attention flattened).
