@@ -24,6 +24,8 @@ bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 def bench_speed(
     scale: Scale = "tiny",
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
+    train_batch_sizes: Annotated[str | None, typer.Option(help="--what train/all: batch sizes of the training "
+                                                                "steps (default: --batch-sizes)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     what: Annotated[str, typer.Option(help="sample, train or all")] = "sample",
     repeats: Annotated[int, typer.Option(help="timed calls per sampler and batch size")] = 5,
@@ -44,8 +46,12 @@ def bench_speed(
         raise ConfigError(f"--what {what!r}: use one of {', '.join(WHATS)}{did_you_mean(what, WHATS)}")
     positive("--repeats", repeats)
     sizes = parse_list("--batch-sizes", batch_sizes, int, "1,64,256")
-    if any(b < 1 for b in sizes):
-        raise ConfigError(f"--batch-sizes {batch_sizes!r}: every batch size must be a positive integer")
+    train_sizes = sizes if train_batch_sizes is None else parse_list("--train-batch-sizes", train_batch_sizes, int,
+                                                                     "128")
+    for option, given, values in (("--batch-sizes", batch_sizes, sizes),
+                                  ("--train-batch-sizes", train_batch_sizes, train_sizes)):
+        if any(b < 1 for b in values):
+            raise ConfigError(f"{option} {given!r}: every batch size must be a positive integer")
     settings = tuple(t.strip() for t in train_settings.split(","))
     for t in settings:
         try:
@@ -57,7 +63,8 @@ def bench_speed(
         return
     path, record = record_speed_bench(results_dir, scale, wait=True, batch_sizes=sizes, device=device,
                                       repeats=repeats, what=what, progress=sys.stderr.isatty(),
-                                      train_settings=settings, compile=compile)
+                                      train_settings=settings, compile=compile,
+                                      train_batch_sizes=train_sizes)
     typer.echo(json.dumps(record, indent=2) if as_json else format_speed_table(record))
     typer.echo(f"record: {path}", err=True)
 

@@ -127,6 +127,13 @@ def test_training_rows():
     assert "train-backward" in format_speed_table(rec)
 
 
+def test_all_times_training_at_its_own_batch_sizes():
+    rec = run_speed_bench("tiny", batch_sizes=(1,), train_batch_sizes=(3,), repeats=1, warmup=0, what="all")
+    sizes = {r["sampler"]: r["batch_size"] for r in rec["rows"]}
+    assert sizes["train-flow"] == sizes["train-backward"] == 3
+    assert {b for s, b in sizes.items() if not s.startswith("train-")} == {1}
+
+
 def test_latent_scale_times_the_vae_decoder_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("BIFLOW_VAE", str(tmp_path / "absent"))  # no VAE here: a random one of the same architecture
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

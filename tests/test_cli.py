@@ -101,6 +101,7 @@ FAST = ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.n
     (["bench", "speed", "--repeats", "0"], "--repeats 0: must be a positive integer"),
     (["progress", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers, e.g. 0,1"),
     (["bench", "speed", "--batch-sizes", "0"], "every batch size must be a positive integer"),
+    (["bench", "speed", "--train-batch-sizes", "64,-1"], "--train-batch-sizes '64,-1': every batch size must be"),
     (["bench", "speed", "--device", "gpu"], "--device 'gpu': use cpu or cuda"),
     (["sample", "main", "biflow", "--num", "-3"], "--num -3: must be a positive integer"),
     (["sample", "main", "biflow", "--num", "0"], "--num 0: must be a positive integer"),

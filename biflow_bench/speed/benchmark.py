@@ -72,17 +72,21 @@ def run_speed_bench(
     seed: int = 0,
     train_settings: Sequence[str] = ("fp32",),
     compile: bool = False,
+    train_batch_sizes: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Time every sampler of the speed table (and/or a training step of each stage) at each batch size; returns a
-    speed record (see the module docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
+    """Time every sampler of the speed table (and/or a training step of each stage) at each batch size
+    (`train_batch_sizes`, default `batch_sizes`, for the training steps); returns a speed record (see the module
+    docstring). `amp` (default: on for cuda) runs G under bf16 autocast; F's exact
     inverse and score step always run in float32."""
     if what not in WHATS:
         raise ValueError(f"what={what!r} is not one of {', '.join(WHATS)}")
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    train_batch_sizes = batch_sizes if train_batch_sizes is None else train_batch_sizes
+    for sizes in (batch_sizes, train_batch_sizes):
+        if not sizes or any(int(b) < 1 for b in sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {list(sizes)}")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
-    batch_sizes = [int(b) for b in batch_sizes]
+    batch_sizes, train_batch_sizes = [int(b) for b in batch_sizes], [int(b) for b in train_batch_sizes]
     train_settings = list(dict.fromkeys(train_settings))
     if not train_settings:
         raise ValueError("train_settings needs at least one setting, e.g. fp32")
@@ -109,7 +113,7 @@ def run_speed_bench(
             rows += _decoder_rows(spec.resolve("exact", scale), batch_sizes, dev, repeats, warmup, amp, peak,
                                   peak_bf16, progress)
     if what in ("train", "all"):
-        rows += _training_rows(spec, scale, batch_sizes, dev, repeats, warmup, seed, peak, peak_bf16,
+        rows += _training_rows(spec, scale, train_batch_sizes, dev, repeats, warmup, seed, peak, peak_bf16,
                                train_settings, progress)
 
     notes = [
