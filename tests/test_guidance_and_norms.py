@@ -12,11 +12,19 @@ from conftest import randomize, small_flow
 from biflow_bench.ablations import load_registry
 from biflow_bench.config import scale_config
 from biflow_bench.metrics.flow_norms import flow_norms
+from biflow_bench.models.layers import guidance_weights
 from biflow_bench.report.figures import guidance_curves
 from biflow_bench.report.render import render_report
 from biflow_bench.results import load_results, write_record
 from biflow_bench.runner import guidance_scales
 from test_results_report import make_record
+
+
+def test_annealed_guidance_weight_grows_linearly_to_the_last_token():
+    # TARFlow sec. 2.6: the exact inverse decoding token t = 1..N-1 extrapolates with w_t = w t / (N - 1)
+    n, w = 5, 2.0
+    assert guidance_weights(w, n, annealed=True) == [w * t / (n - 1) for t in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 2.0]
+    assert guidance_weights(w, n, annealed=False) == [2.0, 2.0, 2.0, 2.0]
 
 
 def test_guided_rows_sweep_and_unguided_rows_do_not():

@@ -30,8 +30,7 @@ def reverse_compiled(block: nn.Module, z: Tensor, y: Tensor | None, y_uncond: Te
     heads = cfg.num_heads
     # zeros: the masked slots must hold finite values (0 x NaN would leak through the softmax)
     caches = [z.new_zeros(2, 2 * b if guided else b, heads, n, cfg.channels // heads) for _ in layer_weights]
-    steps = torch.arange(1, n, device=z.device, dtype=z.dtype)  # guidance weight of tokens 1..N-1
-    weights = (guidance * steps / (n - 1) if annealed else torch.full_like(steps, guidance)) if guided else None
+    weights = z.new_tensor(layers.guidance_weights(guidance, n, annealed)) if guided else None  # tokens 1..N-1
     row_scale = block._row_scale(b, guided, temperature, z)
     step = _compiled_token_step(layers.COMPILE_BACKEND)
     positions = torch.arange(n, device=z.device).unbind()

@@ -165,6 +165,12 @@ class AdaLNBlock(nn.Module):
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
+def guidance_weights(guidance: float, n: int, annealed: bool) -> list[float]:
+    """The CFG weight w of each token 1..N-1 an exact inverse decodes: `guidance` throughout, or, annealed, growing
+    linearly to it at the last token (TARFlow sec. 2.6)."""
+    return [guidance * t / (n - 1) if annealed else guidance for t in range(1, n)]
+
+
 def timestep_embedding(w: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
     """Sinusoidal embedding of a scalar per sample (G's guidance-scale condition)."""
     half = dim // 2

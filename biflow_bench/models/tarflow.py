@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compiled_decoder import reverse_compiled
-from .layers import CausalBlock, ImageTokens, KVCache, patchify, unpatchify
+from .layers import CausalBlock, ImageTokens, KVCache, guidance_weights, patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class FlowBlock(nn.Module):
             ys = None if y is None else torch.cat([y, y_uncond])
             temp = torch.ones(2 * b, 1, 1, 1, device=z.device, dtype=z.dtype)
             temp[b:] = temperature
+        weights = guidance_weights(guidance, n, annealed)
         for i in range(n - 1):
             inp = x[:, : i + 1]
             if guided:
@@ -154,7 +155,7 @@ class FlowBlock(nn.Module):
                 h = layer(h, None, temp)
             alpha, mu = self._params(h[:, -1])
             if guided:
-                w = guidance * (i + 1) / (n - 1) if annealed else guidance
+                w = weights[i]
                 alpha = (1 + w) * alpha[:b] - w * alpha[b:]
                 mu = (1 + w) * mu[:b] - w * mu[b:]
             x[:, i + 1] = z[:, i + 1] * torch.exp(alpha) + mu
@@ -238,6 +239,7 @@ class FlowBlock(nn.Module):
         p_cond, p_unc = p_all[:b], p_all[b:]
         p_guided = z.new_empty(b, 2 * d) if guided else p_all
         alpha, mu = p_guided[:, :d], p_guided[:, d:]
+        weights = guidance_weights(guidance, n, annealed)
 
         for i in range(n - 1):
             if guided:  # one (b, width) projection, shared by both passes
@@ -262,8 +264,7 @@ class FlowBlock(nn.Module):
             if clip is not None:
                 p_all.tanh_().mul_(clip)
             if guided:  # (1 + w) p_c - w p_u = lerp(p_u, p_c, 1 + w), alpha and mu at once
-                wt = guidance * (i + 1) / (n - 1) if annealed else guidance
-                torch.lerp(p_unc, p_cond, 1.0 + wt, out=p_guided)
+                torch.lerp(p_unc, p_cond, 1.0 + weights[i], out=p_guided)
             if cfg.nvp:
                 torch.addcmul(mu, zs[i + 1], alpha.exp(), out=xs[i + 1])
             else:
@@ -297,9 +298,7 @@ class FlowBlock(nn.Module):
             temp[b:] = temperature
         rows, heads = (2 * b if guided else b), self.cfg.num_heads
         caches = [KVCache(rows, heads, n, self.cfg.channels // heads, z) for _ in self.layers]
-        # guidance weight of each decoded token 1..N-1 (annealed: grows linearly, TARFlow sec. 2.6)
-        steps = torch.arange(1, n, device=z.device, dtype=z.dtype)
-        weights = guidance * steps / max(n - 1, 1) if annealed else torch.full_like(steps, guidance)
+        weights = z.new_tensor(guidance_weights(guidance, n, annealed))  # of each decoded token 1..N-1
         passes, valid = 0, 0  # the caches' keys and values at positions < valid are those of the final tokens
         for start in range(1, n, group):
             end = min(start + group, n)
