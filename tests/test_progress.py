@@ -35,8 +35,10 @@ def test_progress_counts_current_records_and_estimates_the_rest(tmp_path: Path):
     assert estimate_left(rows) == 300.0 + 60.0 + 300.0
     text = format_progress(rows, "tiny")
     assert "denoise                 0    2 of 3      11.0  none" in text
-    assert "3 of 6 rows recorded, 16.0 min spent; about 11 min left" in text
+    assert "3 of 6 rows recorded, 16.0 min spent; about 11 min of job time left" in text
     assert estimate_left([r for r in rows if r.wall_s is None]) == 0.0  # nothing recorded: no estimate
+    assert "0 of 3 rows recorded, 0.0 min spent; no estimate of the time left yet" in format_progress(
+        [r for r in rows if r.wall_s is None], "tiny")
 
 
 def test_progress_command_lists_every_quality_ablation(tmp_path: Path):
