@@ -486,6 +486,24 @@ def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
     assert sorted(csv["config"]) == sorted(["", "stage2.steps=100", f"default of spec v0 (config {config_id(old)})"])
 
 
+def test_report_row_is_the_current_preset_even_with_fewer_seeds(tmp_path: Path) -> None:
+    # a preset changed within one spec version: the table's row is the config a run would record today, not the
+    # older default that still has more seeds
+    from biflow_bench.ablations import get_spec
+
+    rdir, spec = tmp_path / "results", get_spec("denoise")
+    current = spec.resolve("learned", "tiny").to_dict()
+    older = {**current, "stage2": {**current["stage2"], "precision": "bf16"}}
+    base = make_record("denoise", "learned", 0, 10.0, label="Learned")
+    for seed in (0, 1):
+        write_record(rdir, _variant_of(base, seed, 900.0 + seed, older))
+    write_record(rdir, _variant_of(base, 0, 500.0, current))  # moves the older seed-0 record aside
+    render_report(rdir, tmp_path / "report", registry={"denoise": spec})
+    main, other = (tmp_path / "report" / "tiny" / "denoise.md").read_text().split("## Other configurations")
+    assert table_rows(main)["Learned"][1].startswith("500.00 ± ") and table_rows(main)["Learned"][2] == "1"
+    assert f"default of spec v1 (config {config_id(older)})" in other and "900.50 ± " in other
+
+
 def test_stage_keys_cover_micro_batch_and_device() -> None:
     cfg = SCALES["tiny"]
     assert cfg.stage1_key(cfg.stage1.batch_size) == cfg.stage1_key()  # one pass per batch: the same training

@@ -85,7 +85,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     for scale in chosen:
         readme.append(f"## Scale `{scale}`\n")
         sdf, others = split_configs(df[df["scale"] == scale].assign(
-            label=lambda d: d["label"].map(lambda x: scale_label(x, scale))))
+            label=lambda d: d["label"].map(lambda x: scale_label(x, scale))), registry)
         for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
             summary.separated.append(f"{scale}/{ablation}/{variant}: {len(g)} record(s) of another config "
                                      f"({label}) shown apart from the table, under Other configurations")

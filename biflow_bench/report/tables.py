@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..ablations import AblationSpec
 from ..config import SCALES
-from ..results import CALIBRATION
+from ..results import CALIBRATION, config_id
 from .format import DASH, first_value, float_or_nan, fmt_ours
 from .stats import table_noise
 
@@ -29,24 +29,37 @@ def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[st
     return listed + [v for v in seen if v not in listed]
 
 
-def split_configs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(records of each variant's default config, records of every other config) of one (scale, ablation).
+def split_configs(df: pd.DataFrame, registry: Mapping[str, AblationSpec] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(records of each variant's default config, records of every other config) of one scale.
 
     A variant's table row averages seeds of one config hash only: the records without overrides, and when those
-    hold several configs (an older spec's defaults) the one of the newest spec version (then the most seeds). The
-    rest gets an `overrides` label (how it differs, or which earlier default it is) and is shown apart."""
+    hold several configs (earlier defaults: an older spec, or a preset changed since) the current default of the
+    `registry`'s spec, else the one of the newest spec version (then the most seeds). The rest gets an `overrides`
+    label (how it differs, or which earlier default it is) and is shown apart."""
     df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
     keep = pd.Series(df["overrides"] == "", index=df.index)
     labels = df["overrides"].copy()
     for _, g in df[keep].groupby(["ablation", "variant"], sort=True):  # a variant name recurs across tables
         if g["config_hash"].nunique() < 2:
             continue
-        ranked = sorted(g.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
+        current = _current_hash(registry, *g[["ablation", "variant", "scale"]].iloc[0])
+        ranked = sorted(g.groupby("config_hash"),
+                        key=lambda kv: (kv[0] != current, -_version(kv[1]), -len(kv[1]), kv[0]))
         for h, older in ranked[1:]:
             keep[older.index] = False
             labels[older.index] = f"default of spec v{_version(older)} (config {h})"
     df = df.assign(overrides=labels)
     return df[keep], df[~keep]
+
+
+def _current_hash(registry: Mapping[str, AblationSpec] | None, ablation: str, variant: str, scale: str) -> str | None:
+    """The config hash a run of the variant would record today, or None where the specs do not know it."""
+    spec = (registry or {}).get(ablation)
+    try:
+        return config_id(spec.resolve(variant, scale).to_dict()) if spec and variant in spec.variants else None
+    except ValueError:  # ConfigError: a scale the spec does not resolve
+        return None
 
 
 def _version(g: pd.DataFrame) -> int:
