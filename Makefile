@@ -40,22 +40,26 @@ report: setup
 
 # every ablation at each seed: seed 0 first, so a partial run already fills every table. A later seed trains a
 # second G of each variant against the same F (stage1.seed) and draws other samples: the seed spread of each row.
-# `progress` prints what is recorded and about how long the rest takes, before each seed and at the end.
+# `progress` prints what is recorded and about how long the rest takes, before and after (and at any time).
 SEEDS ?= 0 1
 PROGRESS = $(BENCH) progress --scale small --seeds $(shell echo $(SEEDS) | tr ' ' ',')
 # The tables run in two lanes side by side, one thread each (on a 2-core CPU a one-thread job trains F as fast as
-# a two-thread one): each table holds its own results lock, and a model one lane is training is waited for by the
-# other, not trained twice. Lane b starts with norm control's unclipped F while lane a trains the shared F.
+# a two-thread one), each lane through every seed without waiting for the other: each table holds its own results
+# lock, and a model one lane is training is waited for by the other, not trained twice. Lane b starts with norm
+# control's unclipped F while lane a trains the shared F.
 reproduce-small: setup
-	for seed in $(SEEDS); do $(PROGRESS) && $(MAKE) --no-print-directory -j2 lane-a lane-b SCALE=small SEED=$$seed || exit 1; done
+	$(PROGRESS)
+	$(MAKE) --no-print-directory -j2 lane-a lane-b SCALE=small
 	$(MAKE) --no-print-directory bench-speed report SCALE=small
 	$(PROGRESS)
 
 lane-a: setup
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory ablation-main ablation-inverse-strategy ablation-denoise
+	for seed in $(SEEDS); do OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed ablation-main \
+	  ablation-inverse-strategy ablation-denoise || exit 1; done
 lane-b: setup
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory ablation-norm-control ARGS="--variants none,clip"
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory ablation-distance-metric ablation-training-cfg
+	for seed in $(SEEDS); do OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed ablation-norm-control \
+	  ARGS="--variants none,clip" && OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed \
+	  ablation-distance-metric ablation-training-cfg || exit 1; done
 
 clean:
 	rm -rf .venv build *.egg-info
