@@ -471,7 +471,7 @@ BROKEN_SPECS = {
     "syntax": (lambda d: _sub(d / "denoise.toml", "[variants.none]", "[variants.none"), "denoise.toml",
                "not valid TOML"),
     "missing-include": (lambda d: (d / "_base.toml").unlink(), "_base.toml", "file not found"),
-    "unknown-key": (lambda d: _sub(d / "main.toml", "version = 2", "version = 2\nauthor = 'x'"), "main.toml",
+    "unknown-key": (lambda d: _sub(d / "main.toml", "version = 3", "version = 3\nauthor = 'x'"), "main.toml",
                     "unknown key(s) author"),
     "path-in-variant-name": (lambda d: _sub(d / "denoise.toml", "[variants.learned]", '[variants."../learned"]'),
                              "denoise.toml", "the variant name must be lower-case letters"),
