@@ -154,10 +154,12 @@ def autocast_context(device: torch.device, precision: str = "fp32", cuda_bf16: b
     return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
 
 
-def compile_in_place(model: nn.Module) -> None:
+def compile_in_place(model: nn.Module, cpp_wrapper: bool = False) -> None:
     """torch.compile the model's forward in place: its state_dict keys and methods stay those of the model, and
-    methods that call self(...) (F's log_prob) run the compiled forward."""
-    model.compile(backend=layers.COMPILE_BACKEND, dynamic=False)
+    methods that call self(...) (F's log_prob) run the compiled forward. `cpp_wrapper` for sampling at small
+    batches (layers.compile_options)."""
+    model.compile(backend=layers.COMPILE_BACKEND, dynamic=False,
+                  options=layers.compile_options(layers.COMPILE_BACKEND, cpp_wrapper))
 
 
 class _Loss(nn.Module):
