@@ -9,7 +9,7 @@ REPORT_OUT ?= reports
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg
 
-.PHONY: setup test demo report reproduce-small lane-a lane-b clean bench-speed $(ABLATIONS)
+.PHONY: setup test demo report reproduce-small clean bench-speed $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -43,23 +43,28 @@ report: setup
 # `progress` prints what is recorded and about how long the rest takes, before and after (and at any time).
 SEEDS ?= 0 1
 PROGRESS = $(BENCH) progress --scale small --seeds $(shell echo $(SEEDS) | tr ' ' ',')
-# The tables run in two lanes side by side, one thread each (on a 2-core CPU a one-thread job trains F as fast as
-# a two-thread one), each lane through every seed without waiting for the other: each table holds its own results
-# lock, and a model one lane is training is waited for by the other, not trained twice. Lane b starts with norm
-# control's unclipped F while lane a trains the shared F.
+# One job per (table, seed), two at a time, one thread each (on a 2-core CPU a one-thread job trains F as fast as a
+# two-thread one): make starts the next job as soon as a core is free, so neither core idles while the other works
+# through a longer list. Seed N+1 of a table follows its seed N (a table holds one run at a time); the rest runs in
+# the listed order, longest tables first: the main table trains the shared F while norm control trains its
+# unclipped one, and a model one job is training is waited for by the other, not trained twice.
+REPRO_TABLES := main norm-control distance-metric training-cfg inverse-strategy denoise
+REPRO_ARGS_norm-control := --variants none,clip
+REPRO_JOBS := $(foreach s,$(SEEDS),$(foreach t,$(REPRO_TABLES),repro.$(t).$(s)))
+SEED_PAIRS := $(join $(filter-out $(lastword $(SEEDS)),$(SEEDS)),$(addprefix :,$(wordlist 2,99,$(SEEDS))))
+$(foreach t,$(REPRO_TABLES),$(foreach p,$(SEED_PAIRS),$(eval \
+  repro.$(t).$(lastword $(subst :, ,$(p))): repro.$(t).$(firstword $(subst :, ,$(p))))))
+.PHONY: repro-jobs $(REPRO_JOBS)
+
 reproduce-small: setup
 	$(PROGRESS)
-	$(MAKE) --no-print-directory -j2 lane-a lane-b SCALE=small
+	$(MAKE) --no-print-directory -j2 repro-jobs
 	$(MAKE) --no-print-directory bench-speed report SCALE=small
 	$(PROGRESS)
 
-lane-a: setup
-	for seed in $(SEEDS); do OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed ablation-main \
-	  ablation-inverse-strategy ablation-denoise || exit 1; done
-lane-b: setup
-	for seed in $(SEEDS); do OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed ablation-norm-control \
-	  ARGS="--variants none,clip" && OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEED=$$seed \
-	  ablation-distance-metric ablation-training-cfg || exit 1; done
+repro-jobs: $(REPRO_JOBS)
+$(REPRO_JOBS): repro.%: setup
+	OMP_NUM_THREADS=1 $(BENCH) run $(basename $*) --scale small --seed $(subst .,,$(suffix $*)) $(REPRO_ARGS_$(basename $*))
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -68,7 +68,7 @@ def format_progress(rows: list[Row], scale: str) -> str:
     done = [r for r in rows if r.wall_s is not None]
     spent = sum(r.wall_s for r in done) / 60
     left = (f"about {estimate_left(rows) / 60:.0f} min of job time left (rough: from the recorded rows' wall times; "
-            "`make reproduce-small` runs two lanes side by side)" if done else "no estimate of the time left yet "
+            "`make reproduce-small` runs two jobs at a time)" if done else "no estimate of the time left yet "
             "(nothing recorded to estimate from)")
     lines.append(f"  {len(done)} of {len(rows)} rows recorded, {spent:.1f} min spent; {left}")
     return "\n".join(lines) + "\n"

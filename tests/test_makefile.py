@@ -1,0 +1,38 @@
+"""`make reproduce-small`'s job list (Makefile): one job per quality table of the registry and seed, each table's
+later seed after its earlier one, the norm-control table at the variants the reproduction runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from biflow_bench.ablations import load_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def planned_runs(*goals: str, seeds: str = "0 1") -> list[tuple[str, int, str]]:
+    """(table, seed, extra arguments) of every `biflow-bench run` that `make -n` would start, in order."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *goals,
+                          f"SEEDS={seeds}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    runs = re.findall(r"biflow-bench run (\S+) --scale small --seed (\d+) ?(.*)", out)
+    return [(table, int(seed), extra.strip()) for table, seed, extra in runs]
+
+
+def test_reproduction_runs_every_quality_table_at_every_seed():
+    runs = planned_runs("repro-jobs", seeds="0 1 2")
+    quality = {name for name, spec in load_registry().items() if spec.kind == "quality"}
+    assert sorted((t, s) for t, s, _ in runs) == sorted((t, s) for t in quality for s in (0, 1, 2))
+    assert all(s == 0 for _, s, _ in runs[:len(quality)]), "seed 0 of every table comes first"
+    assert {t: extra for t, _, extra in runs}["norm-control"] == "--variants none,clip"
+
+
+def test_a_later_seed_of_a_table_waits_for_its_earlier_seed():
+    assert [(t, s) for t, s, _ in planned_runs("repro.denoise.1")] == [("denoise", 0), ("denoise", 1)]
+    assert [(t, s) for t, s, _ in planned_runs("repro.main.2", seeds="0 1 2")] == [("main", 0), ("main", 1),
+                                                                                    ("main", 2)]
