@@ -3,11 +3,13 @@ the offline EfficientNet-Lite0 extractor, agreement with torch-fidelity, weights
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_fidelity
 from conftest import randomize
 from scipy import linalg
@@ -181,6 +183,21 @@ def test_effnet_features_shape_and_preprocessing():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         ext(torch.zeros(1, 3, 8, 8))
+
+
+def test_effnet_channels_last_features_match_the_default_layout():
+    """The extractor runs channels-last (faster depthwise convolutions on the CPU); its features are those of the
+    same weights run in the default (contiguous NCHW) layout."""
+    noise, ramps = _images(3, n=4, side=20)
+    ext = FeatureExtractorEffNetLite0("effnet-lite0", ["1280"], effnet_input_size=96)
+    assert ext.model._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    default = copy.deepcopy(ext.model).to(memory_format=torch.contiguous_format)
+    for images in (noise, ramps):
+        x = F.interpolate(images.float(), size=(96, 96), mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            expected = default.extract_features(((x - 127.0) / 128.0).contiguous()).mean((2, 3))
+            got = ext(images)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------- compute_fidelity

@@ -6,6 +6,7 @@ backbones' features)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -312,6 +313,23 @@ def test_effnet_pooled_distance_by_hand():
         fx = net.net.extract_features(x.expand(-1, 3, -1, -1) * 127.5 / 128 + 0.5 / 128).mean((2, 3))
         ft = net.net.extract_features(t.expand(-1, 3, -1, -1) * 127.5 / 128 + 0.5 / 128).mean((2, 3))
         torch.testing.assert_close(net(x, t), ((fx - ft) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [EffNetLPIPS, EffNetPooled])
+def test_effnet_distances_channels_last_match_the_default_layout(cls):
+    """The ImageNet backbones run channels-last (faster on the CPU); their distances are those of the same weights
+    in the default layout, through the shared crops."""
+    net = cls(weights="pretrained", size=64, crop_min=0.25)
+    assert net.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    default = copy.deepcopy(net)
+    default.memory_format = torch.contiguous_format
+    default.net.to(memory_format=torch.contiguous_format)
+    x, t = _pair()
+    with torch.no_grad():
+        got = net(x, t, torch.Generator().manual_seed(1))
+        expected = default(x, t, torch.Generator().manual_seed(1))
+    assert default.net._conv_stem.weight.is_contiguous() and (expected > 0).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_convnext_pooled_distance_by_hand():

@@ -201,12 +201,18 @@ class EffNetDistance(PerceptualDistance):
     """A frozen EfficientNet-Lite backbone (`variant`) under a perceptual distance."""
 
     variant = ""
+    # channels-last: the step's forward and backward through the backbone run x1.4 faster on the CPU (bf16, one
+    # thread, 32 crops of 64 px); the same distances as the default layout (tests/test_stage2_formulas.py)
+    memory_format = torch.channels_last
 
     def __init__(self, weights: str = "pretrained", size: int = 224, crop_min: float = 0.08,
                  path: str | Path | None = None) -> None:
         super().__init__(size, crop_min, weights)
-        self.net = efficientnet_lite(self.variant, weights, path)
+        self.net = efficientnet_lite(self.variant, weights, path).to(memory_format=self.memory_format)
         self._freeze()
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        return effnet_stages(self.net, x.contiguous(memory_format=self.memory_format))
 
 
 class EffNetLPIPS(EffNetDistance):
@@ -218,7 +224,7 @@ class EffNetLPIPS(EffNetDistance):
     def distance(self, x: Tensor, target: Tensor) -> Tensor:
         d = [
             (F.normalize(a, dim=1, eps=1e-10) - F.normalize(b, dim=1, eps=1e-10)).pow(2).sum(1).mean((1, 2))
-            for a, b in zip(effnet_stages(self.net, x), effnet_stages(self.net, target), strict=True)
+            for a, b in zip(self.stages(x), self.stages(target), strict=True)
         ]
         return torch.stack(d).sum(0)
 
@@ -229,7 +235,7 @@ class EffNetPooled(EffNetDistance):
     network, variant = "effnet-lite2", "lite2"
 
     def features(self, x: Tensor) -> Tensor:
-        return effnet_stages(self.net, x)[-1].mean((2, 3))
+        return self.stages(x)[-1].mean((2, 3))
 
     def distance(self, x: Tensor, target: Tensor) -> Tensor:
         return (self.features(x) - self.features(target)).pow(2).sum(1)
