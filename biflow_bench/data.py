@@ -302,8 +302,8 @@ def to_uint8(x: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def save_image_grid(images: Tensor, path: Path, nrow: int = 10) -> Path:
-    """A PNG grid of [-1, 1] images, written atomically."""
+def image_grid_png(images: Tensor, nrow: int = 10) -> bytes:
+    """The PNG bytes of a grid of [-1, 1] images (at most nrow x nrow of them, shown at twice their size)."""
     from torchvision.utils import make_grid
 
     grid = make_grid(to_uint8(images[: nrow * nrow]), nrow=nrow, padding=1, pad_value=255)
@@ -311,5 +311,9 @@ def save_image_grid(images: Tensor, path: Path, nrow: int = 10) -> Path:
     image = image.resize((image.width * 2, image.height * 2), Image.NEAREST)
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
+
+
+def save_image_grid(images: Tensor, path: Path, nrow: int = 10) -> Path:
+    """A PNG grid of [-1, 1] images, written atomically."""
+    return atomic_write_bytes(path, image_grid_png(images, nrow))

@@ -246,6 +246,23 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
     return None
 
 
+def find_measurement(results_dir: Path | str, scale: str, seed: int,
+                     config_hash: str) -> tuple[Path, dict[str, Any]] | None:
+    """A valid ablation record, in any table, of this config hash and seed (the first by path), or None. Its models,
+    samples and metrics are those this run would produce: every stage and every image is seeded from the config
+    and the seed."""
+    results_dir = Path(results_dir)
+    for path in sorted((results_dir / scale).glob("*/*.json")):
+        try:
+            rec = read_record(path)
+        except (FileNotFoundError, BadRecord):
+            continue
+        if (rec["kind"] == "ablation" and (rec["scale"], rec["seed"]) == (scale, seed)
+                and record_config_hash(rec) == config_hash and path in _homes(rec, results_dir)):
+            return path, rec
+    return None
+
+
 def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, seed: int,
             config_hash: str | None = None) -> bool:
     """True only when a valid record for exactly this run is stored: a corrupt file means the run must be redone.

@@ -14,7 +14,8 @@
                 directory lock (results.py: the hash names every config but the variant's default)
 
 A variant already recorded with the same config hash (a valid record) is skipped unless `force`; records of other
-configs stay beside it. A killed run resumes from the checkpoint of the stage it was in, because every artifact and
+configs stay beside it. A variant whose config hash and seed another table has recorded (every table's baseline is
+the same run) shares that record's measurement instead of training and evaluating it again, unless `force`. A killed run resumes from the checkpoint of the stage it was in, because every artifact and
 checkpoint is keyed by the hash of what determines it.
 """
 
@@ -36,10 +37,10 @@ import torch
 from .ablations import AblationSpec, get_spec
 from .cache import default_cache_dir, distributed_micro_batch, train_stages
 from .config import ConfigError, RunConfig
-from .data import DataSplits, add_noise, class_balanced_labels, save_image_grid
+from .data import DataSplits, add_noise, class_balanced_labels, image_grid_png
 from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
 from .distributed import DistEnv, barrier, broadcast_object
-from .files import LockBusy, atomic_write_json, dir_lock
+from .files import LockBusy, atomic_write_bytes, atomic_write_json, dir_lock
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
@@ -47,8 +48,8 @@ from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .provenance import environment
-from .results import (CALIBRATION, RESULT_SCHEMA, _check_name, config_id, config_overrides, find_record, record_path,
-                      write_record)
+from .results import (CALIBRATION, RESULT_SCHEMA, _check_name, config_id, config_overrides, find_measurement,
+                      find_record, record_path, write_record)
 from .sample import Sampler, generate
 from .speed.benchmark import record_speed_bench
 from .training.perceptual import WEIGHT_MODES, describe, require_weights
@@ -317,35 +318,68 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
     metrics["bpd"] = held_out_bpd(t, seed)
     calibration = ensure_calibration(cfg, opts)
-    scale_dir = opts.results_dir / scale
-    name = record_path(opts.results_dir, scale, spec.name, variant, seed,
-                       ident.config_hash if ident.overrides else None).stem
-    samples_png = Path("samples") / spec.name / f"{name}.png"
-    save_image_grid(images, scale_dir / samples_png, nrow=10)
     sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
     nfe, nfe_label = sampler.nfe(t.flow, t.g)
     metric = primary_metric(metrics)
-    v = spec.variants[variant]
-    record = {
-        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
-        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
-        "config": cfg.to_dict(), "config_hash": ident.config_hash, "overrides": ident.overrides,
-        "micro_batch": ident.micro_batch, "metric": metric, "metrics": metrics,
-        "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance, "diagnostics": diagnostics(t, seed),
-        "calibration": calibration,
+    measurement = {
+        "config": cfg.to_dict(), "config_hash": ident.config_hash, "micro_batch": ident.micro_batch,
+        "metric": metric, "metrics": metrics, "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance,
+        "diagnostics": diagnostics(t, seed), "calibration": calibration,
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
-        "paper": {**v.paper, "table": spec.paper_table}, "notes": notes_for(cfg),
+        "notes": notes_for(cfg),
         "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
-        "samples_png": str(samples_png), "train": t.train, "env": environment(),
+        "train": t.train,
+    }
+    png = image_grid_png(images, nrow=10)
+    return write_variant_record(spec, variant, scale, seed, opts, ident, measurement, png, start)
+
+
+def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions,
+                      source: Path, rec: dict[str, Any]) -> Path:
+    """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
+    and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
+    (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
+    start = time.perf_counter()
+    _, ident = identity(spec, variant, scale, opts)
+    measured_in = rec.get("measured_in") or source.relative_to(opts.results_dir / scale).as_posix()
+    log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
+        "sharing its measurement")
+    png = (opts.results_dir / scale / rec["samples_png"]).read_bytes()
+    measurement = {k: v for k, v in rec.items() if k in MEASUREMENT_KEYS}
+    return write_variant_record(spec, variant, scale, seed, opts, ident, {**measurement, "measured_in": measured_in},
+                                png, start)
+
+
+# what a record measured (shared by the records of one config and seed); the rest names the table and the run
+MEASUREMENT_KEYS = ("config", "config_hash", "micro_batch", "metric", "metrics", "nfe", "nfe_label", "guidance",
+                    "diagnostics", "calibration", "params", "timing", "notes", "flow_norms", "train")
+
+
+def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions,
+                         ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
+    """Write the sample grid and the record of one variant: `measurement` + the table's own fields."""
+    name = record_path(opts.results_dir, scale, spec.name, variant, seed,
+                       ident.config_hash if ident.overrides else None).stem
+    samples_png = Path("samples") / spec.name / f"{name}.png"
+    atomic_write_bytes(opts.results_dir / scale / samples_png, png)
+    v = spec.variants[variant]
+    record = {
+        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
+        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
+        "overrides": ident.overrides, **measurement,
+        "paper": {**v.paper, "table": spec.paper_table},
+        "samples_png": str(samples_png), "env": environment(),
         "wall_time_s": time.perf_counter() - start,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     path = write_record(opts.results_dir, record)
+    metric, metrics, guidance = record["metric"], record["metrics"], record["guidance"]
     at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
-    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} nfe={nfe_label} -> {path}")
+    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} "
+        f"nfe={record['nfe_label']} -> {path}")
     return path
 
 
@@ -379,6 +413,11 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
                     log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
                         "(--force to re-run)")
                 paths.append(found)
+                continue
+            shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
+                if env.is_main and not opts.force else None
+            if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
+                paths.append(share_measurement(spec, name, scale, seed, opts, *shared) if env.is_main else None)
                 continue
             path = run_variant(spec, name, scale, seed, opts)
             barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training

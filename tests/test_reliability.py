@@ -39,7 +39,7 @@ from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.cache import load_model
 from biflow_bench.files import dir_lock, verified_torch_load
-from biflow_bench.results import find_record, read_record, record_path
+from biflow_bench.results import find_measurement, find_record, read_record, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"stage1.steps": 40, "stage1.checkpoint_every": 10, "stage2.steps": 20, "stage2.checkpoint_every": 5,
@@ -390,6 +390,25 @@ def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd
     assert first.read_bytes() == before  # kept beside it, untouched
     assert runner.run("denoise", ["learned"], "tiny", 0, longer) == [path]  # now this config is done too
     assert "already recorded" in capfd.readouterr().err
+
+
+def test_a_run_recorded_by_one_table_is_shared_by_another(clean, tmp_path, capfd):
+    """Distance metric's MSE row is denoise's learned row (the baseline, same config hash and seed): it takes that
+    record's measurement with its own table fields, trains and evaluates nothing (an empty cache stays empty)."""
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    shutil.copytree(clean.results, results)
+    (path,) = runner.run("distance-metric", ["mse"], "tiny", 0, opts(results, cache))
+    assert "sharing its measurement" in capfd.readouterr().err and not cache.exists()
+    rec = read_record(path)
+    assert path == record_path(results, "tiny", "distance-metric", "mse", 0, HASH)
+    assert rec["measured_in"] == f"denoise/learned__seed0__{HASH}.json" and rec["label"] != clean.record["label"]
+    own = ("ablation", "variant", "label", "spec_version", "paper", "samples_png", "env", "measured_in", *TIMING)
+    assert {k: v for k, v in rec.items() if k not in own} == {k: v for k, v in clean.record.items() if k not in own}
+    assert rec["timing"] == clean.record["timing"]  # the sampler's latency, as measured
+    png = (results / "tiny" / rec["samples_png"]).read_bytes()
+    assert png == (results / "tiny" / clean.record["samples_png"]).read_bytes()
+    assert find_measurement(results, "tiny", 1, HASH) is None  # another seed is another run
+    assert find_measurement(results, "tiny", 0, "0" * 16) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
