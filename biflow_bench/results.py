@@ -248,9 +248,9 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
 
 def find_measurement(results_dir: Path | str, scale: str, seed: int,
                      config_hash: str) -> tuple[Path, dict[str, Any]] | None:
-    """A valid ablation record, in any table, of this config hash and seed (the first by path), or None. Its models,
-    samples and metrics are those this run would produce: every stage and every image is seeded from the config
-    and the seed."""
+    """A valid ablation record, in any table, of this config hash and seed (the first by path) whose sample grid is
+    on disk, or None. Its models, samples and metrics are those this run would produce: every stage and every image
+    is seeded from the config and the seed."""
     results_dir = Path(results_dir)
     for path in sorted((results_dir / scale).glob("*/*.json")):
         try:
@@ -258,7 +258,8 @@ def find_measurement(results_dir: Path | str, scale: str, seed: int,
         except (FileNotFoundError, BadRecord):
             continue
         if (rec["kind"] == "ablation" and (rec["scale"], rec["seed"]) == (scale, seed)
-                and record_config_hash(rec) == config_hash and path in _homes(rec, results_dir)):
+                and record_config_hash(rec) == config_hash and path in _homes(rec, results_dir)
+                and (results_dir / scale / str(rec.get("samples_png"))).is_file()):
             return path, rec
     return None
 

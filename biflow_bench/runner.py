@@ -15,8 +15,9 @@
 
 A variant already recorded with the same config hash (a valid record) is skipped unless `force`; records of other
 configs stay beside it. A variant whose config hash and seed another table has recorded (every table's baseline is
-the same run) shares that record's measurement instead of training and evaluating it again, unless `force`. A killed run resumes from the checkpoint of the stage it was in, because every artifact and
-checkpoint is keyed by the hash of what determines it.
+the same run) shares that record's measurement instead of training and evaluating it again, unless `force`. A
+killed run resumes from the checkpoint of the stage it was in, because every artifact and checkpoint is keyed by the
+hash of what determines it.
 """
 
 from __future__ import annotations
@@ -417,7 +418,8 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
                 if env.is_main and not opts.force else None
             if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
-                paths.append(share_measurement(spec, name, scale, seed, opts, *shared) if env.is_main else None)
+                path = share_measurement(spec, name, scale, seed, opts, *shared) if env.is_main else None
+                paths.append(broadcast_object(path, env))
                 continue
             path = run_variant(spec, name, scale, seed, opts)
             barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
