@@ -338,39 +338,36 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     return write_variant_record(spec, variant, scale, seed, opts, ident, measurement, png, start)
 
 
-def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions,
+def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions, ident: RunIdentity,
                       source: Path, rec: dict[str, Any]) -> Path:
     """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
     and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
     (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
     start = time.perf_counter()
-    _, ident = identity(spec, variant, scale, opts)
     measured_in = rec.get("measured_in") or source.relative_to(opts.results_dir / scale).as_posix()
     log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
         "sharing its measurement")
     png = (opts.results_dir / scale / rec["samples_png"]).read_bytes()
-    measurement = {k: v for k, v in rec.items() if k in MEASUREMENT_KEYS}
-    return write_variant_record(spec, variant, scale, seed, opts, ident, {**measurement, "measured_in": measured_in},
-                                png, start)
-
-
-# what a record measured (shared by the records of one config and seed); the rest names the table and the run
-MEASUREMENT_KEYS = ("config", "config_hash", "micro_batch", "metric", "metrics", "nfe", "nfe_label", "guidance",
-                    "diagnostics", "calibration", "params", "timing", "notes", "flow_norms", "train")
+    return write_variant_record(spec, variant, scale, seed, opts, ident, {**rec, "measured_in": measured_in}, png,
+                                start)
 
 
 def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions,
                          ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
-    """Write the sample grid and the record of one variant: `measurement` + the table's own fields."""
+    """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
+    carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
     name = record_path(opts.results_dir, scale, spec.name, variant, seed,
                        ident.config_hash if ident.overrides else None).stem
     samples_png = Path("samples") / spec.name / f"{name}.png"
     atomic_write_bytes(opts.results_dir / scale / samples_png, png)
     v = spec.variants[variant]
-    record = {
+    own = {
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
         "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
-        "overrides": ident.overrides, **measurement,
+        "overrides": ident.overrides,
+    }
+    record = {
+        **own, **measurement, **own,  # own fields at the top, and over any the measurement carries
         "paper": {**v.paper, "table": spec.paper_table},
         "samples_png": str(samples_png), "env": environment(),
         "wall_time_s": time.perf_counter() - start,
@@ -418,7 +415,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
                 if env.is_main and not opts.force else None
             if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
-                path = share_measurement(spec, name, scale, seed, opts, *shared) if env.is_main else None
+                path = share_measurement(spec, name, scale, seed, opts, ident, *shared) if env.is_main else None
                 paths.append(broadcast_object(path, env))
                 continue
             path = run_variant(spec, name, scale, seed, opts)
