@@ -29,7 +29,7 @@ def test_annealed_guidance_weight_grows_linearly_to_the_last_token():
 
 def test_guided_rows_sweep_and_unguided_rows_do_not():
     registry = load_registry()
-    sweep = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    sweep = (0.0, 0.5, 1.0, 2.0, 4.0)  # ablations/_base.toml
     for ablation, variant in (("main", "itarflow"), ("main", "biflow"), ("main", "biflow-mse"),
                               ("training-cfg", "training-time"), ("training-cfg", "inference")):
         assert guidance_scales(registry[ablation].resolve(variant, "small")) == sweep, (ablation, variant)
