@@ -409,7 +409,7 @@ def test_a_run_recorded_by_one_table_is_shared_by_another(clean, tmp_path, capfd
     assert png == (results / "tiny" / clean.record["samples_png"]).read_bytes()
     assert find_measurement(results, "tiny", 1, HASH) is None  # another seed is another run
     assert find_measurement(results, "tiny", 0, "0" * 16) is None
-    (results / "tiny" / clean.record["samples_png"]).unlink()  # a source without its grid is measured anew
+    (results / "tiny" / clean.record["samples_png"]).unlink()  # a source without its grid is passed over
     assert find_measurement(results, "tiny", 0, HASH) == (path, rec)
 
 
