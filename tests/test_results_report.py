@@ -512,6 +512,16 @@ def test_stage_keys_cover_micro_batch_and_device() -> None:
     assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
 
 
+def test_perceptual_code_version_keys_only_the_gs_trained_with_perceptual_terms(monkeypatch) -> None:
+    """A change to the perceptual terms' code retrains the Gs that use them, and no other model."""
+    import biflow_bench.config as config
+
+    mse, lpips = SCALES["tiny"], apply_delta(SCALES["tiny"], {"stage2.metric": "mse+lpips"})
+    before = (mse.stage1_key(), mse.stage2_key(0), lpips.stage2_key(0))
+    monkeypatch.setattr(config, "PERCEPTUAL_CODE_VERSION", config.PERCEPTUAL_CODE_VERSION + 1)
+    assert (mse.stage1_key(), mse.stage2_key(0)) == before[:2] and lpips.stage2_key(0) != before[2]
+
+
 def test_seeds_of_g_share_one_f() -> None:
     """A run's seed varies G (and sampling), not F: F is trained once per F config, its seed is stage1.seed."""
     cfg = SCALES["tiny"]

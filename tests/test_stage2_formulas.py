@@ -332,6 +332,24 @@ def test_effnet_distances_channels_last_match_the_default_layout(cls):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [EffNetLPIPS, EffNetPooled])
+def test_perceptual_distances_run_in_float32_under_a_cpu_bf16_autocast(cls):
+    """Stage 2 trains under bf16 autocast; on the CPU the perceptual networks still run in float32: the same
+    distances and gradients, bit for bit, as with no autocast at all."""
+    net = cls(weights="pretrained", size=48, crop_min=0.25)
+    x, t = _pair()
+
+    def run(bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            d = net(xg, t, torch.Generator().manual_seed(3))
+        d.sum().backward()
+        return d.detach(), xg.grad
+
+    (d32, g32), (d16, g16) = run(False), run(True)
+    assert d16.dtype == torch.float32 and torch.equal(d16, d32) and torch.equal(g16, g32)
+
+
 def test_convnext_pooled_distance_by_hand():
     net = ConvNeXtPooled(weights="random", size=32, crop_min=1.0, model="convnextv2_atto")
     x, t = _pair()
