@@ -203,7 +203,7 @@ class RunConfig:
         """Hash of everything that determines G: the run's seed, its config and (through stage1_key) its F."""
         perceptual = {"perceptual_code": PERCEPTUAL_CODE_VERSION} if self.stage2.metric != "mse" else {}
         return config_hash({"stage1": self.stage1_key(micro_batch, device), "backward": self.trained_backward,
-                            "stage2": _identity(self.stage2), "seed": seed, **perceptual,
+                            "stage2": without_unused_settings(_identity(self.stage2)), "seed": seed, **perceptual,
                             **_split_key(micro_batch, self.stage2.batch_size, device)})
 
     def effective_micro_batch(self, micro_batch: int | None) -> int | None:
@@ -211,6 +211,21 @@ class RunConfig:
         if micro_batch is None or micro_batch == self.stage1.batch_size == self.stage2.batch_size:
             return None
         return micro_batch
+
+
+# The settings each perceptual term reads, and those every term reads (Stage2Config)
+PERCEPTUAL_SETTINGS = {"lpips": ("lpips_net", "lpips_weight"), "convnext": ("convnext_net", "convnext_weight")}
+SHARED_PERCEPTUAL_SETTINGS = ("perceptual_weights", "perceptual_size", "perceptual_crop_min", "perceptual_batch")
+
+
+def without_unused_settings(stage2: dict[str, Any]) -> dict[str, Any]:
+    """A stage-2 config (dict form) less the perceptual settings its metric never reads: they are not part of its
+    identity (an MSE G is the same run whatever the crop size of a term it does not have)."""
+    terms = set(stage2.get("metric", "mse").split("+")) - {"mse"}
+    unused = [k for term, keys in PERCEPTUAL_SETTINGS.items() if term not in terms for k in keys]
+    if not terms:
+        unused += SHARED_PERCEPTUAL_SETTINGS
+    return {k: v for k, v in stage2.items() if k not in unused}
 
 
 def _identity(stage: TrainingConfig) -> dict[str, Any]:

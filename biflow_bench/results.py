@@ -4,7 +4,7 @@
     <results_dir>/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    any other config (--set, --micro-batch)
 
 A run's identity is (scale, ablation, variant, seed, config hash); the config hash (`config_id`) covers the whole
-resolved RunConfig and, where it changes the numbers, the micro-batch the training was split into (the number of
+resolved RunConfig (less the perceptual settings its stage-2 metric never reads) and, where it changes the numbers, the micro-batch the training was split into (the number of
 processes alone does not: it only changes float reduction order). A record says how its config differs from the
 variant's default (`overrides`, dotted keys); a record with no overrides takes the readable name, every other
 record carries its hash in the file name, so records of different configs sit side by side and none replaces
@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from .config import config_hash
+from .config import config_hash, without_unused_settings
 from .files import atomic_write_json
 
 RESULT_SCHEMA = 1
@@ -78,7 +78,8 @@ def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
     """The hash of a whole resolved config (RunConfig.to_dict()) and, when the training batch was split into
     micro-batches (each draws its own randomness), their size. The seed is not part of it: seeds of one config
     share it, and the report averages seeds only within one config hash."""
-    return config_hash(dict(config) if micro_batch is None else {"config": dict(config), "micro_batch": micro_batch})
+    config = _identity(config)
+    return config_hash(config if micro_batch is None else {"config": config, "micro_batch": micro_batch})
 
 
 def record_config_hash(rec: Mapping[str, Any]) -> str:
@@ -87,9 +88,15 @@ def record_config_hash(rec: Mapping[str, Any]) -> str:
     return config_id(_dict(rec, "config"), rec.get("micro_batch"))
 
 
+def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A RunConfig.to_dict() form less the perceptual settings its stage-2 metric never reads."""
+    return {**config, "stage2": without_unused_settings(config["stage2"])} if "stage2" in config else dict(config)
+
+
 def config_overrides(config: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
-    """The dotted keys whose value in `config` differs from `default` (both RunConfig.to_dict() forms)."""
-    a, b = _flatten(config), _flatten(default)
+    """The dotted keys whose value in `config` differs from `default` (both RunConfig.to_dict() forms), less the
+    settings neither reads."""
+    a, b = _flatten(_identity(config)), _flatten(_identity(default))
     return {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -522,6 +522,21 @@ def test_perceptual_code_version_keys_only_the_gs_trained_with_perceptual_terms(
     assert (mse.stage1_key(), mse.stage2_key(0)) == before[:2] and lpips.stage2_key(0) != before[2]
 
 
+def test_perceptual_settings_a_metric_never_reads_are_not_part_of_a_runs_identity() -> None:
+    """An MSE run is the same run whatever its (unused) perceptual settings: the same record hash and G; an LPIPS
+    run ignores the ConvNeXt term's settings but not the crop size it trains with."""
+    def ids(delta: dict) -> tuple[str, str]:
+        cfg = apply_delta(SCALES["tiny"], delta)
+        return config_id(cfg.to_dict()), cfg.stage2_key(0)
+
+    mse, lpips = {"stage2.metric": "mse"}, {"stage2.metric": "mse+lpips"}
+    assert ids({**mse, "stage2.perceptual_size": 32, "stage2.lpips_net": "vgg16"}) == ids(mse)
+    assert ids({**lpips, "stage2.convnext_net": "convnextv2", "stage2.convnext_weight": 2.0}) == ids(lpips)
+    assert all(a != b for a, b in zip(ids({**lpips, "stage2.perceptual_size": 32}), ids(lpips)))
+    assert config_overrides(apply_delta(SCALES["tiny"], {"stage2.perceptual_batch": 4}).to_dict(),
+                            SCALES["tiny"].to_dict()) == {}
+
+
 def test_seeds_of_g_share_one_f() -> None:
     """A run's seed varies G (and sampling), not F: F is trained once per F config, its seed is stage1.seed."""
     cfg = SCALES["tiny"]
