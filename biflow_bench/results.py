@@ -4,12 +4,13 @@
     <results_dir>/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    any other config (--set, --micro-batch)
 
 A run's identity is (scale, ablation, variant, seed, config hash); the config hash (`config_id`) covers the whole
-resolved RunConfig (less the perceptual settings its stage-2 metric never reads) and, where it changes the numbers, the micro-batch the training was split into (the number of
-processes alone does not: it only changes float reduction order). A record says how its config differs from the
-variant's default (`overrides`, dotted keys); a record with no overrides takes the readable name, every other
-record carries its hash in the file name, so records of different configs sit side by side and none replaces
-another: a default-named record of another config (an older spec) is moved to its hashed name before a new default
-record takes its place. A run is done only when a record with its exact config hash exists (`find_record`).
+resolved RunConfig (less the perceptual settings its stage-2 metric never reads) and, where it changes the numbers,
+the micro-batch the training was split into (the number of processes alone does not: it only changes float
+reduction order). A record says how its config differs from the variant's default (`overrides`, dotted keys); a
+record with no overrides takes the readable name, every other record carries its hash in the file name, so records
+of different configs sit side by side and none replaces another: a default-named record of another config (an older
+spec) is moved to its hashed name before a new default record takes its place. A run is done only when a record
+with its exact config hash exists (`find_record`).
 
 A record is the only thing a report is built from, so each carries everything a table needs: the primary metric
 and its bootstrap std, NFE, timing, the paper's number for its row, notes and the path of its sample grid.
@@ -78,7 +79,7 @@ def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
     """The hash of a whole resolved config (RunConfig.to_dict()) and, when the training batch was split into
     micro-batches (each draws its own randomness), their size. The seed is not part of it: seeds of one config
     share it, and the report averages seeds only within one config hash."""
-    config = _identity(config)
+    config = _without_unused(config)
     return config_hash(config if micro_batch is None else {"config": config, "micro_batch": micro_batch})
 
 
@@ -88,7 +89,7 @@ def record_config_hash(rec: Mapping[str, Any]) -> str:
     return config_id(_dict(rec, "config"), rec.get("micro_batch"))
 
 
-def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
+def _without_unused(config: Mapping[str, Any]) -> dict[str, Any]:
     """A RunConfig.to_dict() form less the perceptual settings its stage-2 metric never reads."""
     return {**config, "stage2": without_unused_settings(config["stage2"])} if "stage2" in config else dict(config)
 
@@ -96,7 +97,7 @@ def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
 def config_overrides(config: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
     """The dotted keys whose value in `config` differs from `default` (both RunConfig.to_dict() forms), less the
     settings neither reads."""
-    a, b = _flatten(_identity(config)), _flatten(_identity(default))
+    a, b = _flatten(_without_unused(config)), _flatten(_without_unused(default))
     return {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
