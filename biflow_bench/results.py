@@ -79,8 +79,11 @@ def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
     """The hash of a whole resolved config (RunConfig.to_dict()) and, when the training batch was split into
     micro-batches (each draws its own randomness), their size. The seed is not part of it: seeds of one config
     share it, and the report averages seeds only within one config hash."""
-    config = _without_unused(config)
-    return config_hash(config if micro_batch is None else {"config": config, "micro_batch": micro_batch})
+    return _hash(_without_unused(config), micro_batch)
+
+
+def _hash(config: Mapping[str, Any], micro_batch: int | None) -> str:
+    return config_hash(dict(config) if micro_batch is None else {"config": dict(config), "micro_batch": micro_batch})
 
 
 def record_config_hash(rec: Mapping[str, Any]) -> str:
@@ -126,9 +129,12 @@ def _homes(rec: Mapping[str, Any], results_dir: Path) -> list[Path]:
     """Every path a valid record may be found at: its home, or its hashed name (moved aside, see write_record)."""
     homes = [_home(rec, results_dir)]
     if rec["kind"] == "ablation":
-        hashed = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"],
-                             record_config_hash(rec))
-        homes += [hashed] if hashed not in homes else []
+        # and the hash of the whole config, perceptual settings and all: the name records were moved aside to
+        # before the hash left out the settings a metric never reads
+        legacy = _hash(_dict(rec, "config"), rec.get("micro_batch"))
+        for h in (record_config_hash(rec), legacy):
+            hashed = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"], h)
+            homes += [hashed] if hashed not in homes else []
     return homes
 
 
@@ -242,8 +248,10 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
                 config_hash: str) -> Path | None:
     """The path of a valid record of exactly this run (this config hash), or None: the run must be done."""
     results_dir = Path(results_dir)
-    for path in (record_path(results_dir, scale, ablation, variant, seed),
-                 record_path(results_dir, scale, ablation, variant, seed, config_hash)):
+    plain = record_path(results_dir, scale, ablation, variant, seed)
+    # its readable name, its hashed name, then any other hashed name (a record moved aside under an earlier hash)
+    for path in dict.fromkeys([plain, record_path(results_dir, scale, ablation, variant, seed, config_hash),
+                               *sorted(plain.parent.glob(f"{plain.stem}__*.json"))]):
         try:
             rec = read_record(path)
         except (FileNotFoundError, BadRecord):

@@ -25,7 +25,7 @@ from biflow_bench.results import (
     RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
     read_record, record_path, scan_records, write_record,
 )
-from biflow_bench.config import SCALES, apply_delta
+from biflow_bench.config import SCALES, apply_delta, config_hash
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -510,6 +510,20 @@ def test_stage_keys_cover_micro_batch_and_device() -> None:
     assert cfg.stage1_key(32) != cfg.stage1_key() and cfg.stage2_key(0, 32) != cfg.stage2_key(0)
     assert cfg.stage1_key(device="cuda") != cfg.stage1_key()  # bf16 autocast on CUDA
     assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
+
+
+def test_a_record_moved_aside_under_its_whole_config_hash_still_counts(tmp_path: Path) -> None:
+    """Records moved aside before the hash left out unused perceptual settings carry the whole config's hash in
+    their names: they still read, and still count as done."""
+    old = {"inverse": "learned", "stage2": {"metric": "mse", "steps": 400, "perceptual_size": 64}}
+    base = make_record("denoise", "learned", 0, 10.0, label="Learned")
+    plain = write_record(tmp_path, _variant_of(base, 0, 10.0, old))
+    whole = record_path(tmp_path, "tiny", "denoise", "learned", 0, config_hash(old))
+    assert config_hash(old) != config_id(old)
+    plain.rename(whole)
+    records, skipped = scan_records(tmp_path)
+    assert skipped == [] and len(records) == 1
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, config_id(old)) == whole
 
 
 def test_perceptual_code_version_keys_only_the_gs_trained_with_perceptual_terms(monkeypatch) -> None:
