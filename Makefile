@@ -5,6 +5,9 @@ SCALE   ?= small
 SEED    ?= 0
 ARGS    ?=
 REPORT_OUT ?= reports
+# where records are read and written: `make reproduce-small RESULTS=runs/anew REPORT_OUT=runs/anew/reports
+# BIFLOW_CACHE=runs/anew/cache` measures every table anew beside the committed records, which it leaves alone
+RESULTS ?= results
 
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg
@@ -28,21 +31,22 @@ demo: setup
 
 # a static pattern rule: make skips implicit rules for phony targets, so a plain `ablation-%:` would never run
 $(ABLATIONS): ablation-%: setup
-	$(BENCH) run $* --scale $(SCALE) --seed $(SEED) $(ARGS)
+	$(BENCH) run $* --scale $(SCALE) --seed $(SEED) --results-dir $(RESULTS) $(ARGS)
 
 # the small scale's speed table also times the compiled passes and both training steps (batch 128, per setting)
 SPEED_ARGS_small := --compile --what all --train-batch-sizes 128 --train-settings fp32,bf16,bf16+compile
 bench-speed: setup
-	$(BENCH) bench speed --scale $(SCALE) $(SPEED_ARGS_$(SCALE))
+	$(BENCH) bench speed --scale $(SCALE) --results-dir $(RESULTS) $(SPEED_ARGS_$(SCALE))
 
 report: setup
-	$(BENCH) report --out $(REPORT_OUT)
+	$(BENCH) report --results-dir $(RESULTS) --out $(REPORT_OUT)
 
 # every ablation at each seed: seed 0 first, so a partial run already fills every table. A later seed trains a
 # second G of each variant against the same F (stage1.seed) and draws other samples: the seed spread of each row.
-# `progress` prints what is recorded and about how long the rest takes, before and after (and at any time).
+# `progress` prints what is recorded and about how long the rest takes, before and after (and at any time); the
+# committed records' wall times estimate the rows a run measuring anew (RESULTS) has yet to record.
 SEEDS ?= 0 1
-PROGRESS = $(BENCH) progress --scale small --seeds $(shell echo $(SEEDS) | tr ' ' ',')
+PROGRESS = $(BENCH) progress --scale small --results-dir $(RESULTS) --estimate-from results --seeds $(shell echo $(SEEDS) | tr ' ' ',')
 # One job per (table, seed), two at a time, one thread each (on a 2-core CPU a one-thread job trains F as fast as a
 # two-thread one): make starts the next job as soon as a core is free, so neither core idles while the other works
 # through a longer list. Seed N+1 of a table follows its seed N (a table holds one run at a time); the rest runs in
@@ -64,7 +68,7 @@ reproduce-small: setup
 
 repro-jobs: $(REPRO_JOBS)
 $(REPRO_JOBS): repro.%: setup
-	OMP_NUM_THREADS=1 $(BENCH) run $(basename $*) --scale small --seed $(subst .,,$(suffix $*)) $(REPRO_ARGS_$(basename $*))
+	OMP_NUM_THREADS=1 $(BENCH) run $(basename $*) --scale small --seed $(subst .,,$(suffix $*)) --results-dir $(RESULTS) $(REPRO_ARGS_$(basename $*))
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -95,6 +95,9 @@ def progress(
     scale: Scale = "small",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds of the reproduction")] = "0,1",
     results_dir: ResultsDir = Path("results"),
+    estimate_from: Annotated[Path | None, typer.Option(
+        help="records of an earlier run of the same configs (the committed results/) whose wall times estimate the "
+             "rows still missing")] = None,
 ) -> None:
     """How far a reproduction has come: per ablation and seed the rows recorded at the current config, the minutes
     they took, and about how many are left."""
@@ -102,8 +105,12 @@ def progress(
     from .progress import format_progress, progress_rows
 
     check_scale(scale)
-    typer.echo(format_progress(progress_rows(results_dir, scale, list(parse_list("--seeds", seeds, int, "0,1"))),
-                               scale), nl=False)
+    if estimate_from is not None and not estimate_from.is_dir():
+        raise ConfigError(f"--estimate-from {estimate_from}: no such directory; pass the directory holding the "
+                          "reference records (results) or leave it out")
+    rows = progress_rows(results_dir, scale, list(parse_list("--seeds", seeds, int, "0,1")),
+                         reference_dir=estimate_from)
+    typer.echo(format_progress(rows, scale), nl=False)
 
 
 @app.command()

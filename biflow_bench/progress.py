@@ -2,8 +2,10 @@
 record of the current config is stored, the wall time they took, and a rough estimate of the time left.
 
 A record counts only when its config hash is the current one (a record of an old preset is work still to do). The
-estimate of a missing row is the wall time of the same variant at another seed when one is recorded, else the median
-wall time of the scale's recorded rows: rows that share a cached F or G take less, the first row of a new F more.
+estimate of a missing row is its wall time in a reference run of the same config when one is given (`--estimate-from
+results`: the committed records estimate a reproduction measured anew elsewhere, from its first minute), else the
+wall time of the same variant at another seed (recorded, else in the reference), else the median wall time of the
+recorded rows (else of the reference's): rows that share a cached F or G take less, the first row of a new F more.
 """
 
 from __future__ import annotations
@@ -23,34 +25,42 @@ class Row:
     variant: str
     seed: int
     wall_s: float | None  # the record's wall time; None while missing
+    reference_s: float | None = None  # the wall time of the same run in the reference records, if recorded there
 
 
-def progress_rows(results_dir: Path, scale: str, seeds: list[int],
-                  registry: dict[str, AblationSpec] | None = None) -> list[Row]:
+def progress_rows(results_dir: Path, scale: str, seeds: list[int], registry: dict[str, AblationSpec] | None = None,
+                  reference_dir: Path | None = None) -> list[Row]:
     """One row per (quality ablation, variant, seed), in the registry's order."""
     registry = registry if registry is not None else load_registry()
     opts = RunOptions(results_dir=results_dir)
+
+    def wall_time(directory: Path | None, spec: AblationSpec, name: str, seed: int, config_hash: str) -> float | None:
+        path = find_record(directory, scale, spec.name, name, seed, config_hash) if directory else None
+        return float(read_record(path).get("wall_time_s", 0.0)) if path else None
+
     rows = []
     for seed in seeds:
         for spec in registry.values():
             if spec.kind != "quality":
                 continue
             for name in spec.variants:
-                path = find_record(results_dir, scale, spec.name, name, seed, identity(spec, name, scale, opts)[1]
-                                   .config_hash)
-                wall = float(read_record(path).get("wall_time_s", 0.0)) if path else None
-                rows.append(Row(spec.name, name, seed, wall))
+                key = identity(spec, name, scale, opts)[1].config_hash
+                rows.append(Row(spec.name, name, seed, wall_time(results_dir, spec, name, seed, key),
+                                wall_time(reference_dir, spec, name, seed, key)))
     return rows
 
 
-def estimate_left(rows: list[Row]) -> float:
-    """Seconds still to run (see the module docstring); 0 when nothing is recorded to estimate from."""
-    done = [r.wall_s for r in rows if r.wall_s is not None]
-    if not done:
-        return 0.0
-    typical = statistics.median(done)
-    same = {(r.ablation, r.variant): r.wall_s for r in rows if r.wall_s is not None}
-    return sum(same.get((r.ablation, r.variant), typical) for r in rows if r.wall_s is None)
+def estimate_left(rows: list[Row]) -> float | None:
+    """Seconds still to run (see the module docstring); None when nothing is recorded to estimate from."""
+    known = [r.wall_s for r in rows if r.wall_s is not None] or [r.reference_s for r in rows
+                                                                  if r.reference_s is not None]
+    if not known:
+        return None
+    typical = statistics.median(known)
+    same = {(r.ablation, r.variant): r.reference_s for r in rows if r.reference_s is not None}
+    same |= {(r.ablation, r.variant): r.wall_s for r in rows if r.wall_s is not None}
+    return sum(r.reference_s if r.reference_s is not None else same.get((r.ablation, r.variant), typical)
+               for r in rows if r.wall_s is None)
 
 
 def format_progress(rows: list[Row], scale: str) -> str:
@@ -67,8 +77,9 @@ def format_progress(rows: list[Row], scale: str) -> str:
                      f"{sum(r.wall_s for r in done) / 60:8.1f}  {missing}")
     done = [r for r in rows if r.wall_s is not None]
     spent = sum(r.wall_s for r in done) / 60
-    left = (f"about {estimate_left(rows) / 60:.0f} min of job time left (rough: from the recorded rows' wall times; "
-            "`make reproduce-small` runs two jobs at a time)" if done else "no estimate of the time left yet "
-            "(nothing recorded to estimate from)")
+    seconds = estimate_left(rows)
+    left = ("no estimate of the time left yet (nothing recorded to estimate from)" if seconds is None else
+            f"about {seconds / 60:.0f} min of job time left (rough: from recorded wall times; `make reproduce-small` "
+            "runs two jobs at a time)")
     lines.append(f"  {len(done)} of {len(rows)} rows recorded, {spent:.1f} min spent; {left}")
     return "\n".join(lines) + "\n"

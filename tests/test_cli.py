@@ -32,6 +32,7 @@ def test_list_shows_ablations_and_paper_numbers():
     (["run", "denoise", "--set", "stage2.stepz=3"], "unknown key 'stage2.stepz'"),
     (["run", "denoise", "--set", "oops"], "expected KEY=VALUE"),
     (["bench", "speed", "--batch-sizes", "1,x"], "expected comma-separated integers"),
+    (["progress", "--estimate-from", "no/such/dir"], "--estimate-from no/such/dir: no such directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     out = cli(*args, "--results-dir", str(tmp_path)) if args[0] == "run" else cli(*args)

@@ -16,11 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 
+def planned(*goals: str, seeds: str = "0 1", **variables: str) -> str:
+    """The commands `make -n` would run (recursive makes included), one per line."""
+    return subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *goals, f"SEEDS={seeds}",
+                           *(f"{k}={v}" for k, v in variables.items())],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
 def planned_runs(*goals: str, seeds: str = "0 1") -> list[tuple[str, int, str]]:
     """(table, seed, extra arguments) of every `biflow-bench run` that `make -n` would start, in order."""
-    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *goals,
-                          f"SEEDS={seeds}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    runs = re.findall(r"biflow-bench run (\S+) --scale small --seed (\d+) ?(.*)", out)
+    runs = re.findall(r"biflow-bench run (\S+) --scale small --seed (\d+) --results-dir results ?(.*)",
+                      planned(*goals, seeds=seeds))
     return [(table, int(seed), extra.strip()) for table, seed, extra in runs]
 
 
@@ -36,3 +42,13 @@ def test_a_later_seed_of_a_table_waits_for_its_earlier_seed():
     assert [(t, s) for t, s, _ in planned_runs("repro.denoise.1")] == [("denoise", 0), ("denoise", 1)]
     assert [(t, s) for t, s, _ in planned_runs("repro.main.2", seeds="0 1 2")] == [("main", 0), ("main", 1),
                                                                                     ("main", 2)]
+
+
+def test_results_variable_moves_every_record_and_the_report():
+    """`make reproduce-small RESULTS=DIR` reads and writes records in DIR alone: the committed ones are untouched."""
+    commands = [line for line in planned("reproduce-small", RESULTS="runs/anew", REPORT_OUT="runs/anew/reports")
+                .splitlines() if "biflow-bench " in line]
+    kinds = {re.search(r"biflow-bench (run|progress|bench speed|report)", c).group(1) for c in commands}
+    assert kinds == {"run", "progress", "bench speed", "report"}
+    assert all("--results-dir runs/anew " in c for c in commands), commands
+    assert any("--out runs/anew/reports" in c for c in commands)

@@ -36,9 +36,29 @@ def test_progress_counts_current_records_and_estimates_the_rest(tmp_path: Path):
     text = format_progress(rows, "tiny")
     assert "denoise                 0    2 of 3      11.0  none" in text
     assert "3 of 6 rows recorded, 16.0 min spent; about 11 min of job time left" in text
-    assert estimate_left([r for r in rows if r.wall_s is None]) == 0.0  # nothing recorded: no estimate
+    assert estimate_left([r for r in rows if r.wall_s is None]) is None  # nothing recorded: no estimate
     assert "0 of 3 rows recorded, 0.0 min spent; no estimate of the time left yet" in format_progress(
         [r for r in rows if r.wall_s is None], "tiny")
+
+
+def test_a_reference_run_estimates_a_reproduction_measured_anew(tmp_path: Path):
+    registry = {"denoise": get_spec("denoise")}
+    spec, reference, anew = registry["denoise"], tmp_path / "reference", tmp_path / "anew"
+    for variant, wall in (("learned", 600.0), ("score", 60.0), ("none", 30.0)):
+        write_record(reference, _record("denoise", variant, 0, wall, spec.resolve(variant, "tiny").to_dict()))
+    stale = spec.resolve("none", "tiny").to_dict() | {"scale": "old"}
+    write_record(reference, _record("denoise", "none", 1, 5.0, stale))  # another config: no reference
+    rows = progress_rows(anew, "tiny", [0], registry, reference_dir=reference)
+    assert [r.reference_s for r in rows] == [600.0, 60.0, 30.0]
+    assert estimate_left(rows) == 690.0  # from its first minute, nothing recorded yet
+    assert "0 of 3 rows recorded, 0.0 min spent; about 12 min of job time left" in format_progress(rows, "tiny")
+    write_record(anew, _record("denoise", "learned", 0, 900.0, spec.resolve("learned", "tiny").to_dict()))
+    assert estimate_left(progress_rows(anew, "tiny", [0], registry, reference_dir=reference)) == 90.0
+    # a row the reference lacks, with nothing recorded anew: no estimate; once a row is recorded, its median
+    rows = progress_rows(anew, "tiny", [1], registry, reference_dir=reference)
+    assert [r.reference_s for r in rows] == [None, None, None] and estimate_left(rows) is None
+    rows = progress_rows(anew, "tiny", [0, 1], registry, reference_dir=reference)
+    assert estimate_left(rows) == 60.0 + 30.0 + 900.0 + 60.0 + 30.0  # seed 1: learned's seed 0, score's, none's
 
 
 def test_progress_command_lists_every_quality_ablation(tmp_path: Path):
@@ -46,3 +66,13 @@ def test_progress_command_lists_every_quality_ablation(tmp_path: Path):
     assert result.exit_code == 0, result.output
     quality = [s.name for s in load_registry().values() if s.kind == "quality"]
     assert all(f"  {name:20s}    3    0 of" in result.output for name in quality)
+
+
+def test_progress_command_estimates_from_a_reference_directory(tmp_path: Path):
+    spec = get_spec("denoise")
+    write_record(tmp_path / "ref", _record("denoise", "learned", 0, 600.0, spec.resolve("learned", "tiny").to_dict()))
+    args = ["progress", "--scale", "tiny", "--seeds", "0", "--results-dir", str(tmp_path / "anew")]
+    assert "no estimate" in CliRunner().invoke(app, args).output
+    result = CliRunner().invoke(app, [*args, "--estimate-from", str(tmp_path / "ref")])
+    assert result.exit_code == 0 and "0 of 3 rows recorded, 0.0 min spent; about 30 min of job time left" in \
+        result.output  # learned's 600 s for each of the three rows: its own, then the same seed's median
