@@ -75,7 +75,7 @@ def test_make_demo_and_reproduce_small_run_every_ablation():
     assert "--seed 1" in plan  # reproduce-small adds the second seed of the baselines
     demo = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=root, capture_output=True, text=True,
                           check=True).stdout
-    assert "biflow-bench report --out runs/demo/reports" in demo  # an ignored place: the git tree stays clean
+    assert "biflow-bench report --results-dir results --out runs/demo/reports" in demo  # an ignored place: the git tree stays clean
     ignored = subprocess.run(["git", "check-ignore", "runs/demo/reports/README.md", "results/tiny/x.json"], cwd=root,
                              capture_output=True, text=True)
     assert ignored.stdout.split() == ["runs/demo/reports/README.md", "results/tiny/x.json"]

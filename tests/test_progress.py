@@ -51,6 +51,10 @@ def test_a_reference_run_estimates_a_reproduction_measured_anew(tmp_path: Path):
     rows = progress_rows(anew, "tiny", [0], registry, reference_dir=reference)
     assert [r.reference_s for r in rows] == [600.0, 60.0, 30.0]
     assert estimate_left(rows) == 690.0  # from its first minute, nothing recorded yet
+    seed1 = write_record(reference, _record("denoise", "learned", 1, 300.0, spec.resolve("learned", "tiny").to_dict()))
+    both = progress_rows(anew, "tiny", [0, 1], registry, reference_dir=reference)
+    assert estimate_left(both) == 690.0 + 300.0 + 60.0 + 30.0  # each row its own reference; else its variant's
+    seed1.unlink()
     assert "0 of 3 rows recorded, 0.0 min spent; about 12 min of job time left" in format_progress(rows, "tiny")
     write_record(anew, _record("denoise", "learned", 0, 900.0, spec.resolve("learned", "tiny").to_dict()))
     assert estimate_left(progress_rows(anew, "tiny", [0], registry, reference_dir=reference)) == 90.0
@@ -74,5 +78,7 @@ def test_progress_command_estimates_from_a_reference_directory(tmp_path: Path):
     args = ["progress", "--scale", "tiny", "--seeds", "0", "--results-dir", str(tmp_path / "anew")]
     assert "no estimate" in CliRunner().invoke(app, args).output
     result = CliRunner().invoke(app, [*args, "--estimate-from", str(tmp_path / "ref")])
-    assert result.exit_code == 0 and "0 of 3 rows recorded, 0.0 min spent; about 30 min of job time left" in \
-        result.output  # learned's 600 s for each of the three rows: its own, then the same seed's median
+    rows = sum(len(s.variants) for s in load_registry().values() if s.kind == "quality")
+    # learned's 600 s for every row of every table: its own, then the reference's median for the rest
+    assert result.exit_code == 0 and f"0 of {rows} rows recorded, 0.0 min spent; about {rows * 10} min of job time " \
+        "left" in result.output
