@@ -12,7 +12,7 @@ RESULTS ?= results
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg
 
-.PHONY: setup test demo report reproduce-small clean bench-speed $(ABLATIONS)
+.PHONY: setup test demo report reproduce-small clean bench-speed g-study $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -69,6 +69,10 @@ reproduce-small: setup
 repro-jobs: $(REPRO_JOBS)
 $(REPRO_JOBS): repro.%: setup
 	OMP_NUM_THREADS=1 $(BENCH) run $(basename $*) --scale small --seed $(subst .,,$(suffix $*)) --results-dir $(RESULTS) $(REPRO_ARGS_$(basename $*))
+
+# the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
+g-study: setup
+	$(BENCH) run g-training --scale $(SCALE) --seed $(SEED) --results-dir $(RESULTS) $(ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -30,7 +30,7 @@ from .config import ConfigError, RunConfig, apply_delta, did_you_mean, scale_con
 SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "variants", "kind"}
 VARIANT_KEYS = {"set", "paper", "label"}
 PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note"}
-KINDS = ("quality", "speed")
+KINDS = ("quality", "speed", "study")  # study: run like a table, outside the paper's tables (make g-study)
 
 
 class SpecError(ConfigError):

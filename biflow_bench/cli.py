@@ -28,6 +28,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(bench_app, name="bench")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"biflow-bench {version('biflow-bench')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: BIFLOW_THREADS, OMP_NUM_THREADS, "
+                                                         "else an equal share of the cores among running "
+                                                         "biflow-bench jobs)")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow)."""
+    from . import threads as thread_budget
+
+    if threads is not None:
+        positive("--threads", threads)
+    try:
+        thread_budget.configure(threads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
     from .runner import RunOptions
 
@@ -69,14 +96,16 @@ def run(
 
     check_scale(scale)
     spec = get_spec(ablation)
-    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    if variants is not None and not names:
-        raise ConfigError(f"--variants {variants!r}: name at least one variant of {ablation} (see `biflow-bench list`)")
+    names = [v.strip() for v in variants.split(",")] if variants is not None else None
+    if names is not None and "" in names:
+        raise ConfigError(f"--variants {variants!r}: give comma-separated variant names of {ablation}, none empty "
+                          "(see `biflow-bench list`)")
     if spec.kind == "speed" and (variants or set_):
         raise ConfigError(f"{ablation} is the speed benchmark: it takes no --variants or --set (it times every "
                           "sampler); use `biflow-bench bench speed` for its options")
-    for name in names or []:
-        spec.resolve(name, scale)  # an unknown variant: one line with the valid names
+    if spec.kind != "speed":  # an unknown variant or a bad override: one line, before anything is written
+        for name in names or spec.variants:
+            spec.resolve(name, scale, parse_overrides(set_))
     if micro_batch is not None:
         positive("--micro-batch", micro_batch)
     writable(results_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,9 +157,6 @@ class RunConfig:
                                   f"{', '.join(PRECISIONS)}")
         if self.sample.decoder not in DECODERS:
             raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
-        if self.sample.jacobi_group < 1 or self.sample.jacobi_tol < 0:
-            raise ConfigError(f"sample.jacobi_group={self.sample.jacobi_group} must be >= 1 and "
-                              f"sample.jacobi_tol={self.sample.jacobi_tol} >= 0")
         if self.stage2.metric not in METRICS:
             raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
         s2 = self.stage2
@@ -168,13 +166,7 @@ class RunConfig:
         for term, network, valid in (("lpips", s2.lpips_net, LPIPS_NETS), ("convnext", s2.convnext_net, CONVNEXT_NETS)):
             if network not in valid:
                 raise ConfigError(f"stage2.{term}_net={network!r} is not one of {', '.join(valid)}")
-        if s2.cfg_max < 0 or any(w < 0 for w in self.sample.cfg_sweep) or self.sample.cfg_scale < 0:
-            raise ConfigError("guidance scales (stage2.cfg_max, sample.cfg_scale, sample.cfg_sweep) must be >= 0")
-        for section in ("stage1", "stage2", "sample"):
-            for name in ("steps", "batch_size", "checkpoint_every", "num_samples"):
-                value = getattr(getattr(self, section), name, 1)
-                if value < 1:
-                    raise ConfigError(f"{section}.{name}={value} must be a positive integer")
+        check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples as lists), as a record stores it."""
@@ -211,6 +203,46 @@ class RunConfig:
         if micro_batch is None or micro_batch == self.stage1.batch_size == self.stage2.batch_size:
             return None
         return micro_batch
+
+
+# The valid values of every numeric setting, by field name (a name means the same thing in every section):
+# (low, high, low included, high included). check_ranges also rejects NaN and infinity.
+_AT_LEAST_1, _ABOVE_0, _AT_LEAST_0 = (1, math.inf, True, False), (0, math.inf, False, False), (0, math.inf, True, False)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    **dict.fromkeys(("in_channels", "image_size", "patch_size", "channels", "width", "num_blocks", "num_groups",
+                     "layers_per_block", "layers_per_group", "num_heads", "steps", "batch_size", "checkpoint_every",
+                     "max_bad_steps", "perceptual_size", "perceptual_batch", "num_samples", "jacobi_group", "resize",
+                     "num_real", "nll_samples"), _AT_LEAST_1),
+    **dict.fromkeys(("mlp_ratio", "clip", "lr", "grad_clip", "adaptive_c", "guidance_temperature"), _ABOVE_0),
+    **dict.fromkeys(("num_classes", "warmup", "weight_decay", "noise_sigma", "seed", "lpips_weight", "convnext_weight",
+                     "adaptive_p", "hidden_weight", "cfg_max", "cfg_scale", "cfg_sweep", "jacobi_tol"), _AT_LEAST_0),
+    "label_drop": (0, 1, True, True),
+    "perceptual_crop_min": (0, 1, False, True),
+    "ema_decay": (0, 1, True, False),  # 0: no EMA
+}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    lower = f"{'>=' if low_in else '>'} {low:g}"
+    return lower if math.isinf(high) else f"{lower} and {'<=' if high_in else '<'} {high:g}"
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every numeric field of `cfg` and its sections within RANGES (one ConfigError naming the key and the range)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not numbers:
+            continue
+        low, high, low_in, high_in = RANGES[f.name]
+        for v in numbers:
+            inside = (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
+            if not (math.isfinite(v) and inside):
+                raise ConfigError(f"{key}={v!r} is out of range: it must be {_range_text(low, high, low_in, high_in)}")
 
 
 # The settings each perceptual term reads, and those every term reads (Stage2Config)

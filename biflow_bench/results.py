@@ -262,11 +262,18 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
     return None
 
 
+G_DIAGNOSTICS = ("noise_sensitivity",)  # what a G record measures today (runner.diagnostics): older ones aren't shared
+
+
+def measures_today(rec: dict[str, Any]) -> bool:
+    return rec["config"].get("inverse") != "learned" or all(k in rec.get("diagnostics", {}) for k in G_DIAGNOSTICS)
+
+
 def find_measurement(results_dir: Path | str, scale: str, seed: int,
                      config_hash: str) -> tuple[Path, dict[str, Any]] | None:
     """A valid ablation record, in any table, of this config hash and seed (the first by path) whose sample grid is
-    on disk, or None. Its models, samples and metrics are those this run would produce: every stage and every image
-    is seeded from the config and the seed."""
+    on disk and that `measures_today`, or None. Its models, samples and metrics are those this run would produce:
+    every stage and every image is seeded from the config and the seed."""
     results_dir = Path(results_dir)
     for path in sorted((results_dir / scale).glob("*/*.json")):
         try:
@@ -275,7 +282,7 @@ def find_measurement(results_dir: Path | str, scale: str, seed: int,
             continue
         if (rec["kind"] == "ablation" and (rec["scale"], rec["seed"]) == (scale, seed)
                 and record_config_hash(rec) == config_hash and path in _homes(rec, results_dir)
-                and (results_dir / scale / str(rec.get("samples_png"))).is_file()):
+                and (results_dir / scale / str(rec.get("samples_png"))).is_file() and measures_today(rec)):
             return path, rec
     return None
 

@@ -38,13 +38,14 @@ import torch
 from .ablations import AblationSpec, get_spec
 from .cache import default_cache_dir, distributed_micro_batch, train_stages
 from .config import ConfigError, RunConfig
-from .data import DataSplits, add_noise, class_balanced_labels, image_grid_png
+from .data import DataSplits, class_balanced_labels, image_grid_png
 from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
 from .distributed import DistEnv, barrier, broadcast_object
 from .files import LockBusy, atomic_write_bytes, atomic_write_json, dir_lock
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
+from .metrics.inverse import inverse_gaps, measure_noise_sensitivity, ms_per_image_batch1
 from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
@@ -188,30 +189,22 @@ def held_out_noisy(t: Trained, seed: int, n: int) -> tuple[torch.Tensor, torch.T
     return noisy, test.labels[:n] if t.cfg.flow.num_classes else None
 
 
-@torch.no_grad()
-def inverse_gap(flow: TARFlow, g: BiFlow, x: torch.Tensor, y: torch.Tensor | None, sigma: float,
-                seed: int = 0) -> float:
-    """How far G is from F's inverse on held-out pairs: mean over pixels of (G(F(x~)) - target)^2 with
-    x~ = x + sigma * eps, unguided; the target is the clean x when G denoises itself (denoise 'learned'), else x~
-    (what G was trained to return, BiFlow sec. 3.2)."""
-    noisy = add_noise(x, sigma, torch.Generator().manual_seed(seed))
-    z = flow(noisy, y).z
-    target = x if g.config.denoise == "learned" else noisy
-    return float((g(z, y, 0.0, with_states=False).x - target).double().pow(2).mean())
-
-
 def diagnostics(t: Trained, seed: int) -> dict[str, float]:
     """Measurements the tables' readings cite: the noise left in real test images (noise_residual_real, beside the
-    samples' noise_residual in the metrics) and, for a learned inverse, G's gap to F's inverse (`inverse_gap`) on
-    INVERSE_PAIRS held-out images, with sigma^2 (the noise F was trained on) for scale."""
+    samples' noise_residual in the metrics) and, for a learned inverse, how well G has learned F's inverse
+    (metrics/inverse.py): its distance to F's inverse on INVERSE_PAIRS held-out images, output and each supervised
+    state, with sigma^2 (the noise F was trained on) for scale, and its noise sensitivity."""
     cfg, test = t.cfg, t.splits.test
     n = min(INVERSE_PAIRS, len(test))
     out = {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples]),
            "noise_sigma_sq": cfg.stage1.noise_sigma**2}
     if t.g is not None:
         labels = test.labels[:n] if cfg.flow.num_classes else None
-        key = "inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"
-        out[key] = inverse_gap(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
+        gaps = inverse_gaps(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
+        out["inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"] = gaps["output"]
+        if gaps["states"]:
+            out["inverse_mse_states"] = gaps["states"]
+        out["noise_sensitivity"] = measure_noise_sensitivity(t.flow, t.g, cfg.flow.num_classes, seed=seed)
     return out
 
 
@@ -329,6 +322,7 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
+                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None else {}),
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
         "notes": notes_for(cfg),
         "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),

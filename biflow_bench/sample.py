@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import threads
 from .config import RunConfig
 from .distributed import DistEnv, gather_rows
 from .models.biflow import BiFlow
@@ -114,6 +115,7 @@ def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor |
     mine = range(env.rank, len(seeds), env.world_size)
     out = []
     for i in range(0, len(mine), batch_size):
+        threads.rebalance()
         rows = mine[i : i + batch_size]
         z = image_noise([seeds[r] for r in rows], shape, base_seed).to(device)
         y = None if labels is None else labels[list(rows)].to(device)

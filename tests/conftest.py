@@ -42,4 +42,6 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("BIFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BIFLOW_THREADS", "1")  # the CLI's thread count: the one thread of _one_thread
+    monkeypatch.setenv("BIFLOW_JOBS_DIR", str(tmp_path / "jobs"))
     torch.manual_seed(0)

@@ -3,12 +3,17 @@ evaluates and writes a valid record at the tiny scale (with short schedules); pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
+import typing
 
 import pytest
 
 from biflow_bench import runner
 from biflow_bench.ablations import SpecError, load_registry, load_spec
+from biflow_bench.config import RANGES, SCALES, ConfigError, apply_delta
 from biflow_bench.results import is_done, load_results, read_record
 
 REGISTRY = load_registry()
@@ -115,3 +120,39 @@ def test_specs_are_json_serialisable_configs():
     for spec in REGISTRY.values():
         for v in spec.variants:
             json.dumps(spec.resolve(v, "tiny").to_dict())
+
+
+def _out_of_range(low: float, high: float, low_in: bool, high_in: bool, kind: type) -> list:
+    """Values just outside [low, high] (as the range's ends admit) and NaN, of the field's type."""
+    below = low - 1 if low_in else low
+    values = [kind(below)] if kind is float or below == int(below) else []
+    if not math.isinf(high):
+        values.append(kind(high + 1 if high_in else high))
+    return values + ([float("nan")] if kind is float else [])
+
+
+def _numeric_fields(cfg, prefix=""):
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, f"{prefix}{f.name}.")
+        elif f.name in RANGES or isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind = float if "float" in str(hints[f.name]) else int
+            yield f"{prefix}{f.name}", f.name, kind
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_every_numeric_setting_rejects_out_of_range_values(scale):
+    """Each numeric field of every section, at every scale, refuses a value just outside its range (and NaN) with one
+    line naming the key, before any work; the preset itself is within range."""
+    cfg = SCALES[scale]
+    checked = 0
+    for key, name, kind in _numeric_fields(cfg):
+        assert name in RANGES, f"{key} has no valid range in config.RANGES"
+        for bad in _out_of_range(*RANGES[name], kind):
+            value = [bad] if name == "cfg_sweep" else bad
+            with pytest.raises(ConfigError, match=rf"^override: {re.escape(key)}=.* is out of range: it must be "):
+                apply_delta(cfg, {key: value})
+            checked += 1
+    assert checked > 60

@@ -117,7 +117,16 @@ FAST = ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.n
     (["run", "denoize"], "; did you mean 'denoise'?"),
     (["run", "denoise", "--variants", "lerned"], "did you mean 'learned'?"),
     (["run", "denoise", "--scale", "tinny"], "did you mean 'tiny'?"),
-    (["run", "denoise", "--variants", ","], "--variants ',': name at least one variant"),
+    (["run", "denoise", "--variants", ","], "--variants ',': give comma-separated variant names of denoise, none "
+                                            "empty"),
+    (["run", "denoise", "--variants", "learned,,none"], "--variants 'learned,,none': give comma-separated"),
+    (["run", "denoise", "--set", "stage2.lr=-1"], "stage2.lr=-1 is out of range: it must be > 0"),
+    (["run", "denoise", "--set", "stage2.lr=nan"], "stage2.lr=nan is out of range: it must be > 0"),
+    (["run", "denoise", "--set", "stage2.label_drop=1.5"], "stage2.label_drop=1.5 is out of range: it must be >= 0 "
+                                                           "and <= 1"),
+    (["run", "denoise", "--set", "stage2.ema_decay=2.0"], "stage2.ema_decay=2.0 is out of range"),
+    (["run", "denoise", "--set", "stage2.warmup=-1"], "stage2.warmup=-1 is out of range: it must be >= 0"),
+    (["--threads", "0", "list"], "--threads 0: must be a positive integer"),
     (["train-dist", "denoise", "learned", "--micro-batch", "0"], "--micro-batch 0: must be a positive integer"),
 ])
 def test_every_bad_option_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):

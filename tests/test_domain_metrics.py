@@ -16,8 +16,9 @@ from biflow_bench import runner
 from biflow_bench.ablations import get_spec
 from biflow_bench.data import DataSplits, ImageDataset
 from biflow_bench.metrics.frechet import feature_stats, frechet_distance
+from biflow_bench.metrics.inverse import inverse_gaps, measure_noise_sensitivity, noise_sensitivity
 from biflow_bench.models import TARFlow, TARFlowConfig
-from biflow_bench.models.biflow import BiFlow, BiFlowConfig
+from biflow_bench.models.biflow import BackwardOutput, BiFlow, BiFlowConfig
 from biflow_bench.report.render import render_report
 from biflow_bench.results import write_record
 
@@ -126,14 +127,54 @@ def test_inverse_gap_compares_with_the_right_target(denoise):
     flow, g = _tiny_models(denoise)
     x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
     y = torch.tensor([0, 1, 2, 0, 1])
-    gap = runner.inverse_gap(flow, g, x, y, sigma=0.1, seed=7)
+    gaps = inverse_gaps(flow, g, x, y, sigma=0.1, seed=7)
     noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     with torch.no_grad():
-        out = g(flow(noisy, y).z, y, 0.0).x
+        fwd = flow(noisy, y)
+        out = g(fwd.z, y, 0.0)
     target = x if denoise == "learned" else noisy
-    assert gap == pytest.approx(float(((out - target) ** 2).mean()), rel=1e-10)
+    assert gaps["output"] == pytest.approx(float(((out.x - target) ** 2).mean()), rel=1e-10)
     other = noisy if denoise == "learned" else x
-    assert gap != pytest.approx(float(((out - other) ** 2).mean()), rel=1e-6)
+    assert gaps["output"] != pytest.approx(float(((out.x - other) ** 2).mean()), rel=1e-6)
+    # each state against x_{B-1}, x_{B-2}, ... (here B = 2: x_1, then x_0 = x~ for learned denoising), both sides
+    # scaled to unit RMS per sample (rms_normalize, eps 1e-6)
+    unit = lambda t: t / (t.flatten(1).pow(2).mean(1) + 1e-6).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+    expected = [float(((unit(s) - unit(t)) ** 2).mean()) for s, t in zip(out.states, [fwd.trajectory[1], noisy])]
+    assert len(gaps["states"]) == (2 if denoise == "learned" else 1)
+    assert gaps["states"] == pytest.approx(expected[: len(gaps["states"])], rel=1e-5)
+
+
+def test_noise_sensitivity_golden():
+    """Per-pixel std over the noises (axis 1), averaged, G's over the inverse's: written out by hand."""
+    inverse = torch.tensor([[[0.0, 2.0], [2.0, 0.0]], [[1.0, 1.0], [3.0, 5.0]]])  # (K=2, M=2, 2 pixels)
+    g = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    sd = lambda a, b: abs(a - b) / 2**0.5  # noqa: E731  (unbiased std of two values)
+    inverse_spread = (sd(0, 2) + sd(2, 0) + sd(1, 3) + sd(1, 5)) / 4
+    g_spread = (sd(0, 1) + sd(1, 0) + 0 + 0) / 4
+    assert noise_sensitivity(g, inverse) == pytest.approx(g_spread / inverse_spread)
+    assert noise_sensitivity(inverse, inverse) == pytest.approx(1.0)
+    assert noise_sensitivity(torch.zeros_like(inverse) + 3, inverse) == 0.0
+
+
+def test_noise_sensitivity_of_the_exact_inverse_is_one():
+    """A 'G' that runs F's exact inverse has ratio 1; one that ignores its noise, 0."""
+    flow, g = _tiny_models("score")
+    g = g.float()
+    flow = flow.float()
+
+    class Inverse(torch.nn.Module):
+        config = g.config
+
+        def forward(self, z, y, w, with_states=False):
+            return BackwardOutput(flow.reverse(z, y), [])
+
+    class Constant(Inverse):
+        def forward(self, z, y, w, with_states=False):
+            return BackwardOutput(torch.zeros_like(z) + y.view(-1, 1, 1, 1), [])
+
+    assert measure_noise_sensitivity(flow, Inverse(), 3, per_label=8) == pytest.approx(1.0, rel=1e-6)
+    assert measure_noise_sensitivity(flow, Constant(), 3, per_label=8) == 0.0
+    assert 0 < measure_noise_sensitivity(flow, g, 3, per_label=8)
 
 
 # ------------------------------------------------------------------------------------------ calibration and report

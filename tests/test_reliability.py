@@ -39,7 +39,7 @@ from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.cache import load_model
 from biflow_bench.files import dir_lock, verified_torch_load
-from biflow_bench.results import find_measurement, find_record, read_record, record_path
+from biflow_bench.results import find_measurement, find_record, read_record, record_path, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"stage1.steps": 40, "stage1.checkpoint_every": 10, "stage2.steps": 20, "stage2.checkpoint_every": 5,
@@ -411,6 +411,9 @@ def test_a_run_recorded_by_one_table_is_shared_by_another(clean, tmp_path, capfd
     assert find_measurement(results, "tiny", 0, "0" * 16) is None
     (results / "tiny" / clean.record["samples_png"]).unlink()  # a source without its grid is passed over
     assert find_measurement(results, "tiny", 0, HASH) == (path, rec)
+    older = {**rec, "diagnostics": {k: v for k, v in rec["diagnostics"].items() if k != "noise_sensitivity"}}
+    write_record(results, older)  # a G record from before the noise sensitivity: measured anew, not shared
+    assert "noise_sensitivity" in rec["diagnostics"] and find_measurement(results, "tiny", 0, HASH) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from .. import threads
 from ..weights import resolve_weights
 
 
@@ -157,6 +158,7 @@ def run_extractor(model: FeatureExtractorBase, images: Tensor, batch_size: int) 
     chunks: dict[str, list[Tensor]] = {name: [] for name in model.get_requested_features_list()}
     with torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
+            threads.rebalance()
             feats = model.convert_features_tuple_to_dict(model(images[i : i + batch_size].to(device)))
             for name, f in feats.items():
                 chunks[name].append(f.float().cpu())

@@ -33,6 +33,7 @@ from ..config import ConfigError
 from ..data import ImageDataset, LatentDataset, batch_indices, data_generator, get_batch
 from ..distributed import DistEnv, all_true, any_true, mean_over_ranks
 from ..files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
+from .. import threads
 from ..models import layers
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
@@ -264,6 +265,7 @@ def fit(
     lines = ProgressLines(desc, start, steps) if progress and env.is_main and not terminal else None
     with _StopFlag() as stop:
         for step in range(start, steps):
+            threads.rebalance()
             if any_true(stop.signum is not None, env):
                 save(step)
                 where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path"

@@ -100,11 +100,27 @@ def stage2_loss(
     generator: torch.Generator,
     decode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The stage-2 objective of G's strategy (eq. 2 and 7, with eq. 5 for training-time CFG). Returns the loss and
-    the raw distances for display: 'mse' (output, per dimension), 'hidden' (sum over states of the per-dimension
-    distance) and each perceptual term. `decode` maps latents to images for the perceptual terms."""
+    """The stage-2 objective of G's strategy (eq. 2 and 7, with eq. 5 for training-time CFG) on fresh pairs of the
+    batch: `inverse_loss` on z = F(x~) and F's trajectory."""
+    z, targets = stage2_targets(flow, x, y, sigma, g.config.denoise, generator)
+    return inverse_loss(g, z, targets, y, s2, perceptual=perceptual, generator=generator, decode=decode)
+
+
+def inverse_loss(
+    g: BiFlow,
+    z: Tensor,
+    targets: list[Tensor],
+    y: Tensor | None,
+    s2: Stage2Config,
+    *,
+    perceptual: Mapping[str, nn.Module],
+    generator: torch.Generator,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """G's loss on given pairs (z, targets) (`stage2_targets`). Returns the loss and the raw distances for display:
+    'mse' (output, per dimension), 'hidden' (sum over states of the per-dimension distance) and each perceptual
+    term. `decode` maps latents to images for the perceptual terms."""
     cfg = g.config
-    z, targets = stage2_targets(flow, x, y, sigma, cfg.denoise, generator)
     y_g, w = y, None
     if cfg.cfg_mode != "none" and y is not None:
         y_g = drop_labels(y, s2.label_drop, g.null_class, generator)
