@@ -12,8 +12,7 @@ of different configs sit side by side and none replaces another: a default-named
 spec) is moved to its hashed name before a new default record takes its place. A run is done only when a record
 with its exact config hash exists (`find_record`).
 
-A record is the only thing a report is built from, so each carries everything a table needs: the primary metric
-and its bootstrap std, NFE, timing, the paper's number for its row, notes and the path of its sample grid.
+A record carries everything a table needs (metric, bootstrap std, NFE, timing, the paper's number, notes, grid).
 Readers never trust a file: a truncated write, a foreign JSON or a record of another schema raises `BadRecord`
 (one line, naming the file), and `load_results` skips such files and says why instead of failing the report.
 """
