@@ -16,7 +16,6 @@ Each artifact carries its model config, so it can be rebuilt without re-typing f
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,9 @@ from .distributed import DistEnv, all_true, barrier
 from .files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
 from .models.biflow import BiFlow, BiFlowConfig
 from .models.tarflow import TARFlow, TARFlowConfig
+from .paths import default_cache_dir  # noqa: F401 (the cache's home: BIFLOW_CACHE, else the project's runs/cache)
 from .training.loop import FitResult
 from .training.stages import train_backward, train_flow
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("BIFLOW_CACHE", "runs/cache"))
 
 
 def stage1_dir(cache_dir: Path, cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> Path:

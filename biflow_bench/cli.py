@@ -21,6 +21,7 @@ from .cli_args import (USER_ERRORS, Ablation, DataDir, Device, Overrides, Result
                        check_device, check_out_file, check_scale, parse_overrides, positive, writable)
 from .cli_bench import bench_app
 from .config import ConfigError
+from .paths import default_results_dir
 
 # rich_markup_mode=None: plain click help (no "<bool>" type column, no "{ablation}" placeholders)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -78,7 +79,7 @@ def run(
     variants: Annotated[str | None, typer.Option(help="comma-separated variants (default: all)")] = None,
     scale: Scale = "tiny",
     seed: Seed = 0,
-    results_dir: ResultsDir = Path("results"),
+    results_dir: ResultsDir = None,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option("--force", help="re-run variants that already have a record of this config")
                      ] = False,
@@ -108,6 +109,7 @@ def run(
             spec.resolve(name, scale, parse_overrides(set_))
     if micro_batch is not None:
         positive("--micro-batch", micro_batch)
+    results_dir = results_dir or default_results_dir()
     writable(results_dir)
     opts = _options(results_dir, data_dir, force, set_)
     opts.micro_batch, opts.env = micro_batch, init_from_env("cpu")
@@ -123,7 +125,7 @@ def run(
 def progress(
     scale: Scale = "small",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds of the reproduction")] = "0,1",
-    results_dir: ResultsDir = Path("results"),
+    results_dir: ResultsDir = None,
     estimate_from: Annotated[Path | None, typer.Option(
         help="records of an earlier run of the same configs (the committed results/) whose wall times estimate the "
              "rows still missing")] = None,
@@ -137,7 +139,7 @@ def progress(
     if estimate_from is not None and not estimate_from.is_dir():
         raise ConfigError(f"--estimate-from {estimate_from}: no such directory; pass the directory holding the "
                           "reference records (results) or leave it out")
-    rows = progress_rows(results_dir, scale, list(parse_list("--seeds", seeds, int, "0,1")),
+    rows = progress_rows(results_dir or default_results_dir(), scale, list(parse_list("--seeds", seeds, int, "0,1")),
                          reference_dir=estimate_from)
     typer.echo(format_progress(rows, scale), nl=False)
 
@@ -171,7 +173,7 @@ def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path 
     from .distributed import init_from_env
 
     check_scale(scale)
-    opts = _options(Path("results"), data_dir, False, overrides)
+    opts = _options(default_results_dir(), data_dir, False, overrides)
     cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
     opts.env = init_from_env("cpu")
     return runner, opts.env, runner.train_variant(cfg, seed, opts)
@@ -193,20 +195,24 @@ def train(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: See
 def sample(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0,
            num: Annotated[int, typer.Option("--num", "--num-images",
                                             help="images in the grid (under torchrun: --num-images)")] = 100,
-           out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
+           out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: runs/samples/ABLATION-VARIANT-"
+                                                         "SCALE-seedN.png of the project, git-ignored)")] = None,
            data_dir: DataDir = None, set_: Overrides = None) -> None:
-    """Sample a grid from one variant (trains it first when not cached; under torchrun each process samples its
-    share and rank 0 writes the grid)."""
-    from .data import save_image_grid
+    """Sample a grid of every one of --num images from one variant (trains it first when not cached; under torchrun
+    each process samples its share and rank 0 writes the grid)."""
+    from .data import grid_columns, save_image_grid
     from .distributed import shutdown
+    from .paths import default_samples_dir
 
     positive("--num", num)
+    out = out or default_samples_dir() / f"{ablation}-{variant}-{scale}-seed{seed}.png"
     check_out_file(out, (".png",))
     runner, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
     images, ms = runner.sample_variant(t, seed, num, env=env)
     if images is not None:
-        save_image_grid(images, out, nrow=max(1, int(num**0.5)))
-        typer.echo(f"{out} ({ms:.3f} ms per image)")
+        save_image_grid(images, out)
+        cols = grid_columns(num)
+        typer.echo(f"wrote {num} images to {out} ({cols} to a row, {-(-num // cols)} rows; {ms:.3f} ms per image)")
     shutdown()
 
 

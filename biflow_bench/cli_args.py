@@ -34,7 +34,9 @@ USER_ERRORS = (ConfigError, DataError, WeightsError, LockBusy)
 
 Scale = Annotated[str, typer.Option(help=f"scale preset: {', '.join(SCALES)}")]
 Seed = Annotated[int, typer.Option(help="training and sampling seed")]
-ResultsDir = Annotated[Path, typer.Option(help="where records are written (results/<scale>/<ablation>/)")]
+# default None: the project's results/ (paths.default_results_dir), resolved by the command, not the working directory
+ResultsDir = Annotated[Path | None, typer.Option(help="where records are written (results/<scale>/<ablation>/; "
+                                                      "default: results/ of the project, see README)")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="config override (TOML value), repeatable")]
 DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files)")]

@@ -14,6 +14,7 @@ import typer
 from .cli_args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, parse_overrides, positive,
                        not_rank_zero, parse_list, writable)
 from .config import ConfigError, did_you_mean
+from .paths import default_results_dir
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Benchmarks: speed of every sampler; F beside a reference TARFlow; quality against "
@@ -32,7 +33,7 @@ def bench_speed(
     train_settings: Annotated[str, typer.Option(help="--what train: training settings timed side by side, e.g. "
                                                      "fp32,bf16,fp32+compile (precision[+compile])")] = "fp32",
     compile: Annotated[bool, typer.Option("--compile", help="also time G's pass and the exact inverse's token step under torch.compile")] = False,
-    results_dir: ResultsDir = Path("results"),
+    results_dir: ResultsDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
@@ -58,6 +59,7 @@ def bench_speed(
             parse_train_setting(t)
         except ValueError as e:
             raise ConfigError(f"--train-settings: {e}") from None
+    results_dir = results_dir or default_results_dir()
     writable(results_dir)
     if not_rank_zero():
         return
@@ -107,7 +109,7 @@ def bench_curve(
     overrides: Overrides = None,
     seed: Seed = 0,
     data_dir: DataDir = None,
-    results_dir: ResultsDir = Path("results"),
+    results_dir: ResultsDir = None,
 ) -> None:
     """Quality against training time: train F or G once (the scale's preset plus --set overrides), scoring its
     weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints);
@@ -131,6 +133,7 @@ def bench_curve(
         checkpoints = sorted(from_checkpoints.glob("*.pt")) if from_checkpoints.is_dir() else []
         if not checkpoints:
             raise ConfigError(f"--from-checkpoints {from_checkpoints}: no *.pt training checkpoints there")
+    results_dir = results_dir or default_results_dir()
     writable(results_dir)
     if not_rank_zero():
         return
@@ -145,12 +148,60 @@ def bench_curve(
     typer.echo(f"record: {path}", err=True)
 
 
+@bench_app.command("represent")
+def bench_represent(
+    ablation: Annotated[str, typer.Option(help="the spec whose variant sets G's config")] = "g-training",
+    variant: Annotated[str, typer.Option(help="the variant of --ablation")] = "centre",
+    scale: Scale = "small",
+    pairs: Annotated[int, typer.Option(help="fixed training images, one noise draw each")] = 256,
+    steps: Annotated[int, typer.Option(help="optimiser steps on those pairs")] = 2000,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default: the config's stage2.lr)")] = None,
+    every: Annotated[int, typer.Option(help="measure the fit every this many steps")] = 250,
+    overrides: Overrides = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Can G represent F's inverse? Fit a fresh G to `--pairs` fixed pairs (z, F's trajectory) of the scale's F
+    (from the cache, trained on a miss) and print the output's MSE on them against sigma^2, the training noise."""
+    import torch
+
+    from .ablations import get_spec
+    from .cache import default_cache_dir, get_flow
+    from .evaluation import dataset_splits
+    from .models.biflow import BiFlow
+    from .training.representability import fit_fixed_pairs
+
+    check_scale(scale)
+    for option, value in (("--pairs", pairs), ("--steps", steps), ("--every", every)):
+        positive(option, value)
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
+    if cfg.inverse != "learned":
+        raise ConfigError(f"{ablation}/{variant} has no learned inverse; pick a variant with a G")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr {lr}: must be > 0")
+    train = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None).train
+    flow, _ = get_flow(cfg, train, default_cache_dir())
+    torch.manual_seed(seed + 1)
+    g = BiFlow(cfg.trained_backward)
+    x = train.images[:pairs]
+    y = train.labels[:pairs] if cfg.backward.num_classes else None
+    sigma = cfg.stage1.noise_sigma
+    curve = fit_fixed_pairs(g, flow, x, y, cfg.stage2, sigma=sigma, steps=steps, lr=lr or cfg.stage2.lr,
+                            batch_size=min(cfg.stage2.batch_size, pairs), seed=seed, every=every,
+                            precision=cfg.stage2.precision)
+    for step, mse in zip(curve.steps, curve.output_mse, strict=True):
+        typer.echo(f"step {step:6d}  output MSE on the {pairs} pairs {mse:.5f} = {mse / sigma**2:7.2f} sigma^2")
+    typer.echo(f"{curve.seconds / 60:.1f} min; sigma^2 = {sigma**2:g}; "
+               + ("below sigma^2: G represents these pairs" if curve.output_mse[-1] < sigma**2 else
+                  "NOT below sigma^2"))
+
+
 @bench_app.command("scaling")
 def bench_scaling(
     sides: Annotated[str, typer.Option(help="comma-separated latent sides (patch 2: side^2 / 4 tokens)")] = "8,16,32",
     batch: Annotated[int, typer.Option(help="images per timed call")] = 1,
     repeats: Annotated[int, typer.Option(help="timed calls per sampler and shape")] = 3,
-    results_dir: ResultsDir = Path("results"),
+    results_dir: ResultsDir = None,
 ) -> None:
     """Speed-up of one pass of G over the exact inverse (+ CFG + score step) against the exact inverse's serial
     steps: the paper-B/2 models, randomly initialised, on latents up to the paper's 32x32x4; FLOP ratio beside it."""
@@ -163,6 +214,7 @@ def bench_scaling(
         raise ConfigError(f"--sides {sides!r}: each side must be an even integer >= 2 (patch size 2)")
     positive("--batch", batch)
     positive("--repeats", repeats)
+    results_dir = results_dir or default_results_dir()
     writable(results_dir)
     if not_rank_zero():
         return

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -302,11 +303,13 @@ def to_uint8(x: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def image_grid_png(images: Tensor, nrow: int = 10) -> bytes:
-    """The PNG bytes of a grid of [-1, 1] images (at most nrow x nrow of them, shown at twice their size)."""
+def image_grid_png(images: Tensor, nrow: int = 10, rows: int | None = None) -> bytes:
+    """The PNG bytes of a grid of [-1, 1] images, nrow to a row and shown at twice their size: the first `rows` rows
+    (default nrow: the square preview of a record), the last row partly filled (blank cells) when images run out."""
     from torchvision.utils import make_grid
 
-    grid = make_grid(to_uint8(images[: nrow * nrow]), nrow=nrow, padding=1, pad_value=255)
+    rows = nrow if rows is None else rows
+    grid = make_grid(to_uint8(images[: nrow * rows]), nrow=nrow, padding=1, pad_value=255)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
     image = image.resize((image.width * 2, image.height * 2), Image.NEAREST)
     buf = io.BytesIO()
@@ -314,6 +317,12 @@ def image_grid_png(images: Tensor, nrow: int = 10) -> bytes:
     return buf.getvalue()
 
 
-def save_image_grid(images: Tensor, path: Path, nrow: int = 10) -> Path:
-    """A PNG grid of [-1, 1] images, written atomically."""
-    return atomic_write_bytes(path, image_grid_png(images, nrow))
+def grid_columns(n: int) -> int:
+    """Columns of a near-square grid of n images: ceil(sqrt(n)), so no image is left out."""
+    return math.isqrt(max(n, 1) - 1) + 1
+
+
+def save_image_grid(images: Tensor, path: Path, nrow: int | None = None) -> Path:
+    """A PNG grid of every one of the [-1, 1] images (nrow to a row, default near-square), written atomically."""
+    nrow = nrow or grid_columns(len(images))
+    return atomic_write_bytes(path, image_grid_png(images, nrow, rows=-(-len(images) // nrow)))

@@ -179,7 +179,7 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
                      labels=(labels if labels is not None else torch.zeros(0)).numpy())
             atomic_write_bytes(out, buf.getvalue())
         else:
-            save_image_grid(images.float() / 127.5 - 1, out, nrow=max(1, int(num**0.5)))
+            save_image_grid(images.float() / 127.5 - 1, out)  # every image, near-square
         result["out"] = str(out)
     if reference is not None:
         result["metrics"] = compute_fidelity(images, reference, extractor=INCEPTION_NAME)

@@ -65,7 +65,7 @@ def test_make_demo_and_reproduce_small_run_every_ablation():
     from biflow_bench.ablations import load_registry
 
     root = Path(__file__).resolve().parents[1]
-    tables = [name for name in load_registry() if name != "speed"]
+    tables = [name for name, spec in load_registry().items() if spec.kind == "quality"]  # not speed, nor studies
     for target, scale in (("demo", "tiny"), ("reproduce-small", "small")):
         plan = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=root, capture_output=True,
                               text=True, check=True).stdout
@@ -157,7 +157,9 @@ def test_unwritable_report_out_names_out(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_ctrl_c_while_sampling_exits_130_with_one_line(command, tmp_path, monkeypatch, capsys):
-    from biflow_bench import runner
+    from biflow_bench import paths, runner
+
+    monkeypatch.setattr(paths, "project_root", lambda: tmp_path)  # sample's default --out: not into the checkout
 
     def interrupted(*_a, **_k):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while sampling
@@ -178,3 +180,95 @@ def test_help_is_plain_and_describes_arguments():
     assert "ABLATION  ablation name" in out.stdout and "VARIANT   variant of the ablation" in out.stdout
     assert not any(noise in out.stdout for noise in ("<bool>", "<str>", "{ABLATION}", "{ablation}", "╭"))
     assert "--set KEY=VALUE" in out.stdout and "--num, --num-images INT" in out.stdout
+
+
+def _checkout(tmp_path, monkeypatch):
+    """A stand-in project root for the default paths (the real checkout stays untouched) and a working directory
+    elsewhere; BIFLOW_CACHE unset, so the defaults are what is tested."""
+    from biflow_bench import paths
+
+    root, cwd = tmp_path / "checkout", tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.setattr(paths, "project_root", lambda: root)
+    monkeypatch.delenv("BIFLOW_CACHE")
+    monkeypatch.chdir(cwd)
+    return root, cwd
+
+
+def _grid_cells(path: Path, side: int) -> tuple[int, int]:
+    """(columns, rows) of a grid of side x side images (1 px padding, shown at twice the size)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        width, height = im.size
+    cell = 2 * (side + 1)
+    assert (width - 2) % cell == 0 and (height - 2) % cell == 0, im.size
+    return (width - 2) // cell, (height - 2) // cell
+
+
+def test_sample_writes_every_image_asked_for(tmp_path, monkeypatch, capsys):
+    """--num 7 is 7 images: three to a row, the last row partly filled (not a 2 x 2 square of 4)."""
+    import torch
+
+    from biflow_bench.ablations import get_spec
+    from biflow_bench.data import save_image_grid
+
+    out = tmp_path / "g.png"
+    code, stdout, err = invoke(["sample", "denoise", "learned", "--num", "7", "--out", str(out), *FAST], monkeypatch,
+                               capsys)
+    assert code == 0, err
+    side = get_spec("denoise").resolve("learned", "tiny", {}).flow.image_size
+    assert _grid_cells(out, side) == (3, 3) and "7 images" in stdout
+    for n, cells in ((4, (2, 2)), (5, (3, 2)), (10, (4, 3))):
+        save_image_grid(torch.zeros(n, 1, 4, 4), tmp_path / f"{n}.png")
+        assert _grid_cells(tmp_path / f"{n}.png", 4) == cells, n
+
+
+def test_sample_writes_into_an_ignored_place_of_the_project_and_says_where(tmp_path, monkeypatch, capsys):
+    root, cwd = _checkout(tmp_path, monkeypatch)
+    code, stdout, err = invoke(["sample", "denoise", "learned", "--num", "4", "--seed", "3", *FAST], monkeypatch,
+                               capsys)
+    expected = root / "runs" / "samples" / "denoise-learned-tiny-seed3.png"
+    assert code == 0 and expected.is_file() and str(expected) in stdout, err
+    assert not list(cwd.iterdir())  # nothing in the working directory
+    ignored = subprocess.run(["git", "check-ignore", "runs/samples/denoise-learned-tiny-seed3.png"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert ignored.returncode == 0, "runs/samples/ must be git-ignored"
+
+
+def test_cache_and_results_follow_the_project_not_the_working_directory(tmp_path, monkeypatch, capsys):
+    """A second `train` from another folder loads the models the first one trained (no second runs/cache)."""
+    import json
+
+    root, cwd = _checkout(tmp_path, monkeypatch)
+    code, stdout, err = invoke(["train", "denoise", "learned", *FAST], monkeypatch, capsys)
+    assert code == 0, err
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    code, stdout, err = invoke(["train", "denoise", "learned", *FAST], monkeypatch, capsys)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["stage1"]["cached"] and summary["stage2"]["cached"], err
+    assert (root / "runs" / "cache" / "stage1").is_dir() and not list(cwd.iterdir()) and not list(other.iterdir())
+
+
+def test_default_paths_resolve_against_the_checkout_else_the_user_folders(tmp_path, monkeypatch):
+    from biflow_bench import paths
+    from biflow_bench.cache import default_cache_dir
+
+    checkout = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("BIFLOW_CACHE")
+    monkeypatch.chdir(tmp_path)
+    assert paths.project_root() == checkout
+    assert default_cache_dir() == checkout / "runs" / "cache" and paths.default_results_dir() == checkout / "results"
+    monkeypatch.setenv("BIFLOW_CACHE", "mine")  # the override, as given
+    assert default_cache_dir() == Path("mine")
+    monkeypatch.delenv("BIFLOW_CACHE")
+    monkeypatch.setattr(paths, "project_root", lambda: None)  # installed outside a checkout
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "biflow-bench"
+    assert paths.default_results_dir() == tmp_path / "home" / ".local" / "share" / "biflow-bench" / "results"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "biflow-bench"
