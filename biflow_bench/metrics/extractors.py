@@ -49,8 +49,8 @@ class FeatureExtractorEffNetLite0(FeatureExtractorBase):
     copied from efficientnet_pytorch and is wrong for the Lite weights.
     """
 
-    # channels-last activations: the depthwise convolutions run x1.6 faster on the CPU (one thread, 96 px), features
-    # within 3e-5 of the default layout's (tests/test_metrics.py)
+    # channels-last activations: the depthwise convolutions run faster on the CPU (docs/decisions.md), features
+    # as the default layout's (tests/test_metrics.py)
     memory_format = torch.channels_last
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,

@@ -15,15 +15,15 @@ from torch import Tensor, nn
 
 
 # torch.compile's backend wherever the suite compiles (training's `compile` switches, the compiled exact decoder,
-# the speed bench's compiled rows); the tests swap in "aot_eager" (the same tracing, without inductor's C++
-# compilation, which takes a minute on a small CPU)
+# the speed bench's compiled rows); the tests swap in "aot_eager" (the same tracing, without inductor's slow C++
+# compilation)
 COMPILE_BACKEND = "inductor"
 
 
 def compile_options(backend: str, cpp_wrapper: bool) -> dict | None:
     """torch.compile's options: inductor's C++ wrapper calls the compiled kernels from C++ instead of Python, which
-    pays where a call is a few small kernels (batch-1 sampling: G's pass 1.11 -> 0.99 ms here, the exact
-    inverse's token step about 15% faster); other backends take no options."""
+    pays where a call is a few small kernels, as in batch-1 sampling (timings: docs/decisions.md); other backends
+    take no options."""
     return {"cpp_wrapper": True} if cpp_wrapper and backend == "inductor" else None
 
 
@@ -104,7 +104,7 @@ class Attention(nn.Module):
                 causal = False
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # bf16 autocast on the CPU: attention in float32 (autocast off: it would cast SDPA back to bf16), whose
-            # flash-attention backward is ~7x faster than bf16's here; the matmuls around it keep bf16's 2x
+            # flash-attention backward is far faster than bf16's there (docs/decisions.md); the matmuls keep bf16
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
         else:

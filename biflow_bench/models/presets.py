@@ -23,9 +23,8 @@ PRESETS: dict[str, tuple[TARFlowConfig, BiFlowConfig]] = {
                      num_heads=4, num_classes=10),
     ),
     # 28x28 Fashion-MNIST, 49 tokens of 16 values; the CPU reproduction of every ablation table (config.SCALES sets
-    # its training lengths). Norm control's c = 1.5 sat at the 94.9th percentile of |alpha|, |mu| of this F trained
-    # without the clip (2,000 steps; held-out noisy images; c = 3 sat at the 99.99th and never bound), so the clip
-    # acts on the largest parameters (metrics/flow_norms.py; every record carries the measurement).
+    # its training lengths). Norm control's c = 1.5 binds on the largest of the unclipped F's parameters, where
+    # c = 3 never bound (docs/decisions.md; every record carries the clip's percentile, metrics/flow_norms.py).
     "small": (
         TARFlowConfig(in_channels=1, image_size=28, patch_size=4, channels=96, num_blocks=4, layers_per_block=1,
                       num_heads=4, num_classes=10, clip=1.5),

@@ -185,8 +185,8 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
                    compile: bool = False) -> list[dict]:
     """One row per (variant, batch size). At each batch size the variants' timed calls are interleaved (one call of
     each variant per round), so a burst of load on a shared machine hits every sampler alike; each timed call follows
-    an untimed call of the same sampler, so none pays for the cold caches another sampler left behind (at batch 1 a
-    pass of G right after the exact inverse is ~30% slower than the next one)."""
+    an untimed call of the same sampler, so none pays for the cold caches another sampler left behind
+    (docs/decisions.md)."""
     setups = {}
     for name, variant in spec.variants.items():
         cfg = spec.resolve(name, scale)

@@ -83,9 +83,8 @@ class PerceptualDistance(nn.Module):
     def forward(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
         boxes = crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], self.crop_min, generator, x.device)
         if x.device.type == "cpu":
-            # float32 under a bf16 autocast on the CPU: these depthwise-convolution nets gain nothing from bf16 there
-            # (a G with both terms trained at 1.05 steps/s against 0.70 in bf16), and bf16 put their gradient
-            # 0.37-0.41 off in relative norm on Fashion-MNIST pairs (cos 0.92)
+            # float32 under a bf16 autocast on the CPU: these depthwise-convolution nets train slower in bf16
+            # there, and bf16 puts their gradients far off (docs/decisions.md)
             with torch.autocast("cpu", enabled=False):
                 return self.distance(*shared_crops(x.float(), target.float(), self.size, boxes))
         return self.distance(*shared_crops(x, target, self.size, boxes))
@@ -207,8 +206,8 @@ class EffNetDistance(PerceptualDistance):
     """A frozen EfficientNet-Lite backbone (`variant`) under a perceptual distance."""
 
     variant = ""
-    # channels-last: the step's forward and backward through the backbone run x1.4 faster on the CPU (bf16, one
-    # thread, 32 crops of 64 px); the same distances as the default layout (tests/test_stage2_formulas.py)
+    # channels-last: faster on the CPU (docs/decisions.md), the same distances as the default layout
+    # (tests/test_stage2_formulas.py)
     memory_format = torch.channels_last
 
     def __init__(self, weights: str = "pretrained", size: int = 224, crop_min: float = 0.08,
