@@ -149,6 +149,8 @@ def report(
     results_dir: Annotated[Path, typer.Option(help="where the records are (results/<scale>/<ablation>/)")
                            ] = Path("results"),
     out: Annotated[Path, typer.Option(help="report directory")] = Path("reports"),
+    include_archive: Annotated[bool, typer.Option(help="also show the superseded records of <results-dir>/archive, "
+                                                       "under each table's Other configurations")] = False,
 ) -> None:
     """Regenerate the tables, figures and reports/README.md from the records in results/."""
     from .report.render import render_report
@@ -157,7 +159,7 @@ def report(
         raise ConfigError(f"--results-dir {results_dir}: no such directory; run an ablation first (biflow-bench run "
                           "...) or pass the directory holding the records")
     writable(out, "--out")
-    summary = render_report(results_dir, out)
+    summary = render_report(results_dir, out, include_archive=include_archive)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in summary.separated:

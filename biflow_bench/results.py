@@ -3,14 +3,19 @@
     <results_dir>/<scale>/<ablation>/<variant>__seed<N>.json            the variant's default config
     <results_dir>/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    any other config (--set, --micro-batch)
 
-A run's identity is (scale, ablation, variant, seed, config hash); the config hash (`config_id`) covers the whole
-resolved RunConfig (less the perceptual settings its stage-2 metric never reads) and, where it changes the numbers,
-the micro-batch the training was split into (the number of processes alone does not: it only changes float
-reduction order). A record says how its config differs from the variant's default (`overrides`, dotted keys); a
-record with no overrides takes the readable name, every other record carries its hash in the file name, so records
-of different configs sit side by side and none replaces another: a default-named record of another config (an older
-spec) is moved to its hashed name before a new default record takes its place. A run is done only when a record
-with its exact config hash exists (`find_record`).
+A run's identity is (scale, ablation, variant, seed, config hash); the config hash (identity.config_id) covers every
+setting of the resolved RunConfig the run reads and, where it changes the numbers, the micro-batch the training was
+split into (the number of processes alone does not: it only changes float reduction order). A record says how its
+config differs from the variant's default (`overrides`, dotted keys); a record with no overrides takes the readable
+name, every other record carries its hash in the file name, so records of different configs sit side by side and
+none replaces another: a default-named record of another config (an older spec) is moved to its hashed name before
+a new default record takes its place. A run is done only when a record with its exact config hash exists
+(`find_record`).
+
+    <results_dir>/archive/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    superseded records (older configs)
+
+Records in the archive (and their grids under archive/<scale>/samples/) are read only when asked
+(`scan_records(..., include_archive=True)`): never by find_record / find_measurement, nor by a default report.
 
 A record carries everything a table needs (metric, bootstrap std, NFE, timing, the paper's number, notes, grid).
 Readers never trust a file: a truncated write, a foreign JSON or a record of another schema raises `BadRecord`
@@ -28,12 +33,13 @@ from typing import Any
 
 import pandas as pd
 
-from .config import config_hash, without_unused_settings
 from .files import atomic_write_json
+from .identity import earlier_hashes, overrides_label, record_config_hash
 
 RESULT_SCHEMA = 1
 KINDS = ("ablation", "speed")
 IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
+ARCHIVE = "archive"  # results/archive/: superseded records, read only when asked
 CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "ablation": ("metric", "metrics"),
@@ -49,6 +55,7 @@ RESULT_COLUMNS = (
     "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
     "inverse", "spec_version", "config_hash", "overrides", "samples_png", "notes", "wall_time_s", "best_w",
     "guidance_curve", "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
+    "config", "micro_batch", "archived",
 )
 SPEED_COLUMNS = (
     "scale", "seed", "order", "sampler", "label", "nfe", "nfe_label", "params", "flops_per_image", "batch_size", "ms_per_image",
@@ -74,50 +81,6 @@ def record_path(results_dir: Path | str, scale: str, ablation: str, variant: str
     return Path(results_dir) / scale / ablation / f"{variant}__seed{seed}{tag}.json"
 
 
-def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
-    """The hash of a whole resolved config (RunConfig.to_dict()) and, when the training batch was split into
-    micro-batches (each draws its own randomness), their size. The seed is not part of it: seeds of one config
-    share it, and the report averages seeds only within one config hash."""
-    return _hash(_without_unused(config), micro_batch)
-
-
-def _hash(config: Mapping[str, Any], micro_batch: int | None) -> str:
-    return config_hash(dict(config) if micro_batch is None else {"config": dict(config), "micro_batch": micro_batch})
-
-
-def record_config_hash(rec: Mapping[str, Any]) -> str:
-    """The config hash of a record, recomputed from its config (records written before hashes covered the whole
-    config carry a stage key in `config_hash`)."""
-    return config_id(_dict(rec, "config"), rec.get("micro_batch"))
-
-
-def _without_unused(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A RunConfig.to_dict() form less the perceptual settings its stage-2 metric never reads."""
-    return {**config, "stage2": without_unused_settings(config["stage2"])} if "stage2" in config else dict(config)
-
-
-def config_overrides(config: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
-    """The dotted keys whose value in `config` differs from `default` (both RunConfig.to_dict() forms), less the
-    settings neither reads."""
-    a, b = _flatten(_without_unused(config)), _flatten(_without_unused(default))
-    return {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def overrides_label(overrides: Mapping[str, Any] | None) -> str:
-    """`stage2.steps=100, micro_batch=8`: how a row's config differs from its variant's default ("" for none)."""
-    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted((overrides or {}).items()))
-
-
 def _home(rec: Mapping[str, Any], results_dir: Path) -> Path:
     """The path a record is written to: hashed unless it is its variant's default config."""
     tag = record_config_hash(rec) if rec["kind"] == "ablation" and rec.get("overrides") else None
@@ -127,11 +90,8 @@ def _home(rec: Mapping[str, Any], results_dir: Path) -> Path:
 def _homes(rec: Mapping[str, Any], results_dir: Path) -> list[Path]:
     """Every path a valid record may be found at: its home, or its hashed name (moved aside, see write_record)."""
     homes = [_home(rec, results_dir)]
-    if rec["kind"] == "ablation":
-        # and the hash of the whole config, perceptual settings and all: the name records were moved aside to
-        # before the hash left out the settings a metric never reads
-        legacy = _hash(_dict(rec, "config"), rec.get("micro_batch"))
-        for h in (record_config_hash(rec), legacy):
+    if rec["kind"] == "ablation":  # and the names earlier code moved records aside to (identity.earlier_hashes)
+        for h in (record_config_hash(rec), *earlier_hashes(rec)):
             hashed = record_path(results_dir, rec["scale"], rec["ablation"], rec["variant"], rec["seed"], h)
             homes += [hashed] if hashed not in homes else []
     return homes
@@ -300,18 +260,28 @@ def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, se
     return (rec["scale"], rec["ablation"], rec["variant"], rec["seed"]) == (scale, ablation, variant, seed)
 
 
-def scan_records(results_dir: Path | str) -> tuple[list[tuple[Path, dict[str, Any]]], list[tuple[Path, str]]]:
-    """Every valid record under `results_dir` (sorted by path) and every skipped file with its reason.
+def scan_records(results_dir: Path | str, include_archive: bool = False
+                 ) -> tuple[list[tuple[Path, dict[str, Any]]], list[tuple[Path, str]]]:
+    """Every valid record under `results_dir` (sorted by path) and every skipped file with its reason; with
+    `include_archive`, then those of results_dir/archive, each with `"archived": True` added.
 
     Only files at the record depth (<scale>/<ablation>/*.json) are considered, so other JSON in the tree is not
     mistaken for a record; hidden files (temp files of atomic writes) are ignored. A valid record stored under a
     path its own fields do not give (a copied or moved file) is skipped: it would duplicate or mislabel a run."""
     results_dir = Path(results_dir)
+    records, skipped = _scan(results_dir, archived=False)
+    if include_archive:
+        more, bad = _scan(results_dir / ARCHIVE, archived=True)
+        records, skipped = records + more, skipped + bad
+    return records, skipped
+
+
+def _scan(results_dir: Path, archived: bool) -> tuple[list[tuple[Path, dict[str, Any]]], list[tuple[Path, str]]]:
     records: list[tuple[Path, dict[str, Any]]] = []
     skipped: list[tuple[Path, str]] = []
     seen: dict[tuple[Any, ...], Path] = {}
     for path in sorted(results_dir.glob("*/*/*.json")):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not path.is_file() or path.relative_to(results_dir).parts[0] == ARCHIVE:
             continue
         try:
             rec = read_record(path)
@@ -332,7 +302,7 @@ def scan_records(results_dir: Path | str) -> tuple[list[tuple[Path, dict[str, An
                                   "; duplicate left out"))
             continue
         seen[identity] = path
-        records.append((path, rec))
+        records.append((path, {**rec, "archived": True} if archived else rec))
     return records, skipped
 
 
@@ -394,6 +364,7 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "samples_png": rec.get("samples_png"), "notes": _notes(rec),
         "wall_time_s": _float(rec.get("wall_time_s")), **_guidance(rec, metric), **_flow_norms(rec),
         "path": str(path), "calibration": rec.get("calibration") if isinstance(rec.get("calibration"), str) else None,
+        "config": _dict(rec, "config"), "micro_batch": rec.get("micro_batch"), "archived": rec.get("archived") is True,
     }
     row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
     row.update({f"diag_{k}": _float(v) for k, v in sorted(_dict(rec, "diagnostics").items())})
@@ -437,10 +408,10 @@ def speed_frame(records: Iterable[tuple[Path, Mapping[str, Any]]]) -> pd.DataFra
     return df.sort_values(["scale", "seed", "order"], kind="stable").reset_index(drop=True)
 
 
-def load_results(results_dir: Path | str,
-                 kinds: Iterable[str] = ("ablation",)) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+def load_results(results_dir: Path | str, kinds: Iterable[str] = ("ablation",),
+                 include_archive: bool = False) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """(one row per valid record of `kinds`, [(skipped file, reason)]); bad files never make this fail."""
-    records, skipped = scan_records(results_dir)
+    records, skipped = scan_records(results_dir, include_archive)
     return results_frame(records, kinds), skipped
 
 

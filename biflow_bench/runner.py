@@ -42,6 +42,7 @@ from .data import DataSplits, class_balanced_labels, image_grid_png
 from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
 from .distributed import DistEnv, barrier, broadcast_object
 from .files import LockBusy, atomic_write_bytes, atomic_write_json, dir_lock
+from .identity import RunIdentity, run_identity
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
@@ -50,8 +51,7 @@ from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .provenance import environment
-from .results import (CALIBRATION, RESULT_SCHEMA, _check_name, config_id, config_overrides, find_measurement,
-                      find_record, record_path, write_record)
+from .results import CALIBRATION, RESULT_SCHEMA, _check_name, find_measurement, find_record, record_path, write_record
 from .sample import Sampler, generate
 from .speed.benchmark import record_speed_bench
 from .training.perceptual import WEIGHT_MODES, describe, require_weights
@@ -275,23 +275,10 @@ def notes_for(cfg: RunConfig) -> list[str]:
     return notes
 
 
-@dataclass(frozen=True)
-class RunIdentity:
-    """What a record is keyed by beyond (scale, ablation, variant, seed): results.py's config hash, and how the
-    config differs from the variant's default (empty: the readable file name)."""
-
-    config_hash: str
-    overrides: dict[str, Any]
-    micro_batch: int | None
-
-
 def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions) -> tuple[RunConfig, RunIdentity]:
+    """The config a run of the variant resolves to under `opts` and its identity (identity.run_identity)."""
     cfg = spec.resolve(variant, scale, opts.overrides)
-    micro = cfg.effective_micro_batch(distributed_micro_batch(cfg, opts.env, opts.micro_batch))
-    overrides = config_overrides(cfg.to_dict(), spec.resolve(variant, scale).to_dict())
-    if micro is not None:
-        overrides["micro_batch"] = micro
-    return cfg, RunIdentity(config_id(cfg.to_dict(), micro), overrides, micro)
+    return cfg, run_identity(spec, variant, scale, cfg, distributed_micro_batch(cfg, opts.env, opts.micro_batch))
 
 
 def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path | None:

@@ -1,5 +1,6 @@
 """The package's layout rules (issue 18): no import cycle inside biflow_bench (function-local imports included), no
-module named like a standard-library module, no source file over 450 lines."""
+module named like a standard-library module, no source file over 450 lines; config.py imports nothing of training/
+(the run's description sits below what trains it)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imported(path: Path, name: str, known: set[str]) -> set[str]:
-    """The biflow_bench modules a module imports anywhere in its body (top level, functions, branches)."""
+def imported(path: Path, name: str, known: set[str], include_typing: bool = True) -> set[str]:
+    """The biflow_bench modules a module imports anywhere in its body (top level, functions, branches); those under
+    `if TYPE_CHECKING:` (never run) only with `include_typing`."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = set() if include_typing else {id(n) for block in ast.walk(tree) if _is_typing_block(block)
+                                      for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -47,9 +54,14 @@ def imported(path: Path, name: str, known: set[str]) -> set[str]:
     return internal
 
 
-def import_graph() -> dict[str, set[str]]:
+def _is_typing_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def import_graph(include_typing: bool = False) -> dict[str, set[str]]:
+    """Module -> the modules it imports; by default as run (a cycle through annotation-only imports is harmless)."""
     mods = modules()
-    return {name: imported(path, name, set(mods)) for name, path in mods.items()}
+    return {name: imported(path, name, set(mods), include_typing) for name, path in mods.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -85,6 +97,13 @@ def test_graph_sees_function_local_and_relative_imports():
     assert "biflow_bench.runner" in graph["biflow_bench.cli"]  # imported inside a command function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_config_imports_nothing_of_training():
+    """The run's description must not depend on what trains it (annotation-only imports included)."""
+    up = sorted(m for m in import_graph(include_typing=True)["biflow_bench.config"]
+                if m == "biflow_bench.training" or m.startswith("biflow_bench.training."))
+    assert not up, f"biflow_bench/config.py imports {up}: move what it needs below training/"
 
 
 def test_no_import_cycle():

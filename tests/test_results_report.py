@@ -22,10 +22,11 @@ from biflow_bench.report.render import ReportSummary, render_report
 from biflow_bench.report.stats import pair_verdicts, verdict
 from biflow_bench.report.tables import ablation_table, headline_table
 from biflow_bench.results import (
-    RESULT_SCHEMA, BadRecord, config_id, config_overrides, find_record, is_done, load_results, load_speed_records,
-    read_record, record_path, scan_records, write_record,
+    RESULT_SCHEMA, BadRecord, find_record, is_done, load_results, load_speed_records, read_record, record_path,
+    scan_records, write_record,
 )
 from biflow_bench.config import SCALES, apply_delta, config_hash
+from biflow_bench.identity import config_id, config_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -479,11 +480,10 @@ def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
     assert table_rows(main)["Learned"][2] == "3"
     rows = [line.strip("|").split(" | ") for line in other.splitlines() if line.startswith("| Learned")]
     assert sorted((r[1].strip(), r[2], r[3]) for r in rows) == [
-        (f"default of spec v0 (config {config_id(old)})", "900.00 ± 0.10", "1"),
-        ("stage2.steps=100", "2000.00 ± 0.10", "1")]
+        ("stage2.steps=100", "2000.00 ± 0.10", "1"), ("stage2.steps=300", "900.00 ± 0.10", "1")]
     assert len(summary.separated) == 2 and any("stage2.steps=100" in n for n in summary.separated)
     csv = pd.read_csv(tmp_path / "report" / "tiny" / "denoise.csv", keep_default_na=False)
-    assert sorted(csv["config"]) == sorted(["", "stage2.steps=100", f"default of spec v0 (config {config_id(old)})"])
+    assert sorted(csv["config"]) == ["", "stage2.steps=100", "stage2.steps=300"]  # by the keys that differ
 
 
 def test_report_row_is_the_current_preset_even_with_fewer_seeds(tmp_path: Path) -> None:
@@ -501,7 +501,7 @@ def test_report_row_is_the_current_preset_even_with_fewer_seeds(tmp_path: Path) 
     render_report(rdir, tmp_path / "report", registry={"denoise": spec})
     main, other = (tmp_path / "report" / "tiny" / "denoise.md").read_text().split("## Other configurations")
     assert table_rows(main)["Learned"][1].startswith("500.00 ± ") and table_rows(main)["Learned"][2] == "1"
-    assert f"default of spec v1 (config {config_id(older)})" in other and "900.50 ± " in other
+    assert "| Learned | stage2.precision=bf16 | 900.50 ± " in other  # labelled by how it differs from today's
 
 
 def test_stage_keys_cover_micro_batch_and_device() -> None:
@@ -528,11 +528,11 @@ def test_a_record_moved_aside_under_its_whole_config_hash_still_counts(tmp_path:
 
 def test_perceptual_code_version_keys_only_the_gs_trained_with_perceptual_terms(monkeypatch) -> None:
     """A change to the perceptual terms' code retrains the Gs that use them, and no other model."""
-    import biflow_bench.config as config
+    import biflow_bench.identity as identity
 
     mse, lpips = SCALES["tiny"], apply_delta(SCALES["tiny"], {"stage2.metric": "mse+lpips"})
     before = (mse.stage1_key(), mse.stage2_key(0), lpips.stage2_key(0))
-    monkeypatch.setattr(config, "PERCEPTUAL_CODE_VERSION", config.PERCEPTUAL_CODE_VERSION + 1)
+    monkeypatch.setattr(identity, "PERCEPTUAL_CODE_VERSION", identity.PERCEPTUAL_CODE_VERSION + 1)
     assert (mse.stage1_key(), mse.stage2_key(0)) == before[:2] and lpips.stage2_key(0) != before[2]
 
 

@@ -9,9 +9,10 @@ Markdown, CSV and LaTeX tables and PNG figures regenerated from the result recor
     <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
                                                records exist at that scale too), beside the paper's where known
 
-Seeds are averaged only within one config hash (results.py): each table row is a variant's default config; records
+Seeds are averaged only within one config hash (identity.py): each table row is a variant's default config; records
 of other configs (--set overrides, a micro-batch, an older spec's default) are rows of their own under "Other
-configurations", labelled by how their config differs, and the report says what it separated.
+configurations", labelled by the keys whose values differ from today's default, and the report says what it
+separated. Superseded records under results/archive/ are read only with `include_archive` (--include-archive).
 
 Output is a pure function of the records (and the spec registry, for variant order and labels): no timestamps,
 sorted iteration and fixed figure metadata, so regenerating an unchanged results directory is byte-identical.

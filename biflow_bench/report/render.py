@@ -14,13 +14,14 @@ import pandas as pd
 
 from ..ablations import AblationSpec, load_registry
 from ..config import ConfigError
+from ..identity import split_configs
 from ..results import results_frame, scan_records, speed_frame
 from .bench_pages import curves_page, scaling_page
 from .figures import speed_quality_figure
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_text, md_table, rel_link, rel_or_abs
 from .pages import ablation_page, commentary, speed_page
 from .stats import verdict
-from .tables import headline_table, load_calibration, order_scales, scale_label, split_configs
+from .tables import headline_table, load_calibration, order_scales, scale_label
 from .writer import ReportWriter, sweep_stale
 
 
@@ -56,16 +57,17 @@ def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:
 
 
 def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence[str] | None = None,
-                  registry: dict[str, AblationSpec] | None = None) -> ReportSummary:
+                  registry: dict[str, AblationSpec] | None = None, include_archive: bool = False) -> ReportSummary:
     """Regenerate `out_dir` from the records under `results_dir` (all scales found, or `scales`).
 
     `registry` gives variant order, labels and fallback paper numbers; by default the project's specs are loaded,
-    and an empty dict renders from the records alone."""
+    and an empty dict renders from the records alone. `include_archive` adds the superseded records of
+    results_dir/archive under each table's Other configurations."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     registry_error = None
     if registry is None:
         registry, registry_error = _load_registry_quietly()
-    records, skipped = scan_records(results_dir)
+    records, skipped = scan_records(results_dir, include_archive)
     df = results_frame(records)
     speed = speed_frame(records)
     extra = {kind: [rec for _, rec in records if rec["kind"] == kind] for kind in ("curve", "scaling")}

@@ -1,6 +1,6 @@
 """The report's tables as DataFrames, built from the records frame (results.results_frame): one row per variant of an
-ablation (seeds averaged within one config hash), records of other configs apart, the headline (`main`) table,
-and the calibration / extra metric columns.
+ablation (seeds averaged within one config hash), records of other configs apart (split by identity.split_configs),
+the headline (`main`) table, and the calibration / extra metric columns.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..ablations import AblationSpec
 from ..config import SCALES
-from ..results import CALIBRATION, config_id
+from ..results import CALIBRATION
 from .format import DASH, first_value, float_or_nan, fmt_ours
 from .stats import table_noise
 
@@ -29,51 +29,14 @@ def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[st
     return listed + [v for v in seen if v not in listed]
 
 
-def split_configs(df: pd.DataFrame, registry: Mapping[str, AblationSpec] | None = None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(records of each variant's default config, records of every other config) of one scale.
-
-    A variant's table row averages seeds of one config hash only: the records without overrides, and when those
-    hold several configs (earlier defaults: an older spec, or a preset changed since) the current default of the
-    `registry`'s spec, else the one of the newest spec version (then the most seeds). The rest gets an `overrides`
-    label (how it differs, or which earlier default it is) and is shown apart."""
-    df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
-    keep = pd.Series(df["overrides"] == "", index=df.index)
-    labels = df["overrides"].copy()
-    for _, g in df[keep].groupby(["ablation", "variant"], sort=True):  # a variant name recurs across tables
-        if g["config_hash"].nunique() < 2:
-            continue
-        current = _current_hash(registry, *g[["ablation", "variant", "scale"]].iloc[0])
-        ranked = sorted(g.groupby("config_hash"),
-                        key=lambda kv: (kv[0] != current, -_version(kv[1]), -len(kv[1]), kv[0]))
-        for h, older in ranked[1:]:
-            keep[older.index] = False
-            labels[older.index] = f"default of spec v{_version(older)} (config {h})"
-    df = df.assign(overrides=labels)
-    return df[keep], df[~keep]
-
-
-def _current_hash(registry: Mapping[str, AblationSpec] | None, ablation: str, variant: str, scale: str) -> str | None:
-    """The config hash a run of the variant would record today, or None where the specs do not know it."""
-    spec = (registry or {}).get(ablation)
-    try:
-        return config_id(spec.resolve(variant, scale).to_dict()) if spec and variant in spec.variants else None
-    except ValueError:  # ConfigError: a scale the spec does not resolve
-        return None
-
-
-def _version(g: pd.DataFrame) -> int:
-    versions = [int(v) for v in g["spec_version"] if isinstance(v, (int, float)) and not pd.isna(v)]
-    return max(versions, default=0)
-
-
 def other_configs_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
-    """One row per (variant, config hash) of the records `split_configs` set apart: mean over its seeds and noise."""
+    """One row per (variant, config label) of the records identity.split_configs set apart: mean over its seeds and
+    noise."""
     rows = []
     for v in variant_order(df, spec):
-        for h, g in df[df["variant"] == v].groupby("config_hash", sort=True):
+        for (h, label), g in df[df["variant"] == v].groupby(["config_hash", "overrides"], sort=True):
             row = ablation_table(g, None).iloc[0].to_dict()
-            rows.append({**row, "config_hash": h, "overrides": first_value(g["overrides"]) or ""})
+            rows.append({**row, "config_hash": h, "overrides": label})
     cols = ["variant", "label", "overrides", "config_hash", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label"]
     return pd.DataFrame(rows, columns=cols)
 

@@ -1,0 +1,277 @@
+"""A run's identity, in one place: what names a trained model, a result record and a table row.
+
+    flow_key / backward_key   the artifact cache keys of F (stage 1) and G (stage 2): everything that determines each
+                              trained model (RunConfig.stage1_key / stage2_key)
+    config_id                 a record's hash: every setting the run reads (`read_settings`), and the micro-batch
+                              where it changes the numbers; the seed is not part of it
+    config_overrides          how a config differs from its variant's default, as dotted keys: the record's name
+                              (readable when none, else hashed) and its label in the report
+    RunIdentity               a run's record hash, overrides and micro-batch (`run_identity`)
+    split_configs             the report's split of records into each variant's default config and the rest
+
+This module sits below config.py (it imports nothing of the package at run time) so that RunConfig's key methods can
+use it; the specs and configs it reads are passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module
+    import pandas as pd
+
+    from .ablations import AblationSpec
+    from .config import RunConfig
+
+# Part of every artifact key: bump it when a code change alters what a config trains (v2: F's and G's class
+# embeddings start at N(0, 0.01^2); stage 2's objective follows eq. 5 and 7), so no cache serves stale weights.
+TRAINING_CODE_VERSION = 2
+# Likewise for the perceptual terms alone, in the keys of Gs trained with them (v2: float32 on the CPU under bf16).
+PERCEPTUAL_CODE_VERSION = 2
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a (nested) config."""
+
+    def plain(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return plain(dataclasses.asdict(o))
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in sorted(o.items())}
+        return o
+
+    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------- artifact keys
+# Trained models in the cache are stored under these keys: changing what they hash retrains every model.
+
+def flow_key(cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> str:
+    """Hash of everything that determines F (its seed is stage1.seed): runs that share it share the trained forward
+    flow. A micro-batch that splits the batch (each micro-batch draws its own randomness) and a non-CPU device (bf16
+    autocast) change the trained weights, so they are part of the key when present."""
+    return config_hash({"dataset": cfg.dataset, "flow": cfg.flow, "stage1": _stage_settings(cfg.stage1),
+                        "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, cfg.stage1.batch_size, device)})
+
+
+def backward_key(cfg: RunConfig, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
+    """Hash of everything that determines G: the run's seed, its config and (through flow_key) its F."""
+    perceptual = {"perceptual_code": PERCEPTUAL_CODE_VERSION} if cfg.stage2.metric != "mse" else {}
+    return config_hash({"stage1": flow_key(cfg, micro_batch, device), "backward": cfg.trained_backward,
+                        "stage2": without_unused_settings(_stage_settings(cfg.stage2)), "seed": seed, **perceptual,
+                        **_split_key(micro_batch, cfg.stage2.batch_size, device)})
+
+
+# The settings each perceptual term reads, and those every term reads (Stage2Config)
+PERCEPTUAL_SETTINGS = {"lpips": ("lpips_net", "lpips_weight"), "convnext": ("convnext_net", "convnext_weight")}
+SHARED_PERCEPTUAL_SETTINGS = ("perceptual_weights", "perceptual_size", "perceptual_crop_min", "perceptual_batch")
+
+
+def without_unused_settings(stage2: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage-2 config (dict form) less the perceptual settings its metric never reads (an MSE G is the same run
+    whatever the crop size of a term it does not have)."""
+    terms = set(stage2.get("metric", "mse").split("+")) - {"mse"}
+    unused = [k for term, keys in PERCEPTUAL_SETTINGS.items() if term not in terms for k in keys]
+    if not terms:
+        unused += SHARED_PERCEPTUAL_SETTINGS
+    return {k: v for k, v in stage2.items() if k not in unused}
+
+
+def _stage_settings(stage: Any) -> dict[str, Any]:
+    """What of a stage's config determines the trained model: `compile` does not (same math); float32 precision,
+    the default, is left out."""
+    d = dataclasses.asdict(stage)
+    del d["compile"]
+    if d["precision"] == "fp32":
+        del d["precision"]
+    return d
+
+
+def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[str, Any]:
+    """The parts of a stage key beyond the config, present only when they differ from one CPU pass per batch (so the
+    keys of one-process CPU runs never change)."""
+    key: dict[str, Any] = {}
+    if micro_batch is not None and micro_batch != batch_size:
+        key["micro_batch"] = micro_batch
+    if device != "cpu":
+        key["device"] = device
+    return key
+
+
+# --------------------------------------------------------------------------------------------------- record hash
+
+EXACT_ONLY_SAMPLING = ("guidance_temperature", "annealed", "decoder", "jacobi_tol", "jacobi_group")
+JACOBI_SETTINGS = ("jacobi_tol", "jacobi_group")
+TRAINING_TIME_CFG = ("cfg_max", "cfg_distribution", "cfg_uncond_grad")  # read only by cfg_mode "training-time"
+
+
+def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config (RunConfig.to_dict() form, any subset of it) less every setting the run never reads, so configs that
+    differ only there are one run. Read by runner.py, sample.py and training/losses.py:
+
+    - the exact inverse has no G: no stage2.*, and of backward.* only the denoising mode;
+    - G's sampler reads no exact-inverse setting (guidance temperature, annealing, decoder), and only the Jacobi
+      decoder reads jacobi_*;
+    - an unguided row (cfg_scale 0) is sampled at w = 0 alone, never at the sweep's scales;
+    - a G trains the perceptual settings of its metric's terms only, the CFG-scale draw only with training-time CFG
+      and drops labels only with some CFG."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    exact, backward = out.get("inverse") == "exact", out.get("backward", {})
+    if exact:
+        out.pop("stage2", None)
+        if "backward" in out:
+            out["backward"] = {k: v for k, v in backward.items() if k == "denoise"}
+    else:
+        mode = backward.get("cfg_mode", "training-time")
+        unread = (TRAINING_TIME_CFG if mode != "training-time" else ()) + (("label_drop",) if mode == "none" else ())
+        if "stage2" in out:
+            out["stage2"] = {k: v for k, v in without_unused_settings(out["stage2"]).items() if k not in unread}
+        if "backward" in out and backward.get("strategy") != "hidden-distill":
+            out["backward"].pop("distill_residual", None)  # only hidden-distill's stages read it
+    if "sample" in out:
+        sample = out["sample"]
+        jacobi = sample.get("decoder") == "jacobi"
+        unread = [k for k in EXACT_ONLY_SAMPLING if not exact or (k in JACOBI_SETTINGS and not jacobi)]
+        if not sample.get("cfg_scale"):
+            unread.append("cfg_sweep")
+        out["sample"] = {k: v for k, v in sample.items() if k not in unread}
+    return out
+
+
+def config_id(config: Mapping[str, Any], micro_batch: int | None = None) -> str:
+    """A record's hash: the settings of a resolved config (RunConfig.to_dict()) the run reads and, when the training
+    batch was split into micro-batches (each draws its own randomness), their size. The seed is not part of it:
+    seeds of one config share it, and the report averages seeds only within one config hash."""
+    return _hash(read_settings(config), micro_batch)
+
+
+def _hash(config: Mapping[str, Any], micro_batch: int | None) -> str:
+    return config_hash(dict(config) if micro_batch is None else {"config": dict(config), "micro_batch": micro_batch})
+
+
+def record_config_hash(rec: Mapping[str, Any]) -> str:
+    """A record's hash, recomputed from its config (never trusted from its `config_hash` field)."""
+    config = rec.get("config")
+    return config_id(config if isinstance(config, dict) else {}, rec.get("micro_batch"))
+
+
+def earlier_hashes(rec: Mapping[str, Any]) -> list[str]:
+    """The hashes earlier code named this record by (the whole config; the config less unread perceptual settings),
+    so records moved aside under them still read."""
+    config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    perceptual = {**config, "stage2": without_unused_settings(config["stage2"])} if "stage2" in config else config
+    return [_hash(config, rec.get("micro_batch")), _hash(perceptual, rec.get("micro_batch"))]
+
+
+def config_overrides(config: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys the run of `config` reads whose value differs from `default`'s (both RunConfig.to_dict()
+    forms): settings the run does not read are no difference."""
+    a, b = flatten(read_settings(config)), flatten(default)
+    return {k: a[k] for k in sorted(a) if a[k] != b.get(k)}
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"stage2": {"steps": 100}} -> {"stage2.steps": 100}, tuples as lists."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def overrides_label(overrides: Mapping[str, Any] | None) -> str:
+    """`stage2.steps=100, micro_batch=8`: how a row's config differs from its variant's default ("" for none)."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted((overrides or {}).items()))
+
+
+# ---------------------------------------------------------------------------------------------------- run identity
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a record is keyed by beyond (scale, ablation, variant, seed): its config hash, and how the config
+    differs from the variant's default (empty: the readable file name)."""
+
+    config_hash: str
+    overrides: dict[str, Any]
+    micro_batch: int | None
+
+
+def run_identity(spec: AblationSpec, variant: str, scale: str, cfg: RunConfig, micro_batch: int | None) -> RunIdentity:
+    """The identity of running `cfg` (the variant resolved with any overrides) trained at `micro_batch` (None: one
+    pass per batch)."""
+    micro = cfg.effective_micro_batch(micro_batch)
+    overrides = config_overrides(cfg.to_dict(), spec.resolve(variant, scale).to_dict())
+    if micro is not None:
+        overrides["micro_batch"] = micro
+    return RunIdentity(config_id(cfg.to_dict(), micro), overrides, micro)
+
+
+# ------------------------------------------------------------------------------------------ the report's split
+
+def default_config(registry: Mapping[str, AblationSpec] | None, ablation: str, variant: str,
+                   scale: str) -> dict[str, Any] | None:
+    """The config a run of the variant would record today, or None where the specs do not know it."""
+    spec = (registry or {}).get(ablation)
+    try:
+        return spec.resolve(variant, scale).to_dict() if spec and variant in spec.variants else None
+    except ValueError:  # ConfigError: a scale the spec does not resolve
+        return None
+
+
+SAME_SETTINGS = "an earlier run of the same settings"  # a superseded record that differs in no setting it reads
+
+
+def difference_label(config: Mapping[str, Any], micro_batch: Any, reference: Mapping[str, Any]) -> str:
+    """How a record's config differs from `reference` (today's default, else its row's config), as dotted keys."""
+    overrides = config_overrides(config, reference)
+    if isinstance(micro_batch, (int, float)) and not isinstance(micro_batch, bool) and micro_batch == micro_batch:
+        overrides["micro_batch"] = int(micro_batch)  # a frame column with gaps holds it as a float (NaN: none)
+    return overrides_label(overrides) or SAME_SETTINGS
+
+
+def split_configs(df: pd.DataFrame, registry: Mapping[str, AblationSpec] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(records of each variant's default config, records of every other config) of one scale (the records frame of
+    results.results_frame).
+
+    A variant's table row averages seeds of one config hash only: of the records without overrides (archived ones
+    never), those of the config a run would record today (the `registry`'s spec), else, when they hold one config
+    only (today's not yet run), that one, else the newest spec version's (then the most seeds). The rest is shown
+    apart, labelled by the dotted keys whose values differ from today's default (else from the row's config)."""
+    import pandas as pd
+
+    df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
+    archived = df["archived"].fillna(False).astype(bool) if "archived" in df else pd.Series(False, index=df.index)
+    keep = pd.Series(False, index=df.index)
+    labels = df["overrides"].copy()
+    for (ablation, variant), g in df.groupby(["ablation", "variant"], sort=True):  # a variant name recurs by table
+        reference = default_config(registry, ablation, variant, g["scale"].iloc[0])
+        current = config_id(reference) if reference is not None else None
+        candidates = g[~archived[g.index] & (g["overrides"] == "")]
+        if len(candidates) and current not in set(candidates["config_hash"]):
+            ranked = sorted(candidates.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
+            current = ranked[0][0]
+        row = candidates[candidates["config_hash"] == current]
+        keep[row.index] = True
+        if reference is None and len(row) and "config" in df:
+            reference = row["config"].iloc[0]
+        for i in g.index.difference(row.index):
+            config = df.at[i, "config"] if "config" in df else None
+            micro = df.at[i, "micro_batch"] if "micro_batch" in df else None
+            if reference is not None and isinstance(config, dict):
+                labels[i] = difference_label(config, micro, reference)
+    df = df.assign(overrides=labels)
+    return df[keep], df[~keep]
+
+
+def _version(g: pd.DataFrame) -> int:
+    versions = [int(v) for v in g["spec_version"] if isinstance(v, (int, float)) and v == v]  # v == v: not NaN
+    return max(versions, default=0)
