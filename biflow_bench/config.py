@@ -23,6 +23,7 @@ from .models.tarflow import TARFlowConfig
 INVERSES = ("learned", "exact")
 DECODERS = ("serial", "jacobi", "compiled")  # how the exact inverse is solved (sample.decoder)
 PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
+SCHEDULES = ("cosine", "constant")  # stage1/stage2.schedule
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 CFG_DISTRIBUTIONS = ("inverse", "uniform")
 # The network names of each perceptual term, the paper's first (training/perceptual.py builds them)
@@ -57,6 +58,7 @@ class TrainingConfig:
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     precision: str = "fp32"  # "bf16": forward under bfloat16 autocast (CPU and CUDA); weights and AdamW stay float32
     compile: bool = False  # torch.compile the trained model's forward (the first steps pay the compilation)
+    schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0, or "constant" (the authors' code base)
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,10 @@ class RunConfig:
         if self.inverse == "exact" and self.backward.denoise == "learned":
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
         for section in ("stage1", "stage2"):
-            if getattr(self, section).precision not in PRECISIONS:
-                raise ConfigError(f"{section}.precision={getattr(self, section).precision!r} is not one of "
-                                  f"{', '.join(PRECISIONS)}")
+            for name, valid in (("precision", PRECISIONS), ("schedule", SCHEDULES)):
+                if getattr(getattr(self, section), name) not in valid:
+                    raise ConfigError(f"{section}.{name}={getattr(getattr(self, section), name)!r} is not one of "
+                                      f"{', '.join(valid)}")
         if self.sample.decoder not in DECODERS:
             raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
         if self.stage2.metric not in METRICS:

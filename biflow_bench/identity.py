@@ -83,14 +83,21 @@ def without_unused_settings(stage2: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stage2.items() if k not in unused}
 
 
+# Settings added after models and records were keyed, left out of every key and hash at this default value, so the
+# keys of everything run before them stand
+LATER_DEFAULTS = {"precision": "fp32", "schedule": "cosine"}
+
+
 def _stage_settings(stage: Any) -> dict[str, Any]:
-    """What of a stage's config determines the trained model: `compile` does not (same math); float32 precision,
-    the default, is left out."""
+    """What of a stage's config determines the trained model: `compile` does not (same math); LATER_DEFAULTS at
+    their default are left out."""
     d = dataclasses.asdict(stage)
     del d["compile"]
-    if d["precision"] == "fp32":
-        del d["precision"]
-    return d
+    return _without_later_defaults(d)
+
+
+def _without_later_defaults(stage: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stage.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[str, Any]:
@@ -134,6 +141,9 @@ def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             out["stage2"] = {k: v for k, v in without_unused_settings(out["stage2"]).items() if k not in unread}
         if "backward" in out and backward.get("strategy") != "hidden-distill":
             out["backward"].pop("distill_residual", None)  # only hidden-distill's stages read it
+    for stage in ("stage1", "stage2"):  # the record hashes of runs before `schedule` existed stand
+        if stage in out and out[stage].get("schedule") == LATER_DEFAULTS["schedule"]:
+            del out[stage]["schedule"]
     if "sample" in out:
         sample = out["sample"]
         jacobi = sample.get("decoder") == "jacobi"

@@ -111,6 +111,23 @@ def test_learning_rate_schedule_golden_values():
     assert lr_at(40, 100, 1e-3, 10) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 3)))
     assert lr_at(100, 100, 1e-3, 10) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(150, 100, 1e-3, 10) == pytest.approx(0.0, abs=1e-12)  # clamped past the end
+    # "constant": the same warm-up, then the peak to the end
+    assert lr_at(0, 100, 1e-3, 10, "constant") == pytest.approx(1e-4)
+    assert [lr_at(s, 100, 1e-3, 10, "constant") for s in (10, 55, 99)] == [1e-3, 1e-3, 1e-3]
+
+
+def test_a_constant_schedule_is_part_of_the_keys_and_the_default_is_not():
+    """Runs keyed before `schedule` existed keep their keys (cosine left out); a constant schedule is another G."""
+    from biflow_bench.config import SCALES, apply_delta
+    from biflow_bench.identity import config_id
+
+    cfg = SCALES["small"]
+    constant = apply_delta(cfg, {"stage2.schedule": "constant"})
+    assert constant.stage2_key(0) != cfg.stage2_key(0)  # the default's keys: pinned in tests/test_identity.py
+    assert constant.stage1_key() == cfg.stage1_key()
+    assert config_id(constant.to_dict()) != config_id(cfg.to_dict())
+    with pytest.raises(ValueError, match="stage2.schedule='linear' is not one of cosine, constant"):
+        apply_delta(cfg, {"stage2.schedule": "linear"})
 
 
 def test_ema_update_golden_values():

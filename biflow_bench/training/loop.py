@@ -58,9 +58,12 @@ class FitResult:
     micro_batch: int = 0  # rows per forward pass; batch_size / (micro_batch * world_size) accumulation steps
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to 0 at `steps`, or "constant" at the peak (the authors' code base)."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
     progress = (step - warmup) / max(1, steps - warmup)
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -214,6 +217,7 @@ def fit(
     precision: str = "fp32",
     compile: bool = False,
     snapshot: Snapshot | None = None,
+    schedule: str = "cosine",
 ) -> FitResult:
     """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass.
     `precision` "bf16" runs the forward under bfloat16 autocast on any device (`bf16`: on CUDA regardless);
@@ -272,7 +276,7 @@ def fit(
                 raise TrainingInterrupted(f"{desc} interrupted at step {step}/{steps}; {where}; re-run the same command to resume")
             idx = next(indices)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup)
+                group["lr"] = lr_at(step, steps, lr, warmup, schedule)
             opt.zero_grad(set_to_none=True)
             finite, step_terms = True, {}
             for k in range(accum):  # this rank's micro-batches of the global batch

@@ -45,7 +45,7 @@ def fit_fixed_pairs(g: BiFlow, flow: TARFlow, x: Tensor, y: Tensor | None, s2: S
     g.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, min(s2.warmup, steps // 10))
+            group["lr"] = lr_at(step, steps, lr, min(s2.warmup, steps // 10), s2.schedule)
         idx = torch.randperm(len(x), generator=gen)[:batch_size]
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             loss, _ = inverse_loss(g, z[idx], [t[idx] for t in targets], None if y is None else y[idx], s2,

@@ -44,7 +44,7 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint
         weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=s1.seed, checkpoint=checkpoint,
         checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
         progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, precision=s1.precision,
-        compile=s1.compile, snapshot=snapshot,
+        compile=s1.compile, snapshot=snapshot, schedule=s1.schedule,
     )
     return flow, result
 
@@ -72,7 +72,7 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
         checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
         desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, precision=s2.precision,
-        compile=s2.compile, snapshot=snapshot,
+        compile=s2.compile, snapshot=snapshot, schedule=s2.schedule,
     )
     return g, result
 

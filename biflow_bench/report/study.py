@@ -1,0 +1,137 @@
+"""A study's page (a spec of kind "study", e.g. ablations/g-training.toml): per point, how well G learned F's inverse
+(runner.diagnostics), its samples' quality and its cost, the best point of each axis against the centre, a figure.
+
+A point's axis is its variant name up to the first "-" ("lr-3e-3" -> "lr"); "centre" is the point every axis starts
+from. Points are read straight from their records, seeds averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from ..ablations import AblationSpec
+
+from .figures import png_bytes
+from .format import DASH, fmt_num, md_table, rel_link
+from .writer import ReportWriter
+
+CENTRE = "centre"
+# (key, header): what each point measured; `diag.` keys come from the record's diagnostics, `metric.` from its metrics
+COLUMNS = (("diag.inverse_mse_clean", "inverse MSE ↓"), ("sigma2", "= σ² x"), ("diag.noise_sensitivity", "noise sens. ↑"),
+           ("metric.recall_effnet", "recall ↑"), ("recall_ratio", "recall / exact's"),
+           ("metric.precision_effnet", "precision ↑"), ("metric.fd_effnet", "fd_effnet ↓"),
+           ("metric.acc_cls", "acc_cls ↑"), ("train_min", "G training (min)"), ("g_ms", "G ms (batch 1)"))
+
+
+def axis_of(variant: str) -> str:
+    return variant.split("-")[0]
+
+
+def _mean(values: Sequence[Any]) -> float:
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(np.mean(nums)) if nums else float("nan")
+
+
+def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float) -> list[dict]:
+    """One row per variant (in `order`, then any others by name), its measurements averaged over seeds."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_variant.setdefault(rec["variant"], []).append(rec)
+    names = [v for v in order if v in by_variant] + sorted(set(by_variant) - set(order))
+    points = []
+    for name in names:
+        recs = by_variant[name]
+        p: dict[str, Any] = {"variant": name, "axis": axis_of(name), "label": recs[0].get("label") or name,
+                             "seeds": len(recs)}
+        for key, _ in COLUMNS:
+            section, _, field = key.partition(".")
+            if field:
+                p[key] = _mean([r.get("diagnostics" if section == "diag" else "metrics", {}).get(field) for r in recs])
+        p["sigma2"] = p["diag.inverse_mse_clean"] / _mean([r.get("diagnostics", {}).get("noise_sigma_sq") for r in recs])
+        p["recall_ratio"] = p["metric.recall_effnet"] / exact_recall if exact_recall > 0 else float("nan")
+        p["train_min"] = _mean([r.get("timing", {}).get("stage2_s") for r in recs]) / 60
+        p["g_ms"] = _mean([r.get("timing", {}).get("g_ms_batch1") for r in recs])
+        points.append(p)
+    return points
+
+
+def axis_summary(points: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Per axis, its best point by the inverse MSE and how many times closer to F's inverse it is than the centre."""
+    centre = next((p for p in points if p["variant"] == CENTRE), None)
+    rows = []
+    for axis in dict.fromkeys(p["axis"] for p in points if p["variant"] != CENTRE):
+        group = [p for p in points if p["axis"] == axis and np.isfinite(p["diag.inverse_mse_clean"])]
+        if not group:
+            continue
+        best = min(group, key=lambda p: p["diag.inverse_mse_clean"])
+        gain = centre["diag.inverse_mse_clean"] / best["diag.inverse_mse_clean"] if centre else float("nan")
+        sens = best["diag.noise_sensitivity"] - centre["diag.noise_sensitivity"] if centre else float("nan")
+        sens = round(sens, 2) + 0.0  # no "-0.00"
+        rows.append([f"`{axis}`", best["label"], f"x{fmt_num(gain, 2)}" if np.isfinite(gain) else DASH,
+                     f"{sens:+.2f}" if np.isfinite(sens) else DASH])
+    return rows
+
+
+def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) -> bytes:
+    labels = [p["label"] for p in points][::-1]
+    y = np.arange(len(points))
+    fig = Figure(figsize=(13, 0.45 * len(points) + 1.6))
+    axes = fig.subplots(1, 3, sharey=True)
+    panels = (("diag.inverse_mse_clean", "inverse MSE per value (log)", sigma2, "σ²"),
+              ("diag.noise_sensitivity", "noise sensitivity (exact inverse = 1)", 1.0, "exact inverse"),
+              ("metric.fd_effnet", "fd_effnet", None, None))
+    for ax, (key, xlabel, ref, ref_label) in zip(axes, panels, strict=True):
+        ax.barh(y, [p[key] for p in points][::-1], color="#4c72b0")
+        if ref is not None:
+            ax.axvline(ref, color="#c44e52", linestyle="--", label=ref_label)
+            ax.legend(loc="lower right", fontsize=8)
+        if key == "diag.inverse_mse_clean":
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
+        ax.set_xlabel(xlabel)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, records: Sequence[dict[str, Any]],
+               spec: AblationSpec | None, comment: str | None, exact_recall: float) -> str:
+    """Write <scale>/<name>.md and its figure; returns the page's path relative to the report."""
+    points = study_points(records, list(spec.variants) if spec else [], exact_recall)
+    sigma2 = _mean([r.get("diagnostics", {}).get("noise_sigma_sq") for r in records])
+    title = spec.title if spec else name
+    base = f"{scale}/{name}"
+    md = [f"# {title}: scale `{scale}`\n"]
+    if spec and spec.description:
+        md.append(" ".join(spec.description.split()) + "\n")
+    if comment:
+        md.append(f"**Reading.** {comment}\n")
+    md.append("## Which knob matters\n\nPer axis, its best point by the distance to F's inverse, and how many times "
+              "closer to F's inverse it is than the centre (the change in noise sensitivity beside it).\n\n"
+              + md_table(["Axis", "Best point", "Inverse MSE, centre / best", "Noise sensitivity change"],
+                         axis_summary(points), "llrr"))
+    digits = {"diag.inverse_mse_clean": 4, "sigma2": 1, "diag.noise_sensitivity": 2, "metric.recall_effnet": 2,
+              "recall_ratio": 2, "metric.precision_effnet": 2, "metric.fd_effnet": 0, "metric.acc_cls": 2,
+              "train_min": 1, "g_ms": 2}
+    cells = [[p["label"], str(p["seeds"]), *[fmt_num(p[k], digits[k]) for k, _ in COLUMNS]] for p in points]
+    md.append("## Every point\n\nEach point is its own run with its own schedule. Inverse MSE: G's output against F's "
+              f"exact inverse on held-out pairs, per value (σ² = {fmt_num(sigma2, 4)}, the training noise). Noise "
+              "sensitivity: the per-pixel spread of G's samples over its noise, over that of F's exact inverse from "
+              "the same noises (1 = as varied). Recall / exact's: against the unguided exact inverse's recall "
+              f"({fmt_num(exact_recall, 3)}). Unguided samples.\n\n"
+              + md_table(["Point", "Seeds", *[h for _, h in COLUMNS]], cells, "lr" + "r" * len(COLUMNS)))
+    md.append(f"![{title}]({name}.png)\n")
+    grids = [f"- {r.get('label') or r['variant']}, seed {r['seed']}:\n\n"
+             f"  ![{r['variant']}]({rel_link(results_dir / scale / r['samples_png'], w.out_dir / scale)})\n"
+             for r in sorted(records, key=lambda r: ([p["variant"] for p in points].index(r["variant"]), r["seed"]))
+             if r.get("samples_png")]
+    if grids:
+        md.append("## Samples\n\n" + "\n".join(grids))
+    w.bytes(f"{base}.png", study_figure(points, sigma2, f"{title} (scale {scale})"))
+    return w.text(f"{base}.md", "\n".join(md))

@@ -1,0 +1,30 @@
+"""The study page (report/study.py): points averaged over seeds, each axis's best point against the centre."""
+
+from __future__ import annotations
+
+import pytest
+
+from biflow_bench.report.study import axis_of, axis_summary, study_points
+
+
+def _rec(variant: str, seed: int, mse: float, sens: float, recall: float = 0.1) -> dict:
+    return {"variant": variant, "seed": seed, "label": variant,
+            "diagnostics": {"inverse_mse_clean": mse, "noise_sensitivity": sens, "noise_sigma_sq": 0.0025},
+            "metrics": {"recall_effnet": recall, "fd_effnet": 100.0, "acc_cls": 0.5, "precision_effnet": 0.2},
+            "timing": {"stage2_s": 120.0, "g_ms_batch1": 1.5}}
+
+
+def test_axis_of_a_point_is_its_name_up_to_the_first_dash():
+    assert [axis_of(v) for v in ("centre", "lr-3e-3", "steps-1600", "depth-2")] == ["centre", "lr", "steps", "depth"]
+
+
+def test_points_average_seeds_and_each_axis_is_judged_against_the_centre():
+    records = [_rec("centre", 0, 0.12, 0.2), _rec("centre", 1, 0.08, 0.4), _rec("lr-3e-3", 0, 0.05, 0.5),
+               _rec("lr-1e-2", 0, 0.02, 0.6, recall=0.2), _rec("steps-1600", 0, 0.04, 0.3)]
+    points = study_points(records, ["centre", "lr-3e-3", "lr-1e-2", "steps-1600"], exact_recall=0.2)
+    centre = points[0]
+    assert centre["seeds"] == 2 and centre["diag.inverse_mse_clean"] == pytest.approx(0.10)
+    assert centre["sigma2"] == pytest.approx(0.10 / 0.0025) and centre["train_min"] == pytest.approx(2.0)
+    assert points[2]["recall_ratio"] == pytest.approx(1.0)
+    # lr's best is 1e-2 (0.02): 0.10 / 0.02 = x5, sensitivity 0.6 - 0.3; steps: 0.10 / 0.04 = x2.5, 0.3 - 0.3
+    assert axis_summary(points) == [["`lr`", "lr-1e-2", "x5.00", "+0.30"], ["`steps`", "steps-1600", "x2.50", "+0.00"]]
