@@ -9,6 +9,7 @@ line and exit code 130.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Annotated
 import typer
 
 from .ablations import load_registry
-from .cli_args import (USER_ERRORS, Ablation, DataDir, Device, Overrides, ResultsDir, Scale, Seed, VaePath, Variant,
-                       check_device, check_out_file, check_scale, parse_overrides, positive, writable)
+from .cli_args import (USER_ERRORS, Ablation, DataDir, Device, Overrides, RefStats, ResultsDir, Scale, Seed, VaePath,
+                       Variant, check_device, check_out_file, check_scale, parse_overrides, positive, writable)
 from .cli_bench import bench_app
-from .config import ConfigError
+from .config import ConfigError, scale_config
 from .paths import default_results_dir
 
 # rich_markup_mode=None: plain click help (no "<bool>" type column, no "{ablation}" placeholders)
@@ -87,15 +88,28 @@ def run(
     micro_batch: Annotated[int | None, typer.Option(help="rows per forward pass in training (default: the batch "
                                                         "split over the processes); part of the record's config")
                            ] = None,
+    vae: VaePath = None,
+    ref_stats: RefStats = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu at the pixel scales, cuda when "
+                                                    "available at the latent ones)")] = None,
 ) -> None:
     """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config. Under
-    torchrun (CPU processes, gloo) the same command trains with DDP across the processes, shards the sampling
-    (image i from seed i whatever their number) and evaluates and writes on rank 0 alone."""
+    torchrun the same command trains with DDP across the processes, shards the sampling (image i from seed i
+    whatever their number) and evaluates and writes on rank 0 alone. At the latent scales (tiny-latent, paper,
+    paper-xl) --data-dir holds the prepared latents, every process decodes its samples with --vae and rank 0 scores
+    them against --ref-stats (FID / IS at paper scale)."""
     from . import runner
     from .ablations import get_spec
     from .distributed import init_from_env, shutdown
 
     check_scale(scale)
+    check_device(device)
+    latent = scale_config(scale).dataset == "latents"
+    if not latent and (vae is not None or ref_stats is not None):
+        raise ConfigError(f"--vae and --ref-stats are for the latent scales (tiny-latent, paper, paper-xl); scale "
+                          f"{scale!r} is evaluated against its dataset's held-out images")
+    if vae is not None:  # stage 2's perceptual terms decode with BIFLOW_VAE's VAE (training/stages.py): the same one
+        os.environ["BIFLOW_VAE"] = str(vae)
     spec = get_spec(ablation)
     names = [v.strip() for v in variants.split(",")] if variants is not None else None
     if names is not None and "" in names:
@@ -112,7 +126,8 @@ def run(
     results_dir = results_dir or default_results_dir()
     writable(results_dir)
     opts = _options(results_dir, data_dir, force, set_)
-    opts.micro_batch, opts.env = micro_batch, init_from_env("cpu")
+    opts.vae, opts.ref_stats = vae, ref_stats
+    opts.micro_batch, opts.env = micro_batch, init_from_env(device or (None if latent else "cpu"))
     try:
         paths = runner.run(ablation, names, scale, seed, opts)
     finally:
@@ -175,6 +190,9 @@ def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path 
     from .distributed import init_from_env
 
     check_scale(scale)
+    if scale_config(scale).dataset == "latents":
+        raise ConfigError(f"scale {scale!r} trains on VAE latents: `run ABLATION --scale {scale} --vae DIR --ref-stats "
+                          "NPZ` makes a table's records, `train-dist` and `sample-dist` train and sample one variant")
     opts = _options(default_results_dir(), data_dir, False, overrides)
     cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
     opts.env = init_from_env("cpu")
@@ -301,8 +319,7 @@ def sample_dist(
                                                                "scale); not --num, which torchrun would take")] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per forward pass and process")] = None,
     vae: VaePath = None,
-    ref_stats: Annotated[Path | None, typer.Option(help="FID reference statistics (.npz with mu, sigma, e.g. ADM's "
-                                                       "VIRTUAL_imagenet256_labeled.npz): report FID / IS")] = None,
+    ref_stats: RefStats = None,
     out: Annotated[Path | None, typer.Option(help=".npz (uint8 NHWC arr_0 + labels: ADM's format) or .png")] = None,
     device: Device = None,
     set_: Overrides = None,

@@ -39,13 +39,16 @@ ResultsDir = Annotated[Path | None, typer.Option(help="where records are written
                                                       "default: results/ of the project, see README)")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="config override (TOML value), repeatable")]
-DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files)")]
+DataDir = Annotated[Path | None, typer.Option(help="dataset directory (small scale: Fashion-MNIST IDX files; latent "
+                                                    "scales: what prepare-latents wrote)")]
 Ablation = Annotated[str, typer.Argument(metavar="ABLATION", help="ablation name (see `biflow-bench list`)")]
 Variant = Annotated[str, typer.Argument(metavar="VARIANT", help="variant of the ablation (see `biflow-bench list`)")]
 
 Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")]
 VaePath = Annotated[str | None, typer.Option("--vae", help="diffusers AutoencoderKL directory (default: BIFLOW_VAE, "
                                                           "then the local caches)")]
+RefStats = Annotated[Path | None, typer.Option(help="FID reference statistics (.npz with mu, sigma, e.g. ADM's "
+                                                    "VIRTUAL_imagenet256_labeled.npz) or a folder of reference images")]
 
 
 

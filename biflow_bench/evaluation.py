@@ -2,11 +2,15 @@
 it: the extractor's Frechet distance / score / precision / recall (metrics/fidelity.py), the domain classifier's
 acc_cls / conf_cls / fd_cls (metrics/classifier.py) and the noise left in the images, with the real side (features,
 the classifier) computed once per process. Calibration rows apply the same code to real images (as they are, with
-the training noise, blurred), so every number has a floor.
+the training noise, blurred), so every number has a floor; `ensure_calibration` keeps them in
+results/<scale>/calibration.json, computed once per calibration key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,11 +20,13 @@ import torch
 from .cache import default_cache_dir
 from .config import RunConfig, config_hash
 from .data import DataSplits, add_noise, load_dataset, to_uint8
+from .files import atomic_write_json, dir_lock
 from .metrics.classifier import (DomainClassifier, classifier_config, classifier_key, classifier_metrics,
                                  get_classifier, reference_features_stats)
 from .metrics.fidelity import compute_fidelity
 from .metrics.images import box_blur, residual_noise
 from .metrics.reference import reference_features
+from .results import CALIBRATION
 
 
 @cache
@@ -102,3 +108,42 @@ def calibration_rows(cfg: RunConfig, data_dir: Path | None = None,
         out.append({"name": name, "label": CALIBRATION_ROWS[name],
                     "metrics": image_metrics(cfg, x, labels, data_dir, cache_dir)})
     return out
+
+
+def ensure_calibration(cfg: RunConfig, results_dir: Path, data_dir: Path | None = None,
+                       cache_dir: Path | None = None) -> str:
+    """The calibration entry of `cfg` in results/<scale>/calibration.json, computed and added (atomically) when
+    missing or unreadable; returns its key (which each record names). Tables of one scale may run side by side
+    (each holds its own lock): the scale's lock makes one of them compute a missing entry and the others find it."""
+    key, cache_dir = calibration_key(cfg, data_dir), cache_dir or default_cache_dir()
+    path = results_dir / cfg.scale / CALIBRATION
+    if key in _calibration_entries(path, warn=False):
+        return key
+    with dir_lock(path.parent, wait=True):
+        entries = _calibration_entries(path, warn=True)
+        if key not in entries:
+            _log(f"[calibration] real-data rows for {cfg.dataset}, {cfg.sample.num_samples} images")
+            model_meta = domain_classifier(cfg.dataset, str(data_dir) if data_dir else None, cache_dir)[1]
+            entries[key] = {"key": key, "dataset": cfg.dataset, "eval": dataclasses.asdict(cfg.eval),
+                            "num_images": cfg.sample.num_samples, "noise_sigma": cfg.stage1.noise_sigma,
+                            "classifier": {"key": model_meta["key"], "test_accuracy": model_meta["test_accuracy"]},
+                            "rows": calibration_rows(cfg, data_dir, cache_dir)}
+            atomic_write_json(path, {"schema": 1, "entries": entries})
+    return key
+
+
+def _calibration_entries(path: Path, warn: bool) -> dict[str, Any]:
+    """calibration.json's entries; {} when it is missing or unreadable (with a warning when `warn`)."""
+    try:
+        entries = json.loads(path.read_text())["entries"] if path.exists() else {}
+        if not isinstance(entries, dict):
+            raise ValueError("entries is not an object")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if warn:
+            _log(f"warning: {path} unreadable ({e}); computing the calibration rows again")
+        return {}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -55,7 +55,7 @@ RESULT_COLUMNS = (
     "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
     "inverse", "spec_version", "config_hash", "overrides", "samples_png", "notes", "wall_time_s", "best_w",
     "guidance_curve", "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
-    "config", "micro_batch", "archived",
+    "config", "micro_batch", "archived", "sample_batch",
 )
 SPEED_COLUMNS = (
     "scale", "seed", "order", "sampler", "label", "nfe", "nfe_label", "params", "flops_per_image", "batch_size", "ms_per_image",
@@ -318,7 +318,9 @@ def _dict(rec: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def _notes(rec: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(str(n) for n in rec.get("notes") or ())
+    """The record's notes, and its guidance sweep's (runner.sweep_guidance: a sweep extended past its edge)."""
+    note = _dict(rec, "guidance").get("note")
+    return tuple(str(n) for n in rec.get("notes") or ()) + ((str(note),) if note else ())
 
 
 def _guidance(rec: Mapping[str, Any], metric: Any) -> dict[str, Any]:
@@ -358,6 +360,7 @@ def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
         "paper_fid": _float(paper.get("fid")), "paper_table": paper.get("table"), "paper_nfe": paper.get("nfe"),
         "paper_ms_per_image": _float(paper.get("ms_per_image")),
         "ms_per_image": _float(timing.get("ms_per_image")), "images_per_s": _float(timing.get("images_per_s")),
+        "sample_batch": _float(timing.get("sample_batch", _dict(_dict(rec, "config"), "sample").get("batch_size"))),
         "params_total": float(sum(params)) if params else math.nan,
         "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
         "config_hash": record_config_hash(rec), "overrides": overrides_label(_dict(rec, "overrides")),

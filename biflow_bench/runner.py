@@ -7,9 +7,10 @@
     evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
                 acc_cls / conf_cls / fd_cls (evaluation.py), NLL of F; diagnostics (noise left in the samples, for
                 a learned inverse how far G is from F's inverse); NFE, params, latency; guided rows at every w of
-                the shared sweep, reported at the best
-    calibrate   the same metrics on real images (evaluation.py: as they are, + training noise, 3x3 box blur), once per
-                (dataset, eval config, number of images, noise): results/<scale>/calibration.json
+                the shared sweep, reported at the best. Latent scales decode the samples with the VAE and score
+                them against FID reference statistics instead (latent_eval.py)
+    calibrate   pixel scales: the same metrics on real images (evaluation.py: as they are, + training noise, 3x3
+                box blur), once per (dataset, eval config, number of images, noise): results/<scale>/calibration.json
     record      results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json, written atomically under a
                 directory lock (results.py: the hash names every config but the variant's default)
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -39,10 +39,11 @@ from .ablations import AblationSpec, get_spec
 from .cache import default_cache_dir, distributed_micro_batch, train_stages
 from .config import ConfigError, RunConfig
 from .data import DataSplits, class_balanced_labels, image_grid_png
-from .evaluation import calibration_key, calibration_rows, dataset_splits, domain_classifier, image_metrics
+from .evaluation import dataset_splits, ensure_calibration, image_metrics
 from .distributed import DistEnv, barrier, broadcast_object
-from .files import LockBusy, atomic_write_bytes, atomic_write_json, dir_lock
+from .files import LockBusy, atomic_write_bytes, dir_lock
 from .identity import RunIdentity, run_identity
+from .latent_eval import LatentEval, latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
@@ -51,7 +52,7 @@ from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .provenance import environment
-from .results import CALIBRATION, RESULT_SCHEMA, _check_name, find_measurement, find_record, record_path, write_record
+from .results import RESULT_SCHEMA, _check_name, find_measurement, find_record, record_path, write_record
 from .sample import Sampler, generate
 from .speed.benchmark import record_speed_bench
 from .training.perceptual import WEIGHT_MODES, describe, require_weights
@@ -71,6 +72,8 @@ class RunOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     micro_batch: int | None = None  # rows per forward pass in training (None: the batch split over the ranks)
     env: DistEnv = field(default_factory=DistEnv)  # this process's place in a torchrun job (one process: the default)
+    vae: str | Path | None = None  # latent scales: the VAE directory (None: BIFLOW_VAE, then the local caches)
+    ref_stats: Path | None = None  # latent scales: FID reference statistics (.npz) or a folder of reference images
 
     @property
     def cache(self) -> Path:
@@ -84,6 +87,7 @@ class Trained:
     g: BiFlow | None
     splits: DataSplits
     train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
+    latent: LatentEval | None = None  # latent scales: the VAE that decodes the samples and the reference statistics
 
 
 def log(message: str) -> None:
@@ -95,9 +99,6 @@ def preflight(cfg: RunConfig, seed: int) -> None:
     config, and their pretrained weights (WeightsError names the file). Raises before any work starts."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed {seed!r}: must be an integer from 0 to 2**32 - 1")
-    if cfg.dataset == "latents":  # samples must be decoded by the VAE and scored against ImageNet's statistics
-        raise ConfigError(f"scale {cfg.scale!r} trains on VAE latents: `run` covers the pixel scales (tiny, small); "
-                          "use `train-dist` and `sample-dist --vae DIR --ref-stats NPZ` (README: Paper scale)")
     s2 = cfg.stage2
     if cfg.inverse == "learned" and s2.metric != "mse":
         if s2.perceptual_weights not in WEIGHT_MODES:
@@ -116,15 +117,17 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
     preflight(cfg, seed)
     splits = dataset_splits(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
+    latent = latent_eval(cfg, opts.vae, opts.ref_stats, opts.env, opts.cache) if cfg.dataset == "latents" else None
     flow, g, train = train_stages(cfg, seed, splits.train, opts.cache, opts.env, opts.micro_batch, opts.progress)
-    return Trained(cfg, flow, g, splits, train)
+    return Trained(cfg, flow, g, splits, train, latent)
 
 
 def sample_variant(t: Trained, seed: int, num: int | None = None, cfg_scale: float | None = None,
                    env: DistEnv | None = None) -> tuple[torch.Tensor | None, float]:
     """`num` images (default: the config's) with class-balanced labels at guidance `cfg_scale` (default: the
     config's); returns them and ms per image. Under torchrun every rank makes its share and rank 0 gets them all
-    (the other ranks None): image i comes from seed (seed, i) whatever the number of processes."""
+    (the other ranks None): image i comes from seed (seed, i) whatever the number of processes. Latent scales
+    return the VAE-decoded images as uint8."""
     cfg = t.cfg
     num = num or cfg.sample.num_samples
     labels = class_balanced_labels(num, cfg.flow.num_classes) if cfg.flow.num_classes else None
@@ -132,8 +135,12 @@ def sample_variant(t: Trained, seed: int, num: int | None = None, cfg_scale: flo
     if cfg_scale is not None:
         sampler = dataclasses.replace(sampler, cfg_scale=cfg_scale)
     start = time.perf_counter()
-    images = generate(sampler, t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed, env)
+    post = t.latent.postprocess() if t.latent is not None else None
+    images = generate(sampler, t.flow, t.g, labels, range(num), cfg.sample.batch_size, seed, env, post)
     return images, (time.perf_counter() - start) * 1000 / num
+
+
+GUIDANCE_CAP = 16.0  # the largest w a sweep extends to when its best w sits at its edge
 
 
 def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
@@ -141,35 +148,60 @@ def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
     return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
 
 
+def next_guidance(best_w: float | None, swept: list[float], cap: float = GUIDANCE_CAP) -> float | None:
+    """The w to try next when the best w is the largest swept (double it, up to `cap`), else None: the curve turned."""
+    top = max(swept)
+    return None if best_w is None or best_w < top or top <= 0 or top >= cap else min(2 * top, cap)
+
+
 def sweep_guidance(t: Trained, seed: int, data_dir: Path | None, cache_dir: Path | None = None,
                    env: DistEnv | None = None) -> tuple[dict[str, Any], torch.Tensor] | None:
-    """Sample and evaluate at every guidance scale of the run (sampling only, no retraining); the best w by the
-    primary metric is the row's result, as the paper reports each guided row at its best w. Returns the guidance
-    record {'scales', 'curve', 'best_w', 'selected_by'} and the images of the best w. Under torchrun every rank
-    samples its share and rank 0 alone evaluates (the other ranks get None)."""
+    """Sample and evaluate at every guidance scale of the run, and beyond while the best w is the largest
+    (next_guidance); the best w by the primary metric is the row's result, as the paper reports its guided rows.
+    Returns {'scales', 'curve', 'best_w', 'selected_by'[, 'extended', 'note']} and the best w's images; under
+    torchrun every rank samples its share and rank 0 alone evaluates (the other ranks get None)."""
     curve, best_images, best = [], None, None
-    for w in guidance_scales(t.cfg):
+    scales, extended = list(guidance_scales(t.cfg)), []
+
+    def point(w: float) -> None:
+        nonlocal best, best_images
         images, ms = sample_variant(t, seed, cfg_scale=w, env=env)
         if images is None:  # not rank 0
-            continue
+            return
         metrics = evaluate(t, images, seed, data_dir, cache_dir, nll=False)  # F's NLL does not depend on w
         metric = primary_metric(metrics)
         curve.append({"w": w, "metrics": metrics, "ms_per_image": ms})
         if best is None or metrics[metric] < best["metrics"][metric]:
             best, best_images = curve[-1], images
+
+    for w in scales:
+        point(w)
+    while len(scales) > 1:  # a single w is a setting, not a sweep: nothing to extend
+        w = next_guidance(best["w"] if best else None, scales + extended)
+        w = broadcast_object(w, env) if env is not None else w  # every rank samples, rank 0 decides
+        if w is None:
+            break
+        extended.append(w)
+        point(w)
     if best is None or best_images is None:
         return None
-    return {"scales": list(guidance_scales(t.cfg)), "curve": curve, "best_w": best["w"],
-            "selected_by": primary_metric(best["metrics"])}, best_images
+    guidance = {"scales": scales, "curve": curve, "best_w": best["w"], "selected_by": primary_metric(best["metrics"])}
+    if extended:  # the loop stops where the curve turns or at the cap
+        guidance.update(extended=extended, note=(
+            f"guidance sweep extended to w = {', '.join(f'{w:g}' for w in extended)}: its best w was its largest "
+            f"({max(scales):g}); " + (f"the curve turns after w = {best['w']:g}" if best["w"] < max(extended) else
+                                      f"still best at the cap w = {max(extended):g}, the curve has not turned")))
+    return guidance, best_images
 
 
 def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None = None,
              cache_dir: Path | None = None, nll: bool = True) -> dict[str, float]:
     """Sample quality against held-out real images (`image_metrics`, the labels being those `sample_variant` drew),
-    and (`nll`) F's NLL on held-out noisy data (what F models)."""
+    and (`nll`) F's NLL on held-out noisy data (what F models). Latent scales: `latent_metrics` of the decoded images."""
     cfg = t.cfg
     labels = class_balanced_labels(images.shape[0], cfg.flow.num_classes) if cfg.flow.num_classes else None
-    metrics = image_metrics(cfg, images, labels, data_dir, cache_dir)
+    metrics = image_metrics(cfg, images, labels, data_dir, cache_dir) if t.latent is None else \
+        latent_metrics(cfg, images, t.latent)
     if nll:
         metrics["bpd"] = held_out_bpd(t, seed)
     return metrics
@@ -186,19 +218,24 @@ def held_out_noisy(t: Trained, seed: int, n: int) -> tuple[torch.Tensor, torch.T
     test = t.splits.test
     gen = torch.Generator().manual_seed(seed)
     noisy = test.images[:n] + t.cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
-    return noisy, test.labels[:n] if t.cfg.flow.num_classes else None
+    device = next(t.flow.parameters()).device  # F's device (CUDA at the paper scale)
+    return noisy.to(device), test.labels[:n].to(device) if t.cfg.flow.num_classes else None
 
 
 def diagnostics(t: Trained, seed: int) -> dict[str, float]:
     """Measurements the tables' readings cite: the noise left in real test images (noise_residual_real, beside the
     samples' noise_residual in the metrics) and, for a learned inverse, how well G has learned F's inverse
     (metrics/inverse.py): its distance to F's inverse on INVERSE_PAIRS held-out images, output and each supervised
-    state, with sigma^2 (the noise F was trained on) for scale, and its noise sensitivity."""
+    state, with sigma^2 (the noise F was trained on) for scale, and its noise sensitivity. Latent scales measure no
+    noise left in images (their samples are decoded, their test set latents); G's measurements need it on the CPU."""
     cfg, test = t.cfg, t.splits.test
     n = min(INVERSE_PAIRS, len(test))
-    out = {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples]),
-           "noise_sigma_sq": cfg.stage1.noise_sigma**2}
-    if t.g is not None:
+    out = {} if t.latent is not None else {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples])}
+    out["noise_sigma_sq"] = cfg.stage1.noise_sigma**2
+    if t.g is not None and not on_cpu(t.g):
+        log("warning: G's inverse gaps, noise sensitivity and batch-1 latency are measured on the CPU only "
+            "(metrics/inverse.py); this record has none")
+    elif t.g is not None:
         labels = test.labels[:n] if cfg.flow.num_classes else None
         gaps = inverse_gaps(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
         out["inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"] = gaps["output"]
@@ -208,38 +245,8 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
     return out
 
 
-def ensure_calibration(cfg: RunConfig, opts: RunOptions) -> str:
-    """The calibration entry of `cfg` in results/<scale>/calibration.json, computed and added (atomically) when
-    missing or unreadable; returns its key (which each record names). Tables of one scale may run side by side
-    (each holds its own lock): the scale's lock makes one of them compute a missing entry and the others find it."""
-    key = calibration_key(cfg, opts.data_dir)
-    path = opts.results_dir / cfg.scale / CALIBRATION
-    if key in _calibration_entries(path, warn=False):
-        return key
-    with dir_lock(path.parent, wait=True):
-        entries = _calibration_entries(path, warn=True)
-        if key not in entries:
-            log(f"[calibration] real-data rows for {cfg.dataset}, {cfg.sample.num_samples} images")
-            model_meta = domain_classifier(cfg.dataset, str(opts.data_dir) if opts.data_dir else None, opts.cache)[1]
-            entries[key] = {"key": key, "dataset": cfg.dataset, "eval": dataclasses.asdict(cfg.eval),
-                            "num_images": cfg.sample.num_samples, "noise_sigma": cfg.stage1.noise_sigma,
-                            "classifier": {"key": model_meta["key"], "test_accuracy": model_meta["test_accuracy"]},
-                            "rows": calibration_rows(cfg, opts.data_dir, opts.cache)}
-            atomic_write_json(path, {"schema": 1, "entries": entries})
-    return key
-
-
-def _calibration_entries(path: Path, warn: bool) -> dict[str, Any]:
-    """calibration.json's entries; {} when it is missing or unreadable (with a warning when `warn`)."""
-    try:
-        entries = json.loads(path.read_text())["entries"] if path.exists() else {}
-        if not isinstance(entries, dict):
-            raise ValueError("entries is not an object")
-        return entries
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if warn:
-            log(f"warning: {path} unreadable ({e}); computing the calibration rows again")
-        return {}
+def on_cpu(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
@@ -298,7 +305,7 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
     metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
     metrics["bpd"] = held_out_bpd(t, seed)
-    calibration = ensure_calibration(cfg, opts)
+    calibration = ensure_calibration(cfg, opts.results_dir, opts.data_dir, opts.cache) if t.latent is None else None
     sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
     nfe, nfe_label = sampler.nfe(t.flow, t.g)
     metric = primary_metric(metrics)
@@ -309,13 +316,14 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
-                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None else {}),
+                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None and on_cpu(t.g) else {}),
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
         "notes": notes_for(cfg),
         "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
         "train": t.train,
+        **({"latent": t.latent.source} if t.latent is not None else {}),
     }
-    png = image_grid_png(images, nrow=10)
+    png = image_grid_png(unit_range(images[:100]), nrow=10)
     return write_variant_record(spec, variant, scale, seed, opts, ident, measurement, png, start)
 
 
@@ -370,7 +378,10 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
     for name in names:  # validate everything before any work starts
-        preflight(spec.resolve(name, scale, opts.overrides), seed)
+        cfg = spec.resolve(name, scale, opts.overrides)
+        preflight(cfg, seed)
+        if cfg.dataset == "latents":  # the VAE and the reference statistics (loaded once, kept for the run)
+            latent_eval(cfg, opts.vae, opts.ref_stats, opts.env, opts.cache)
         for key, value in (("ablation", spec.name), ("variant", name)):
             if err := _check_name(value, key):
                 raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")

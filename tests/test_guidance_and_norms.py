@@ -60,7 +60,9 @@ def _guided_record(variant: str, curve: list[tuple[float, float]], seed: int = 0
 def test_report_shows_best_w_and_draws_metric_against_w(tmp_path):
     rdir = tmp_path / "results"
     write_record(rdir, _guided_record("training-time", [(0.0, 9.0), (1.0, 5.0), (2.0, 7.0)]))
-    write_record(rdir, _guided_record("training-time", [(0.0, 8.0), (1.0, 6.0), (2.0, 4.0)], seed=1))
+    extended = _guided_record("training-time", [(0.0, 8.0), (1.0, 6.0), (2.0, 4.0)], seed=1)
+    extended["guidance"].update(extended=[2.0], note="guidance sweep extended to w = 2: its best w was its largest")
+    write_record(rdir, extended)
     write_record(rdir, make_record("training-cfg", "none", 0, 10.0, label="none"))
     df, _ = load_results(rdir)
     curves = guidance_curves(df, ["training-time", "none"])
@@ -68,6 +70,7 @@ def test_report_shows_best_w_and_draws_metric_against_w(tmp_path):
     render_report(rdir, tmp_path / "report", registry={})
     md = (tmp_path / "report" / "tiny" / "training-cfg.md").read_text()
     assert "Best w" in md and "| 1/2 |" in md  # the two seeds' best w
+    assert "- guidance sweep extended to w = 2: its best w was its largest" in md  # the record's note, under Notes
     assert (tmp_path / "report" / "tiny" / "training-cfg-guidance.png").stat().st_size > 1000
 
 
@@ -108,3 +111,33 @@ def test_norm_section_compares_variants_with_different_flows(tmp_path):
     render_report(rdir, tmp_path / "report", registry={})
     md = (tmp_path / "report" / "tiny" / "norm-control.md").read_text()
     assert "What norm control acted on" in md and "97.5" in md and "7.00" in md
+
+
+def _fake_sweep(monkeypatch, sweep, fd_of_w):
+    """runner.sweep_guidance over a fake run whose fd_effnet at guidance w is fd_of_w(w): no model, no data."""
+    import types
+
+    import biflow_bench.runner as runner
+
+    cfg = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=1.0, cfg_sweep=tuple(sweep)))
+    monkeypatch.setattr(runner, "sample_variant", lambda t, seed, cfg_scale, env: (torch.tensor([cfg_scale]), 1.0))
+    monkeypatch.setattr(runner, "evaluate", lambda t, images, *a, **k: {"fd_effnet": fd_of_w(float(images[0]))})
+    guidance, images = runner.sweep_guidance(types.SimpleNamespace(cfg=cfg), 0, None)
+    return guidance, float(images[0])
+
+
+def test_a_sweep_whose_best_w_is_its_edge_extends_until_the_curve_turns(monkeypatch):
+    sweep = [0.0, 0.5, 1.0, 2.0, 4.0]
+    # still falling at 4: doubled to 8 (better), then 16 (worse): the curve turned, best w 8
+    guidance, best_images_w = _fake_sweep(monkeypatch, sweep, lambda w: (w - 9.0) ** 2)
+    assert guidance["extended"] == [8.0, 16.0] and guidance["best_w"] == 8.0 == best_images_w
+    assert [p["w"] for p in guidance["curve"]] == sweep + [8.0, 16.0] and guidance["scales"] == sweep
+    assert "extended to w = 8, 16" in guidance["note"] and "turns after w = 8" in guidance["note"]
+    # still falling at the cap: stops there and says so
+    guidance, _ = _fake_sweep(monkeypatch, sweep, lambda w: -w)
+    assert guidance["extended"] == [8.0, 16.0] and guidance["best_w"] == 16.0
+    assert "has not turned" in guidance["note"]
+    # best inside the sweep, or a single w (not a sweep): nothing added
+    for points, fd in ((sweep, lambda w: (w - 1.0) ** 2), ([1.0], lambda w: -w)):
+        guidance, _ = _fake_sweep(monkeypatch, points, fd)
+        assert [p["w"] for p in guidance["curve"]] == points and "extended" not in guidance and "note" not in guidance

@@ -1,11 +1,17 @@
 """The paper scale: B/2 and XL/2 presets sized like the paper's models, the VAE latent pipeline end to end on a tiny
-random AutoencoderKL (prepare -> train both stages -> sample -> decode -> metrics), and the one-line errors for a
-missing VAE, Inception weights or FID reference statistics."""
+random AutoencoderKL (prepare -> train both stages -> sample -> decode -> metrics), `run` at the tiny-latent scale
+under torchrun (the paper scale's path), and the one-line errors for a missing VAE, Inception weights or FID
+reference statistics."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,7 +213,9 @@ def test_cli_names_what_is_missing(no_caches, capsys, monkeypatch):
         (["sample-dist", "main", "biflow", "--ref-stats", str(ref)], "weights-inception-2015-12-05-6726825d.pth"),
         (["sample-dist", "main", "biflow", "--ref-stats", str(ref)], "VIRTUAL_imagenet256_labeled.npz"),
         (["sample-dist", "main", "biflow", "--set", "stage1.steps=3"], "no trained model"),
-        (["run", "main", "--scale", "paper", "--results-dir", str(no_caches / "r")], "use `train-dist`"),
+        (["run", "denoise", "--scale", "tiny", "--vae", str(no_caches)], "are for the latent scales"),
+        (["train", "main", "biflow", "--scale", "paper"], "`run ABLATION --scale paper --vae DIR --ref-stats"),
+        (["run", "denoise", "--scale", "paper", "--results-dir", str(no_caches / "r")], "sd-vae-ft-ema"),
     ]
     for i, (args, message) in enumerate(cases):
         if i == 3:
@@ -215,3 +223,60 @@ def test_cli_names_what_is_missing(no_caches, capsys, monkeypatch):
         code, err = _cli(capsys, monkeypatch, *args)
         assert code == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, (message, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `run` at a latent scale: the table's records under torchrun
+
+# A few steps of everything: this checks the path (DDP training, sharded sampling and decoding, rank-0 scoring)
+QUICK_LATENT = {"stage1.steps": 2, "stage2.steps": 2, "stage1.batch_size": 8, "stage2.batch_size": 8,
+                "stage1.warmup": 1, "stage2.warmup": 1, "sample.num_samples": 20, "sample.batch_size": 10,
+                "eval.nll_samples": 8}
+
+
+def _latent_run_args(root: Path, results: Path, *extra: str) -> list[str]:
+    sets = [a for k, v in QUICK_LATENT.items() for a in ("--set", f"{k}={v}")]
+    return ["run", "denoise", "--variants", "learned,none", "--scale", "tiny-latent", "--data-dir",
+            str(root / "latents"), "--vae", str(root / "vae"), "--results-dir", str(results), *sets, *extra]
+
+
+def test_run_at_tiny_latent_under_torchrun_writes_the_tables_records_and_resumes(latent_setup, tmp_path):
+    """`torchrun ... run denoise --scale tiny-latent` (the paper scale's command in miniature): one record per variant
+    asked, scored in decoded-image features against the reference folder; run again, it skips both."""
+    root, _, _ = latent_setup
+    args = _latent_run_args(root, tmp_path / "results", "--ref-stats", str(root / "images"))
+    env = {**os.environ, "BIFLOW_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def torchrun() -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "biflow_bench", *args], capture_output=True, text=True, timeout=300, env=env,
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    first = torchrun()
+    paths = [Path(line) for line in first.stdout.splitlines()]  # rank 0 alone prints
+    assert [p.name.split("__")[0] for p in paths] == ["learned", "none"]
+    assert all(p.parent == tmp_path / "results" / "tiny-latent" / "denoise" for p in paths)
+    for path in paths:
+        rec = json.loads(path.read_text())
+        assert rec["metric"] == "fd_effnet" and set(rec["metrics"]) == {"fd_effnet", "fd_effnet_std", "is_effnet", "bpd"}
+        assert all(math.isfinite(v) and v > 0 for v in rec["metrics"].values())
+        assert rec["train"]["stage2"]["world_size"] == 2 and rec["overrides"]["micro_batch"] == 4
+        assert rec["latent"]["ref_stats"] == str(root / "images") and rec["calibration"] is None
+        assert (tmp_path / "results" / "tiny-latent" / rec["samples_png"]).is_file()
+    written = [p.stat().st_mtime_ns for p in paths]
+
+    second = torchrun()
+    assert second.stdout == first.stdout and [p.stat().st_mtime_ns for p in paths] == written
+    assert second.stderr.count("already recorded") == 2 and "stage 1 (F)" not in second.stderr
+
+
+def test_run_at_a_latent_scale_checks_the_reference_before_training(latent_setup, tmp_path, capsys, monkeypatch):
+    root, _, _ = latent_setup
+    monkeypatch.setenv("BIFLOW_VAE", str(root / "vae"))  # `run --vae` sets it for stage 2; restored after the test
+    other = save_reference_stats(tmp_path / "other.npz", np.zeros(3), np.eye(3))
+    for extra, message in (((), "no --ref-stats given"), (("--ref-stats", str(other)), "statistics of dimension 3")):
+        code, err = _cli(capsys, monkeypatch, *_latent_run_args(root, tmp_path / "results", *extra))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "cache" / "stage1").exists()  # nothing trained

@@ -39,6 +39,7 @@ from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
 from biflow_bench.cache import load_model
 from biflow_bench.files import dir_lock, verified_torch_load
+from biflow_bench.report.format import fmt_ours
 from biflow_bench.results import find_measurement, find_record, read_record, record_path, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,8 +356,9 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
     # one is not counted
     assert "| `denoise` | 0/3 |" in readme and "tiny/denoise/learned: 1 record(s) of another config" in readme
     table = (tmp_path / "reports" / "tiny" / "denoise.md").read_text()
+    ours = fmt_ours(clean.record["metrics"]["fd_effnet"], clean.record["metrics"]["fd_effnet_std"])
     assert re.search(rf"^\| Learned denoising \(extra stage of G\) \| [^|]*stage1.steps=40[^|]* \| "
-                     rf"{clean.record['metrics']['fd_effnet']:.2f} ± ", table, re.M), table
+                     rf"{re.escape(ours)} \|", table, re.M), table
     assert "| Score-based denoising through F | — | 0 |" in table
 
 

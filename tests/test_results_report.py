@@ -211,6 +211,7 @@ def test_report_tables_ranks_and_kendall(rendered: tuple[Path, Path, ReportSumma
     assert summary.ablations == [("tiny", "denoise"), ("tiny", "main")]
     md = (out / "tiny" / "denoise.md").read_text()
     rows = table_rows(md)
+    more_rows = table_rows(md.split("## Ranks and more metrics")[1])
 
     # variant -> (our mean, our rank, paper rank), computed here from DENOISE
     means = {v: sum(vals) / len(vals) for v, (_, vals, _, _, _) in DENOISE.items()}
@@ -219,26 +220,28 @@ def test_report_tables_ranks_and_kendall(rendered: tuple[Path, Path, ReportSumma
         cells = rows[label]
         our_rank = 1 + sum(m < means[v] for m in means.values())
         paper_rank = 1 + sum(p < paper[v] for p in paper.values())
-        noise = 1.414 if len(vals) > 1 else std  # std across 2 seeds (9, 11) = sqrt(2), else the bootstrap std
-        assert cells[1] == f"{means[v]:.2f} ± {noise:.2f}"
-        assert cells[2:] == [str(len(vals)), str(nfe), f"{fid:.2f}", str(our_rank), str(paper_rank)]
+        # std across 2 seeds (9, 11) = sqrt(2) = 1.4 (two digits: one would misstate it), else the bootstrap std
+        noise = "1.4" if len(vals) > 1 else f"{std:.1f}"
+        assert cells[1] == f"{means[v]:.1f} ± {noise}"
+        assert cells[2:] == [str(len(vals)), str(nfe), f"{fid:.2f}"]
+        assert more_rows[label][1:] == [str(our_rank), str(paper_rank)]  # ranks in the second table
     assert list(rows)[1:4] == ["Learned denoising", "No denoising", "Score-based denoising"]  # sorted by variant name
 
     variants = list(DENOISE)
     tau = kendall_tau_by_hand([means[v] for v in variants], [paper[v] for v in variants])
     assert tau == pytest.approx(1 / 3)
-    assert f"Kendall τ between our ranking and the paper's: {tau:.3f} over 3 variants." in md
+    assert f"Kendall τ between our ranking (by fd_effnet) and the paper's (by FID): {tau:.3f} over 3 variants." in md
     assert summary.kendall[("tiny", "denoise")] == pytest.approx(tau)
     assert md.count("perceptual networks use random weights (offline)") == 1  # deduplicated over 4 records
     tex = (out / "tiny" / "denoise.tex").read_text()
-    assert "10.00 $\\pm$ 1.41" in tex and "31.88" in tex and "fd\\_effnet" in tex
+    assert "10.0 $\\pm$ 1.4" in tex and "31.88" in tex and "fd\\_effnet" in tex
     csv = (out / "tiny" / "denoise.csv").read_text().splitlines()
     assert csv[0].startswith("scale,ablation,variant,label,metric,ours,ours_std")
     assert len(csv) == 4
 
     # main: ours 5 vs 4, paper 2.39 vs 6.83 -> fully discordant
     main_md = (out / "tiny" / "main.md").read_text()
-    assert "Kendall τ between our ranking and the paper's: -1.000 over 2 variants." in main_md
+    assert "Kendall τ between our ranking (by fd_effnet) and the paper's (by FID): -1.000 over 2 variants." in main_md
 
 
 def test_report_figures_links_and_samples(rendered: tuple[Path, Path, ReportSummary]) -> None:
@@ -256,7 +259,7 @@ def test_report_figures_links_and_samples(rendered: tuple[Path, Path, ReportSumm
     for link in links:
         assert (out / link).is_file(), link
     headline = table_rows(readme)["BiFlow (learned)"]
-    assert headline[1:] == ["learned", "5.00 ± 0.10", "1", "1", "0.500", "×100.0", "2.39"]
+    assert headline[1:] == ["5.0 ± 0.1", "1", "1", "0.50", "×100.0", "2.39"]
 
     # The sample grid is referenced, not copied, by a path that resolves from the Markdown's folder.
     md = (out / "tiny" / "denoise.md").read_text()
@@ -266,9 +269,10 @@ def test_report_figures_links_and_samples(rendered: tuple[Path, Path, ReportSumm
 
     speed_md = (out / "tiny" / "speed.md").read_text()
     speed_rows = [line for line in speed_md.splitlines() if line.startswith("| exact inverse")]
-    assert len(speed_rows) == 2 and "×1.0" in speed_rows[0] and "1.00%" in speed_rows[0]
-    # NFE, serial steps (the nfe count), GFLOP per image (1e6 FLOPs), params, batch
-    assert speed_rows[0].startswith("| exact inverse | 64 | 64 | 0.001 | 150 | 1 |")
+    # one row per sampler: NFE, ms per image at batch 1 and 8, the speed-up at each
+    assert speed_rows[0] == "| exact inverse | 64 | 40.0 | 10.0 | ×1.0 | ×1.0 |"
+    # its cost: serial steps (the nfe count), GFLOP per image (1e6 FLOPs), params, % of the matmul peak per batch
+    assert speed_rows[1] == "| exact inverse | 64 | 0.0010 | 150 | 1.0% | 1.0% |"
     assert "device `cpu`" in speed_md and "timed on CPU" in speed_md
 
 
@@ -333,7 +337,8 @@ def test_spec_order_labels_and_missing_variants(results: Path, tmp_path: Path) -
     # spec order; record labels win over the spec's; the unrun variant keeps its paper number and no rank of ours
     assert list(rows)[1:5] == ["No denoising", "Score-based denoising", "Learned denoising", "spec never-run"]
     assert list(rows)[5] == "Paper: better"  # the per-pair verdicts follow the table
-    assert rows["spec never-run"][1:] == ["—", "0", "—", "7.50", "—", "1"]
+    assert rows["spec never-run"][1:] == ["—", "0", "—", "7.50"]
+    assert table_rows(md.split("## Ranks and more metrics")[1])["spec never-run"][1:] == ["—", "1"]
     assert "0.333 over 3 variants" in md  # the unrun variant does not enter tau
 
 
@@ -345,23 +350,25 @@ def test_report_without_spec_registry(tmp_path: Path, monkeypatch: pytest.Monkey
     assert summary.ablations == [("tiny", "denoise")] and summary.kendall[("tiny", "denoise")] is None
     assert "The ablation specs could not be loaded" in (out / "README.md").read_text()
     md = (out / "tiny" / "denoise.md").read_text()
-    assert "Kendall τ between our ranking and the paper's: n/a: 1 variant(s)" in md
+    assert "Kendall τ between our ranking (by fd_effnet) and the paper's (by FID): n/a: 1 variant(s)" in md
 
 
 def test_verdict_counts_pairs_against_noise(rendered: tuple[Path, Path, ReportSummary]) -> None:
     _, out, _ = rendered
     # ours: learned 10 ± 1.41, score 30 ± 0.5, none 20 ± 0.7; the paper: learned < score < none. Every gap is
     # larger than 2 sigma, and score / none are the other way round.
-    expected = ("The paper's best variant (`learned`) is best here too; 2 of 3 pairs keep the paper's order "
-                "(2 beyond 2σ noise); reversed here: `none` beats `score`.")
+    expected = ("By fd_effnet: the paper's best variant (`learned`) is best here too; 2 of 3 pairs keep the paper's "
+                "order (2 beyond 2σ noise); reversed here: `none` beats `score`.")
     assert expected in (out / "tiny" / "denoise.md").read_text()
-    assert f"- **denoise** (`denoise`): {expected}" in (out / "README.md").read_text()
+    assert f"- [denoise](tiny/denoise.md) (`denoise`): {expected}" in (out / "README.md").read_text()
 
     table = pd.DataFrame({"variant": ["a", "b", "c"], "ours": [1.0, 1.5, float("nan")], "ours_std": [0.5, 0.5, 0.1],
                           "paper_fid": [2.0, 1.0, 3.0]})
-    assert verdict(table) == ("The paper's best variant is `b`; ours is `a`; 0 of 1 pairs keep the paper's order "
-                              "(0 beyond 2σ noise); reversed here: `a` beats `b` (within noise).")
-    assert verdict(table.iloc[:1]).startswith("Not comparable")
+    assert verdict(table, "fd_cls") == ("By fd_cls: the paper's best variant is `b`; ours is `a`; 0 of 1 pairs keep "
+                                        "the paper's order (0 beyond 2σ noise); reversed here: `a` beats `b` (within "
+                                        "noise).")
+    assert verdict(table.assign(metric="fd_effnet")).startswith("By fd_effnet: the paper's")  # the table's metric
+    assert verdict(table.iloc[:1], "fd_effnet").startswith("By fd_effnet: not comparable")
 
 
 def test_pair_verdicts_golden() -> None:
@@ -396,7 +403,9 @@ def test_measurements_section_averages_diagnostics_over_seeds() -> None:
     rows = table_rows(md)
     assert rows["Variant"] == ["Variant", "noise left in samples", "… in real images", "G vs F⁻¹, clean target",
                                "F bits/dim", "ms / image"]  # columns no record has are left out
-    assert rows["A"] == ["A", "0.02", "0.04", "0.2000", "5.0000", "2.0000"]
+    assert rows["A"] == ["A", "0.0200", "0.0400", "0.200", "5.00", "2.00"]  # three significant digits
+    batched = table_rows(measurements_section(records.assign(sample_batch=500.0)))
+    assert batched["Variant"][-1] == "ms / image (batch 500)"
     assert rows["B"][3] == "—"
     assert measurements_section(records.drop(columns=[c for c in records if c not in ("variant", "label")])) is None
 
@@ -417,14 +426,14 @@ def test_commentary_beside_the_records_is_shown(results: Path, tmp_path: Path) -
     (results / "tiny" / "denoise" / "COMMENTARY.md").write_text("Score is\nbetter here because of X.\n")
     render_report(results, tmp_path / "out", registry={})
     assert "**Why.** Score is better here because of X." in (tmp_path / "out" / "tiny" / "denoise.md").read_text()
-    assert "Score is better here because of X." in (tmp_path / "out" / "README.md").read_text()
+    assert "Score is better" not in (tmp_path / "out" / "README.md").read_text()  # rendered once, on its page
     main_page = (tmp_path / "out" / "tiny" / "main.md").read_text()
     assert "**Why.**" not in main_page
     assert "Our metric is `fd_effnet` on this scale's data" in main_page and "{" not in main_page
     (results / "tiny" / "speed" / "COMMENTARY.md").write_text("The CPU is\nmemory-bound.\n")
     render_report(results, tmp_path / "out", registry={})
     assert "**Why.** The CPU is memory-bound." in (tmp_path / "out" / "tiny" / "speed.md").read_text()
-    assert "The CPU is memory-bound." in (tmp_path / "out" / "README.md").read_text()
+    assert "memory-bound" not in (tmp_path / "out" / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------- records keyed by config
@@ -476,11 +485,11 @@ def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
     summary = render_report(rdir, tmp_path / "report", registry={})
     md = (tmp_path / "report" / "tiny" / "denoise.md").read_text()
     main, other = md.split("## Other configurations")
-    assert table_rows(main)["Learned"][1].startswith("550.00 ± ")  # seeds 1-3 of the default config only
+    assert table_rows(main)["Learned"][1] == "550 ± 50"  # seeds 500, 550, 600: std 50  # seeds 1-3 of the default config only
     assert table_rows(main)["Learned"][2] == "3"
     rows = [line.strip("|").split(" | ") for line in other.splitlines() if line.startswith("| Learned")]
     assert sorted((r[1].strip(), r[2], r[3]) for r in rows) == [
-        ("stage2.steps=100", "2000.00 ± 0.10", "1"), ("stage2.steps=300", "900.00 ± 0.10", "1")]
+        ("stage2.steps=100", "2000.0 ± 0.1", "1"), ("stage2.steps=300", "900.0 ± 0.1", "1")]
     assert len(summary.separated) == 2 and any("stage2.steps=100" in n for n in summary.separated)
     csv = pd.read_csv(tmp_path / "report" / "tiny" / "denoise.csv", keep_default_na=False)
     assert sorted(csv["config"]) == ["", "stage2.steps=100", "stage2.steps=300"]  # by the keys that differ
@@ -500,8 +509,8 @@ def test_report_row_is_the_current_preset_even_with_fewer_seeds(tmp_path: Path) 
     write_record(rdir, _variant_of(base, 0, 500.0, current))  # moves the older seed-0 record aside
     render_report(rdir, tmp_path / "report", registry={"denoise": spec})
     main, other = (tmp_path / "report" / "tiny" / "denoise.md").read_text().split("## Other configurations")
-    assert table_rows(main)["Learned"][1].startswith("500.00 ± ") and table_rows(main)["Learned"][2] == "1"
-    assert "| Learned | stage2.precision=bf16 | 900.50 ± " in other  # labelled by how it differs from today's
+    assert table_rows(main)["Learned"][1] == "500.0 ± 0.1" and table_rows(main)["Learned"][2] == "1"
+    assert "| Learned | stage2.precision=bf16 | 900.5 ± 0.7 |" in other  # labelled by how it differs from today's
 
 
 def test_stage_keys_cover_micro_batch_and_device() -> None:
@@ -571,3 +580,83 @@ def test_speed_page_nfe_matches_the_cli_and_tiny_labels_drop_b2(tmp_path: Path) 
     assert scale_label("BiFlow-B/2 (learned inverse, 1-NFE)", "tiny") == "BiFlow (learned inverse, 1-NFE)"
     assert scale_label("iTARFlow-B/2 (exact inverse)", "paper-xl") == "iTARFlow-XL/2 (exact inverse)"
     assert scale_label("BiFlow-B/2", "paper") == "BiFlow-B/2"
+
+
+# ------------------------------------------------------------------------------------------- a page a reader can scan
+
+
+def test_numbers_are_rounded_to_what_their_noise_supports() -> None:
+    from biflow_bench.report.format import fmt_ours, fmt_sig
+
+    assert fmt_ours(0.8112, 0.0117) == "0.81 ± 0.01" and fmt_ours(425.46, 7.39) == "425 ± 7"
+    assert fmt_ours(1055.95, 69.9) == "1056 ± 70"  # an integer part is never rounded to zeros
+    assert fmt_ours(2.32, 1.27) == "2.3 ± 1.3"  # one digit (1) would misstate the ± by a fifth: two
+    assert fmt_ours(0.92, 0.00624, tex=True) == r"0.920 $\pm$ 0.006"
+    assert fmt_ours(0.19, float("nan")) == "0.19" and fmt_ours(float("nan"), 1.0) == "—"
+    assert [fmt_sig(x) for x in (54.6968, 0.025948, 5.6124)] == ["54.7", "0.0259", "5.61"]
+
+
+def _rich_record(variant: str, seed: int, value: float, *, batch: int = 500, **kw: Any) -> dict[str, Any]:
+    """A record with every metric a small-scale record has, guided, timed at the sampling batch `batch`."""
+    rec = make_record("main", variant, seed, value, **kw)
+    rec["metrics"].update(acc_cls=0.8, acc_cls_std=0.01, conf_cls=0.7, conf_cls_std=0.01, fd_cls=30.0,
+                          fd_cls_std=2.0, precision_effnet=0.5, recall_effnet=0.2)
+    rec["timing"]["sample_batch"] = batch
+    rec["guidance"] = {"scales": [0.0, 1.0], "best_w": 1.0, "selected_by": "fd_effnet",
+                       "curve": [{"w": w, "metrics": {"fd_effnet": value + 1 - w}, "ms_per_image": 1.0}
+                                 for w in (0.0, 1.0)]}
+    return rec
+
+
+def test_main_table_fits_eight_columns_and_the_speed_figures_name_their_batch(tmp_path: Path) -> None:
+    rdir, out = tmp_path / "results", tmp_path / "report"
+    write_record(rdir, _rich_record("biflow", 0, 5.0, label="BiFlow", paper_fid=2.39, ms=0.5))
+    write_record(rdir, _rich_record("itarflow", 0, 4.0, label="iTARFlow", paper_fid=6.83, inverse="exact", ms=5.0))
+    write_record(rdir, speed_record())
+    render_report(rdir, out, registry={})
+    page = (out / "tiny" / "main.md").read_text()
+    main_header = table_rows(page)["Variant"]
+    assert main_header == ["Variant", "Ours (fd_effnet, ↓)", "acc_cls ↑", "fd_cls ↓", "Seeds", "NFE", "Best w",
+                           "Paper FID"]
+    more = table_rows(page.split("## Ranks and more metrics")[1])
+    assert more["Variant"] == ["Variant", "Our rank", "Paper rank", "conf_cls ↑", "precision ↑", "recall ↑"]
+    assert more["BiFlow"][1:] == ["2", "1", "0.70 ± 0.01", "0.50", "0.20"]
+    assert "textbackslash" not in (out / "tiny" / "main.tex").read_text()  # every ± column is TeX, not escaped TeX
+
+    readme = (out / "README.md").read_text()
+    assert "Lower is better for every quality metric" not in readme and "↑ higher" in readme
+    headline = table_rows(readme)["Variant"]
+    assert len(headline) <= 8 and "ms / image (batch 500)" in headline and "speed-up vs exact (batch 500)" in headline
+    assert table_rows(readme)["BiFlow"][-3:] == ["0.50", "×10.0", "2.39"]
+    speed = table_rows((out / "tiny" / "speed.md").read_text())["Sampler"]
+    assert speed == ["Sampler", "NFE", "ms / image (batch 1)", "ms / image (batch 8)", "speed-up vs exact (batch 1)",
+                     "speed-up vs exact (batch 8)"]
+
+
+def test_a_reading_that_states_more_seeds_than_a_row_has_is_flagged(results: Path, tmp_path: Path) -> None:
+    # the fixture's denoise table: learned has two seeds, score and none one each
+    commentary = results / "tiny" / "denoise" / "COMMENTARY.md"
+    commentary.write_text("Two seeds of every row. Score beats none.\n")
+    render_report(results, tmp_path / "out", registry={})
+    page = (tmp_path / "out" / "tiny" / "denoise.md").read_text()
+    (check,) = [line for line in page.splitlines() if line.startswith("> **Check against the records:**")]
+    assert "states 2 seeds" in check and "`score` has 1" in check and "`none` has 1" in check
+    assert "`learned`" not in check
+    commentary.write_text("Score beats none (two sampling seeds of the exact inverse).\n")  # no seed count stated
+    render_report(results, tmp_path / "out", registry={})
+    assert "Check against the records" not in (tmp_path / "out" / "tiny" / "denoise.md").read_text()
+
+
+def test_committed_readings_are_short_and_agree_with_their_records(tmp_path: Path) -> None:
+    """Each table's reading says what reproduced and why in about five sentences, without run history
+    (docs/history.md keeps that), and states no seed count its table's rows lack."""
+    root = Path(__file__).resolve().parent.parent / "results"
+    readings = sorted(root.glob("small/*/COMMENTARY.md"))
+    assert readings
+    for path in readings:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+        assert len(re.split(r"(?<=[.!?])\s+(?=[A-Z])", text)) <= 5, path
+        assert not re.search(r"earlier (runs?|records)|re-run|from one `make", text, re.I), path
+    render_report(root, tmp_path / "out", scales=["small"])
+    for page in (tmp_path / "out" / "small").glob("*.md"):
+        assert "Check against the records" not in page.read_text(), page

@@ -1,11 +1,14 @@
 """The report, the pipeline's last step (spec -> config -> train -> cache -> sample -> metrics -> record -> **report**):
 Markdown, CSV and LaTeX tables and PNG figures regenerated from the result records alone.
 
-    <out>/README.md                          index per scale: headline (`main`), ablation tables, speed, skipped files
-    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID, ranks and Kendall's tau;
-                                               real-data calibration rows on top (results/<scale>/calibration.json)
-                                               and the domain-classifier / precision-recall columns records have
-    <out>/<scale>/speed.{md,csv,tex,png}       ms per image against batch size for every sampler
+    <out>/README.md                          index per scale: headline (`main`), each table's lead line and link,
+                                               speed, skipped files
+    <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID and the judged domain
+                                               metrics, Kendall's tau, the table's reading (its COMMENTARY.md, checked
+                                               against the records); real-data calibration rows on top
+                                               (results/<scale>/calibration.json); ranks, precision / recall and
+                                               confidence in a second table and the CSV
+    <out>/<scale>/speed.{md,csv,tex,png}       ms per image and speed-up per sampler at each batch size timed
     <out>/<scale>/speed_quality.png            our metric against ms per image of the `main` variants (when speed
                                                records exist at that scale too), beside the paper's where known
 
@@ -23,7 +26,9 @@ Every file is written atomically; files a previous render wrote that this one no
     tables.py   the tables as DataFrames (ablation, other configurations, headline, calibration and extra columns)
     figures.py  the figures as PNG bytes
     format.py   cell and table formatting (numbers, mean ± noise, Markdown, LaTeX, links)
-    pages.py    one page per table: an ablation's .md / .csv / .tex / .png, the speed page
+    pages.py    one page per ablation table: its .md / .csv / .tex / .png
+    reading.py  a table's reading (COMMENTARY.md) checked against its records
+    bench_pages.py  the benchmark pages: speed, quality against training time, speed-up against sequence length
     render.py   `render_report`: every page of every scale and the index README
     writer.py   atomic writes under the output directory and the manifest-based stale-file sweep
 """

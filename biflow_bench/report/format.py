@@ -47,11 +47,35 @@ def fmt_rank(x: Any) -> str:
     return DASH if x is None or pd.isna(x) else str(int(x))
 
 
+def fmt_sig(x: Any, digits: int = 3) -> str:
+    """`digits` significant digits, never rounding an integer part to zeros (54.7 ms, 0.0259, 1056)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return DASH
+    x = float(x)
+    if x == 0 or not math.isfinite(x):
+        return fmt_num(x)
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
+def noise_decimals(std: float) -> int:
+    """Decimal places that show a ± to one significant digit, two where one would misstate it by more than a fifth
+    (1.27 -> 1.3, 7.39 -> 7, 0.0117 -> 0.01); never fewer than none (70, not 7e1)."""
+    exp = math.floor(math.log10(std))
+    sig = 1 if abs(round(std, -exp) - std) <= 0.2 * std else 2
+    return max(0, sig - 1 - exp)
+
+
 def fmt_ours(mean: float, std: float, tex: bool = False) -> str:
+    """mean ± std, both to the decimal place the std supports ("0.81 ± 0.01", "425 ± 7"); no std: the mean alone."""
     if math.isnan(mean):
         return DASH
     pm = r" $\pm$ " if tex else " ± "
-    return fmt_num(mean) + (pm + fmt_num(std) if not math.isnan(std) else "")
+    if math.isnan(std):
+        return fmt_num(mean)
+    if std <= 0 or not math.isfinite(std) or not math.isfinite(mean):
+        return fmt_num(mean) + pm + fmt_num(std)
+    d = noise_decimals(std)
+    return f"{mean:.{d}f}{pm}{std:.{d}f}"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:

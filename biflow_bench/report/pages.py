@@ -1,5 +1,5 @@
 """The report's pages, one per table: an ablation's Markdown / CSV / LaTeX / PNG (ours beside the paper's, ranks,
-Kendall's tau, calibration rows, the hand-written commentary, other configurations, norms) and the speed page.
+Kendall's tau, calibration rows, the hand-written reading, other configurations, norms).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 
 from ..ablations import AblationSpec
-from .figures import ablation_figure, guidance_curves, guidance_figure, speed_figure
-from .format import (DASH, dedup, first_value, fmt_count, fmt_num, fmt_ours, fmt_rank, fmt_text, md_table, notes_block,
+from .figures import ablation_figure, guidance_curves, guidance_figure
+from .format import (DASH, dedup, first_value, fmt_num, fmt_ours, fmt_rank, fmt_sig, fmt_text, md_table, notes_block,
                      rel_link, tex_table)
-from .stats import VERDICTS, kendall, pair_verdicts, verdict
+from .reading import reading_checks
+from .stats import VERDICT_METRICS, VERDICTS, kendall, pair_verdicts, verdict
 from .tables import (ablation_table, calibration_cells, calibration_names, extra_columns, other_configs_table,
                      table_calibration)
 from .writer import ReportWriter
@@ -41,26 +42,27 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
     out_dir = w.out_dir / scale
 
     guided = table["best_w"].notna().any()  # the column of guided rows' best w, where a table has them
-    header = ["Variant", f"Ours ({metric}, ↓)", "Seeds", "NFE", *(["Best w"] if guided else []), "Paper FID",
-              "Our rank", "Paper rank"]
-    cells = [[r.label, fmt_ours(r.ours, r.ours_std), str(r.seeds), fmt_text(r.nfe_label),
-              *([fmt_text(r.best_w)] if guided else []), fmt_num(r.paper_fid), fmt_rank(r.our_rank), fmt_rank(r.paper_rank)]
-             for r in table.itertuples()]
-    fill = len(header) - 2  # the calibration rows' empty cells between our metric and the extra metrics
-    tex_cells = [[c if i != 1 else fmt_ours(r.ours, r.ours_std, tex=True) for i, c in enumerate(row)]
-                 for row, r in zip(cells, table.itertuples())]
     extras = extra_columns(df, list(table["variant"]))
-    header += [h for _, h, _ in extras]
-    for i, row in enumerate(cells):
-        row += [fmt_ours(*col[i]) for _, _, col in extras]
-        tex_cells[i] += [fmt_ours(*col[i], tex=True) for _, _, col in extras]
-    align = "lrrl" + "r" * (len(header) - 4)
+    # The judged metrics stand beside ours; ranks and the other metrics go to a second table (and the CSV).
+    judged, rest = ([e for e in extras if (e[0] in VERDICT_METRICS) == side] for side in (True, False))
+    header = ["Variant", f"Ours ({metric}, ↓)", *[h for _, h, _ in judged], "Seeds", "NFE",
+              *(["Best w"] if guided else []), "Paper FID"]
+    cells = [[r.label, fmt_ours(r.ours, r.ours_std), *[fmt_ours(*col[i]) for _, _, col in judged], str(r.seeds),
+              fmt_text(r.nfe_label), *([fmt_text(r.best_w)] if guided else []), fmt_num(r.paper_fid)]
+             for i, r in enumerate(table.itertuples())]
+    more_header = ["Variant", "Our rank", "Paper rank", *[h for _, h, _ in rest]]
+    more = [[r.label, fmt_rank(r.our_rank), fmt_rank(r.paper_rank), *[fmt_ours(*col[i]) for _, _, col in rest]]
+            for i, r in enumerate(table.itertuples())]
+    align = "lr" + "r" * len(judged) + "rl" + "r" * (len(header) - 4 - len(judged))
     calibration = table_calibration(df, calibration_entries or {}) or {}
     cal_rows = [(str(r.get("label") or r.get("name")), r.get("metrics") if isinstance(r.get("metrics"), dict) else {})
                 for r in calibration.get("rows", []) if isinstance(r, dict)]
-    keys = [metric, *[k for k, _, _ in extras]]
-    cells[:0] = [[f"*{label}*", *calibration_cells(m, keys, fill)] for label, m in cal_rows]  # real data on top
-    tex_cells[:0] = [[label, *calibration_cells(m, keys, fill, tex=True)] for label, m in cal_rows]
+    fill = [DASH] * (len(header) - 2 - len(judged))  # seeds, NFE, best w, paper: none for real data
+    cal_cells = [(label, calibration_cells(m, [metric, *[k for k, _, _ in judged]]) + fill,
+                  [DASH, DASH, *calibration_cells(m, [k for k, _, _ in rest])]) for label, m in cal_rows]
+    tex_cells = [[label, *row] for label, row, _ in cal_cells] + cells  # tex_escape turns ± into $\pm$
+    cells[:0] = [[f"*{label}*", *row] for label, row, _ in cal_cells]  # real data on top
+    more[:0] = [[f"*{label}*", *row] for label, _, row in cal_cells]
 
     notes = []
     if len(metrics) > 1:
@@ -84,17 +86,19 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
                   f"noise sigma = {calibration.get('noise_sigma')}; blurred by a 3x3 box)."
                   + (f" The domain classifier (acc_cls, conf_cls, fd_cls) has {fmt_num(100 * accuracy, 1)}% test accuracy."
                      if isinstance(accuracy, (int, float)) else "") + "\n")
-    md.append(f"Kendall τ between our ranking and the paper's: {tau_text}. {verdict(table)}\n")
-    pairs = verdicts_section(pair_verdicts(table, extras), dict(zip(table["variant"], table["label"])), metric)
-    if pairs:
-        md.append(pairs)
-    if comment:
-        md.append(f"**Why.** {comment}\n")
     caveat = "" if metric == "fid" else (f" Our metric is `{metric}` on this scale's data, not the paper's FID-50K on "
                                          "ImageNet: compare rankings, not values.")
     md.append("± is the std across seeds where a variant has more than one seed (never less than the runs' mean "
-              "bootstrap std), otherwise the bootstrap std of the single run. Lower is better in both columns; "
-              f"rank 1 is the best.{caveat}\n")
+              "bootstrap std), otherwise the bootstrap std of the single run, rounded to what it supports. Arrows "
+              f"give each metric's direction (↓ lower is better, ↑ higher); the paper's FID is lower-better.{caveat}\n")
+    md.append(f"Kendall τ between our ranking (by {metric}) and the paper's (by FID): {tau_text}. "
+              f"{verdict(table, metric)}\n")
+    if comment:
+        md.append(f"**Why.** {comment}\n")
+        md += [f"> **Check against the records:** {c}\n" for c in reading_checks(comment, table)]
+    pairs = verdicts_section(pair_verdicts(table, extras), dict(zip(table["variant"], table["label"])), metric)
+    if pairs:
+        md.append(pairs)
     md.append(f"![{title}]({ablation}.png)\n")
     curves = guidance_curves(df, list(table["variant"]))
     if curves:
@@ -105,6 +109,8 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
                   "for every sampler, as the paper reports its guided rows.\n")
         md.append(f"![{title}: metric against guidance]({ablation}-guidance.png)\n")
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
+    md.append(f"## Ranks and more metrics\n\nRank 1 is the best (ours by {metric}, the paper's by FID).\n\n"
+              + md_table(more_header, more, "lrr" + "r" * len(rest)))
     for section in (measurements_section(ordered), norms_section(ordered)):
         if section:
             md.append(section)
@@ -145,8 +151,7 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
             ignore_index=True)
     w.text(f"{base}.csv", csv.to_csv(index=False, lineterminator="\n"))
     w.text(f"{base}.tex", tex_table(header, tex_cells, align, f"{title} ({paper_table}); scale {scale}, "
-                                     f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}",
-                                     raw_cols=(1,)))
+                                     f"ours: {metric}. Kendall tau: {tau_text}.", f"tab:{scale}-{ablation}"))
     w.bytes(f"{base}.png", ablation_figure(table, f"{title} (scale {scale})"))
     return table, tau, tau_text
 
@@ -185,12 +190,14 @@ def measurements_section(records: pd.DataFrame) -> str | None:
     cells = []
     for variant in dict.fromkeys(records["variant"]):
         g = records[records["variant"] == variant]
-        cells.append([str(g["label"].iloc[0]), *[fmt_num(float(g[c].astype(float).mean()), 4) for c, _ in cols]])
+        cells.append([str(g["label"].iloc[0]), *[fmt_sig(float(g[c].astype(float).mean())) for c, _ in cols]])
+    batches = {int(b) for b in records.get("sample_batch", ()) if math.isfinite(b)}
+    headers = [f"{h} (batch {batches.pop()})" if c == "ms_per_image" and len(batches) == 1 else h for c, h in cols]
     return ("## Measurements behind the reading\n\nPer variant, mean over seeds (runner.diagnostics): the "
             "high-frequency noise left in the samples beside the same measure on real test images, how far G is from "
             "F's exact inverse on held-out pairs (mean squared error per value; σ² of the training noise for scale), "
             "F's bits/dim and the sampling time.\n\n"
-            + md_table(["Variant", *[h for _, h in cols]], cells, "l" + "r" * len(cols)))
+            + md_table(["Variant", *headers], cells, "l" + "r" * len(cols)))
 
 
 def norms_section(records: pd.DataFrame) -> str | None:
@@ -213,58 +220,7 @@ def norms_section(records: pd.DataFrame) -> str | None:
 
 def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:
     """The hand-written reading of a table, `results/<scale>/<ablation>/COMMENTARY.md`, kept with the records it
-    explains (written by whoever ran them; the report never invents one)."""
+    explains (written by whoever ran them; the report never invents one) and rendered once, on the table's page:
+    about five sentences on what reproduced and the measurement that explains it; history goes to docs/history.md."""
     path = results_dir / scale / ablation / COMMENTARY
     return " ".join(path.read_text(encoding="utf-8").split()) if path.is_file() else None
-
-
-def speed_page(w: ReportWriter, scale: str, speed: pd.DataFrame, spec: AblationSpec | None,
-                  quality_link: str | None, comment: str | None) -> None:
-    # Several speed records (seeds) at one scale: average each (sampler, batch size) cell.
-    listed = list(spec.variants) if spec else []
-    first_seen = list(dict.fromkeys(speed.sort_values(["seed", "order"])["sampler"]))
-    order = [s for s in listed if s in first_seen] + sorted(s for s in first_seen if s not in listed)
-    agg = (speed.groupby(["sampler", "batch_size"], sort=False)
-           .agg(label=("label", "first"), nfe=("nfe_label", "first"), serial=("nfe", "first"),
-                flops=("flops_per_image", "mean"), params=("params", "mean"),
-                ms_per_image=("ms_per_image", "mean"), images_per_s=("images_per_s", "mean"),
-                speedup=("speedup", "mean"), peak_fraction=("peak_fraction", "mean"), paper_ms=("paper_ms", "mean"),
-                paper_speedup=("paper_speedup", "mean"), records=("seed", "nunique"))
-           .reset_index())
-    agg["_o"] = agg["sampler"].map(order.index)
-    agg = agg.sort_values(["_o", "batch_size"], kind="stable").drop(columns="_o").reset_index(drop=True)
-
-    header = ["Sampler", "NFE", "Serial steps", "GFLOP / image", "Params", "Batch", "ms / image", "images / s",
-              "Speed-up", "% of matmul peak", "Paper ms", "Paper speed-up"]
-    cells = [[r.label, fmt_text(r.nfe),  # the CLI's NFE label ("4x15 serial + score step"), as in `bench speed`
-              fmt_count(r.serial), fmt_num(r.flops / 1e9, 4), fmt_count(r.params), fmt_count(r.batch_size),
-              fmt_num(r.ms_per_image, 3), fmt_num(r.images_per_s, 1),
-              DASH if math.isnan(r.speedup) else f"×{fmt_num(r.speedup, 1)}",
-              DASH if math.isnan(r.peak_fraction) else f"{fmt_num(100 * r.peak_fraction)}%", fmt_num(r.paper_ms),
-              DASH if math.isnan(r.paper_speedup) else f"×{fmt_num(r.paper_speedup, 0)}"] for r in agg.itertuples()]
-    machines = sorted({(str(d), float(p)) for d, p in zip(speed["device"], speed["matmul_peak_flops"])})
-    title = spec.title if spec else "Sampling speed"
-    md = [f"# {title}: scale `{scale}`\n"]
-    if spec:
-        md.append(f"Paper: {spec.paper_table}.\n")
-    md.append("Machine: " + "; ".join(f"device `{d}`, measured matmul peak {fmt_count(p)}FLOP/s" for d, p in machines)
-              + ".\n")
-    md.append(md_table(header, cells, "llrrrrrrrrrr"))
-    md.append("Serial steps: the network evaluations an image waits for one after the other (the exact inverse: one "
-              "per token and flow block; CFG batches its two passes, the score step adds one). "
-              "Speed-up is as measured by the speed benchmark; the paper's times are on TPU and exclude the VAE "
-              "decoder, so compare speed-ups, not milliseconds.\n")
-    if comment:
-        md.append(f"**Why.** {comment}\n")
-    md.append("![ms per image against batch size](speed.png)\n")
-    md.append("Files: [CSV](speed.csv) · [LaTeX](speed.tex)"
-              + (f" · [speed against quality]({quality_link})" if quality_link else "") + "\n")
-    notes = dedup([n for ns in speed["notes"] for n in ns])
-    if notes:
-        md.append("## Notes\n\n" + notes_block(notes))
-    w.text(f"{scale}/speed.md", "\n".join(md))
-    csv = agg.assign(scale=scale, batch_size=agg["batch_size"].astype("Int64"))
-    w.text(f"{scale}/speed.csv", csv[["scale", *agg.columns]].to_csv(index=False, lineterminator="\n"))
-    w.text(f"{scale}/speed.tex", tex_table(header, cells, "llrrrrrrrrrr", f"{title}; scale {scale}",
-                                            f"tab:{scale}-speed"))
-    w.bytes(f"{scale}/speed.png", speed_figure(speed, order, f"{title} (scale {scale})"))

@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,10 +17,10 @@ from ..ablations import AblationSpec, load_registry
 from ..config import ConfigError
 from ..identity import split_configs
 from ..results import results_frame, scan_records, speed_frame
-from .bench_pages import curves_page, scaling_page
+from .bench_pages import curves_page, is_training, scaling_page, speed_page
 from .figures import speed_quality_figure
-from .format import DASH, first_value, fmt_num, fmt_ours, fmt_text, md_table, rel_link, rel_or_abs
-from .pages import ablation_page, commentary, speed_page
+from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
+from .pages import ablation_page, commentary
 from .stats import verdict
 from .tables import headline_table, load_calibration, order_scales, scale_label
 from .writer import ReportWriter, sweep_stale
@@ -35,17 +36,29 @@ class ReportSummary:
     kendall: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (scale, ablation) -> tau
 
 
+def batch_header(name: str, batches: pd.Series) -> tuple[str, bool]:
+    """(`name` with the batch it was timed at, whether each cell must name its own batch): one batch -> the header."""
+    shown = {b for b in batches if isinstance(b, str) and b}
+    return (f"{name} (batch {shown.pop()})", False) if len(shown) == 1 else (name, bool(shown))
+
+
 def _headline_md(h: pd.DataFrame) -> str:
     if h.empty:
         return "No `main` records at this scale.\n"
     metric = first_value(h["metric"]) or "metric"
     acc = bool(np.isfinite(h["acc_cls"].astype(float)).any())  # a column only where some record has it
-    cells = [[r.label, fmt_text(r.inverse), fmt_ours(r.ours, r.ours_std), *([fmt_ours(r.acc_cls, r.acc_cls_std)] * acc),
-              str(r.seeds), fmt_text(r.nfe_label), fmt_num(r.ms_per_image, 3),
-              DASH if math.isnan(r.speedup_vs_exact) else f"×{fmt_num(r.speedup_vs_exact, 1)}", fmt_num(r.paper_fid)]
-             for r in h.itertuples()]
-    return md_table(["Variant", "Inverse", f"Ours ({metric}, ↓)", *(["acc_cls ↑"] * acc), "Seeds", "NFE",
-                     "ms / image", "Speed-up vs exact", "Paper FID"], cells, "llr" + "r" * acc + "rlrrr")
+    ms_header, per_cell = batch_header("ms / image", h["sample_batch"])
+    speed_header, _ = batch_header("speed-up vs exact", h["sample_batch"])
+
+    def at(text: str, batch: Any) -> str:
+        return f"{text} (batch {batch})" if per_cell and text != DASH and isinstance(batch, str) else text
+
+    cells = [[r.label, fmt_ours(r.ours, r.ours_std), *([fmt_ours(r.acc_cls, r.acc_cls_std)] * acc), str(r.seeds),
+              fmt_text(r.nfe_label), at(fmt_sig(r.ms_per_image, 2), r.sample_batch),
+              at(DASH if math.isnan(r.speedup_vs_exact) else f"×{fmt_num(r.speedup_vs_exact, 1)}", r.sample_batch),
+              fmt_num(r.paper_fid)] for r in h.itertuples()]
+    return md_table(["Variant", f"Ours ({metric}, ↓)", *(["acc_cls ↑"] * acc), "Seeds", "NFE", ms_header,
+                     speed_header, "Paper FID"], cells, "lr" + "r" * acc + "rlrrr")
 
 
 def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:
@@ -78,7 +91,8 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     summary = ReportSummary(skipped=skipped)
     readme = ["# BiFlow benchmark report\n",
               f"Regenerated from the records in `{rel_link(results_dir, out_dir)}`: every number below comes from those "
-              "files. Lower is better for every quality metric; rank 1 is the best.\n"]
+              "files. Arrows give each metric's direction (↓ lower is better, ↑ higher); each table's reading is on "
+              "its page, under its lead line (which judges the primary metric it names).\n"]
     if registry_error:
         readme.append(f"The ablation specs could not be loaded ({registry_error}); variant order and labels come "
                       "from the records alone.\n")
@@ -127,12 +141,12 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
             index_rows.append([f"[{spec.title if spec else ablation}]({p}.md)", f"`{ablation}`",
                                f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
                                f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
-            readings.append(f"- **{spec.title if spec else ablation}** (`{ablation}`): {verdict(table)}"
-                            + (f" {comment}" if comment else "") + "\n")
+            readings.append(f"- [{spec.title if spec else ablation}]({p}.md) (`{ablation}`): {verdict(table)}\n")
         if index_rows:
             readme.append("### Ablations\n")
             readme.append(md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
-            readme.append("What reproduced (σ: the noise in each table):\n\n" + "".join(readings))
+            readme.append("Lead lines (σ: the noise in each table; the reading of each table is on its page):\n\n"
+                          + "".join(readings))
 
         if not sspeed.empty:
             quality_link = None
@@ -140,15 +154,15 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                     main_table["ms_per_image"].astype(float) * main_table["ours"].astype(float)).any():
                 quality_link = w.bytes(f"{scale}/speed_quality.png",
                                        speed_quality_figure(main_table, f"Speed against quality (scale {scale})"))
-            comment = commentary(results_dir, scale, "speed")
             speed_page(w, scale, sspeed, registry.get("speed"),
-                          quality_link and Path(quality_link).name, comment)
+                          quality_link and Path(quality_link).name, commentary(results_dir, scale, "speed"))
             readme.append("### Speed\n")
-            readme.append(f"- [Sampling speed table]({scale}/speed.md) · [CSV]({scale}/speed.csv) · "
-                          f"[LaTeX]({scale}/speed.tex) · [figure]({scale}/speed.png)\n"
+            batches = ", ".join(f"{b:g}" for b in sorted(set(sspeed.loc[~sspeed["sampler"].map(is_training),
+                                                                         "batch_size"].astype(float))))
+            readme.append(f"- [Sampling speed table]({scale}/speed.md) (timed at batch {batches}) · "
+                          f"[CSV]({scale}/speed.csv) · [LaTeX]({scale}/speed.tex) · [figure]({scale}/speed.png)\n"
                           + (f"- [Speed against quality]({quality_link}) (the `main` variants)\n"
-                             if quality_link else "")
-                          + (f"\n{comment}\n" if comment else ""))
+                             if quality_link else ""))
 
     if summary.separated:
         readme.append("## Other configurations\n\nSeeds are averaged within one config only; these records were "

@@ -24,12 +24,14 @@ def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
     return tau, n, f"{tau:.3f} over {n} variants"
 
 
-def verdict(table: pd.DataFrame, sigmas: float = 2.0) -> str:
-    """One sentence on whether the paper's ordering reproduced: for every pair of variants the paper separates, do
-    ours order them the same way, and is our gap larger than `sigmas` x the combined noise of the two numbers?"""
+def verdict(table: pd.DataFrame, metric: str | None = None, sigmas: float = 2.0) -> str:
+    """One sentence on whether the paper's ordering reproduced in our primary metric (named first, as the sentence
+    judges no other): for every pair of variants the paper separates, do ours order them the same way, and is our
+    gap larger than `sigmas` x the combined noise of the two numbers?"""
+    metric = metric or next((m for m in table.get("metric", ()) if isinstance(m, str) and m), "our metric")
     both = table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
     if len(both) < 2:
-        return "Not comparable: fewer than two variants have both our number and the paper's."
+        return f"By {metric}: not comparable, fewer than two variants have both our number and the paper's."
     rows = list(both.sort_values("paper_fid").itertuples())
     agree, flipped, pairs = [], [], 0
     for i, better in enumerate(rows):
@@ -42,10 +44,10 @@ def verdict(table: pd.DataFrame, sigmas: float = 2.0) -> str:
             resolved = abs(gap) > sigmas * noise
             (agree if gap > 0 else flipped).append((better.variant, worse.variant, resolved))
     if not pairs:
-        return "Not comparable: the paper's numbers do not order these variants."
+        return f"By {metric}: not comparable, the paper's numbers do not order these variants."
     best_ours, best_paper = both.loc[both["ours"].astype(float).idxmin(), "variant"], rows[0].variant
-    lead = (f"The paper's best variant (`{best_paper}`) is best here too" if best_ours == best_paper
-            else f"The paper's best variant is `{best_paper}`; ours is `{best_ours}`")
+    lead = (f"By {metric}: the paper's best variant (`{best_paper}`) is best here too" if best_ours == best_paper
+            else f"By {metric}: the paper's best variant is `{best_paper}`; ours is `{best_ours}`")
     resolved_agree = sum(r for *_, r in agree)
     text = f"{lead}; {len(agree)} of {pairs} pairs keep the paper's order ({resolved_agree} beyond {sigmas:g}σ noise)"
     if flipped:

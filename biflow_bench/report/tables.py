@@ -18,7 +18,7 @@ import pandas as pd
 from ..ablations import AblationSpec
 from ..config import SCALES
 from ..results import CALIBRATION
-from .format import DASH, first_value, float_or_nan, fmt_ours
+from .format import first_value, float_or_nan, fmt_ours
 from .stats import table_noise
 
 
@@ -68,6 +68,7 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         paper_ms = first_value(g["paper_ms_per_image"]) if "paper_ms_per_image" in g else None
         if paper_ms is None and sv is not None and isinstance(sv.paper.get("ms_per_image"), (int, float)):
             paper_ms = float(sv.paper["ms_per_image"])
+        batches = sorted({int(b) for b in g["sample_batch"] if math.isfinite(b)}) if "sample_batch" in g else []
         best_ws = sorted({float(w) for w in g["best_w"] if isinstance(w, float) and math.isfinite(w)}) \
             if "best_w" in g else []
         rows.append({
@@ -77,11 +78,13 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
             "ours_std": std, "noise": noise, "seeds": n, "nfe_label": "/".join(nfe_labels) or None,
             "inverse": first_value(g["inverse"]) if "inverse" in g else None,
             "ms_per_image": float(g["ms_per_image"].astype(float).mean()) if n else math.nan,
+            "sample_batch": "/".join(map(str, batches)) or None,  # the batch ms_per_image was timed at
             "paper_fid": math.nan if paper_fid is None else float(paper_fid),
             "paper_ms_per_image": math.nan if paper_ms is None else float(paper_ms),
         })
     out = pd.DataFrame(rows, columns=["variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
-                                      "best_w", "inverse", "ms_per_image", "paper_fid", "paper_ms_per_image"])
+                                      "best_w", "inverse", "ms_per_image", "sample_batch", "paper_fid",
+                                      "paper_ms_per_image"])
     # Rank 1 = lowest (best); ties share the better rank; variants without a number get no rank.
     out["our_rank"] = out["ours"].rank(method="min").astype("Int64")
     out["paper_rank"] = out["paper_fid"].rank(method="min").astype("Int64")
@@ -104,7 +107,7 @@ def headline_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
         acc_cells = acc.get("acc_cls", [(math.nan, math.nan)] * len(t))  # the domain classifier's class accuracy
         parts.append(t.assign(acc_cls=[m for m, _ in acc_cells], acc_cls_std=[sd for _, sd in acc_cells]))
     cols = ["scale", "variant", "label", "inverse", "metric", "ours", "ours_std", "acc_cls", "acc_cls_std", "noise",
-            "seeds", "nfe_label", "ms_per_image", "speedup_vs_exact", "paper_fid"]
+            "seeds", "nfe_label", "ms_per_image", "sample_batch", "speedup_vs_exact", "paper_fid"]
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)[cols]
@@ -168,13 +171,9 @@ def extra_columns(df: pd.DataFrame, variants: Sequence[str]) -> list[tuple[str, 
     return out
 
 
-def calibration_cells(metrics: dict[str, Any], keys: Sequence[str], fill: int, tex: bool = False) -> list[str]:
-    """A calibration row's cells: the primary metric (± its bootstrap std), `fill` dashes (no seeds / NFE / best w /
-    paper / ranks), then the extra metric columns."""
-    def cell(k: str) -> str:
-        return fmt_ours(float_or_nan(metrics.get(k)), float_or_nan(metrics.get(f"{k}_std")), tex=tex)
-
-    return [cell(keys[0]), *[DASH] * fill, *[cell(k) for k in keys[1:]]]
+def calibration_cells(metrics: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """A calibration row's cell for each metric key (± its bootstrap std)."""
+    return [fmt_ours(float_or_nan(metrics.get(k)), float_or_nan(metrics.get(f"{k}_std"))) for k in keys]
 
 
 def calibration_names(calibration: dict[str, Any]) -> list[str]:
