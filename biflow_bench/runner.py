@@ -148,6 +148,13 @@ def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
     return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
 
 
+def guidance_cap(cfg: RunConfig) -> float:
+    """The largest w a sweep extends to: GUIDANCE_CAP, or the largest w a training-time-CFG G was trained on."""
+    trained_on = getattr(getattr(cfg, "stage2", None), "cfg_max", GUIDANCE_CAP)
+    learned_cfg = getattr(cfg, "inverse", "") == "learned" and cfg.backward.cfg_mode == "training-time"
+    return min(GUIDANCE_CAP, trained_on) if learned_cfg else GUIDANCE_CAP
+
+
 def next_guidance(best_w: float | None, swept: list[float], cap: float = GUIDANCE_CAP) -> float | None:
     """The w to try next when the best w is the largest swept (double it, up to `cap`), else None: the curve turned."""
     top = max(swept)
@@ -177,7 +184,7 @@ def sweep_guidance(t: Trained, seed: int, data_dir: Path | None, cache_dir: Path
     for w in scales:
         point(w)
     while len(scales) > 1:  # a single w is a setting, not a sweep: nothing to extend
-        w = next_guidance(best["w"] if best else None, scales + extended)
+        w = next_guidance(best["w"] if best else None, scales + extended, guidance_cap(t.cfg))
         w = broadcast_object(w, env) if env is not None else w  # every rank samples, rank 0 decides
         if w is None:
             break

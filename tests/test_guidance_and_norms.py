@@ -3,6 +3,7 @@ measurements (trajectory RMS, pre-clip parameter percentiles) against plain refe
 
 from __future__ import annotations
 
+import types
 
 import numpy as np
 import torch
@@ -113,13 +114,11 @@ def test_norm_section_compares_variants_with_different_flows(tmp_path):
     assert "What norm control acted on" in md and "97.5" in md and "7.00" in md
 
 
-def _fake_sweep(monkeypatch, sweep, fd_of_w):
+def _fake_sweep(monkeypatch, sweep, fd_of_w, **cfg_fields):
     """runner.sweep_guidance over a fake run whose fd_effnet at guidance w is fd_of_w(w): no model, no data."""
-    import types
-
     import biflow_bench.runner as runner
 
-    cfg = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=1.0, cfg_sweep=tuple(sweep)))
+    cfg = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=1.0, cfg_sweep=tuple(sweep)), **cfg_fields)
     monkeypatch.setattr(runner, "sample_variant", lambda t, seed, cfg_scale, env: (torch.tensor([cfg_scale]), 1.0))
     monkeypatch.setattr(runner, "evaluate", lambda t, images, *a, **k: {"fd_effnet": fd_of_w(float(images[0]))})
     guidance, images = runner.sweep_guidance(types.SimpleNamespace(cfg=cfg), 0, None)
@@ -137,6 +136,11 @@ def test_a_sweep_whose_best_w_is_its_edge_extends_until_the_curve_turns(monkeypa
     guidance, _ = _fake_sweep(monkeypatch, sweep, lambda w: -w)
     assert guidance["extended"] == [8.0, 16.0] and guidance["best_w"] == 16.0
     assert "has not turned" in guidance["note"]
+    # a G trained with training-time CFG on w <= cfg_max is not asked for more
+    trained = dict(inverse="learned", backward=types.SimpleNamespace(cfg_mode="training-time"),
+                   stage2=types.SimpleNamespace(cfg_max=7.0))
+    guidance, _ = _fake_sweep(monkeypatch, sweep, lambda w: -w, **trained)
+    assert guidance["extended"] == [7.0] and guidance["best_w"] == 7.0
     # best inside the sweep, or a single w (not a sweep): nothing added
     for points, fd in ((sweep, lambda w: (w - 1.0) ** 2), ([1.0], lambda w: -w)):
         guidance, _ = _fake_sweep(monkeypatch, points, fd)
