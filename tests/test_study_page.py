@@ -28,3 +28,25 @@ def test_points_average_seeds_and_each_axis_is_judged_against_the_centre():
     assert points[2]["recall_ratio"] == pytest.approx(1.0)
     # lr's best is 1e-2 (0.02): 0.10 / 0.02 = x5, sensitivity 0.6 - 0.3; steps: 0.10 / 0.04 = x2.5, 0.3 - 0.3
     assert axis_summary(points) == [["`lr`", "lr-1e-2", "x5.00", "+0.30"], ["`steps`", "steps-1600", "x2.50", "+0.00"]]
+
+
+def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
+    """Records of a spec of kind "study" render as its study page (not an ablation table against the paper), listed
+    under Studies in the report's README."""
+    from biflow_bench.ablations import AblationSpec, Variant
+    from biflow_bench.report.render import render_report
+    from biflow_bench.results import write_record
+    from test_results_report import make_record
+
+    spec = AblationSpec(name="g-training", version=1, title="Which knob", paper_table="", baseline={}, kind="study",
+                        variants={v: Variant(v, {}) for v in ("centre", "lr-3e-3")})
+    for variant, mse in (("centre", 0.1), ("lr-3e-3", 0.05)):
+        rec = make_record("g-training", variant, 0, 100.0, label=variant)
+        rec["diagnostics"] = {"inverse_mse_clean": mse, "noise_sensitivity": 0.5, "noise_sigma_sq": 0.0025}
+        write_record(tmp_path / "results", rec)
+    render_report(tmp_path / "results", tmp_path / "report", registry={"g-training": spec})
+    page = (tmp_path / "report" / "tiny" / "g-training.md").read_text()
+    assert "| `lr` | lr-3e-3 | x2.00 | +0.00 |" in page and (tmp_path / "report" / "tiny" / "g-training.png").is_file()
+    index = (tmp_path / "report" / "README.md").read_text()
+    assert "### Studies" in index and "[Which knob](tiny/g-training.md)" in index
+    assert not (tmp_path / "report" / "tiny" / "g-training.csv").exists()  # no ablation table was written

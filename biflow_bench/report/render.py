@@ -20,6 +20,7 @@ from ..results import results_frame, scan_records, speed_frame
 from .bench_pages import curves_page, is_training, scaling_page, speed_page
 from .figures import speed_quality_figure
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
+from .study import exact_recall, study_page
 from .pages import ablation_page, commentary
 from .stats import verdict
 from .tables import headline_table, load_calibration, order_scales, scale_label
@@ -127,9 +128,16 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         index_rows, readings = [], []
         main_table = None
         calibration_entries = load_calibration(results_dir, scale)
+        studies = []
         for ablation in sorted(set(sdf["ablation"]) | set(others["ablation"])):
             spec = registry.get(ablation)
             comment = commentary(results_dir, scale, ablation)
+            if spec is not None and spec.kind == "study":  # its own page: points, not a table against the paper
+                paths = set(sdf.loc[sdf["ablation"] == ablation, "path"])
+                points = [rec for path, rec in records if str(path) in paths]
+                page = study_page(w, results_dir, scale, ablation, points, spec, comment, exact_recall(sdf))
+                studies.append(f"- [{spec.title}]({page}) (`{ablation}`)\n")
+                continue
             table, tau, tau_text = ablation_page(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
                                                     spec, comment, calibration_entries, others[others["ablation"] == ablation])
             summary.ablations.append((scale, ablation))
@@ -147,6 +155,10 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
             readme.append(md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
             readme.append("Lead lines (σ: the noise in each table; the reading of each table is on its page):\n\n"
                           + "".join(readings))
+
+        if studies:
+            readme.append("### Studies\n")
+            readme.append("".join(studies))
 
         if not sspeed.empty:
             quality_link = None

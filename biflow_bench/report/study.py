@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
@@ -35,6 +36,14 @@ def axis_of(variant: str) -> str:
 def _mean(values: Sequence[Any]) -> float:
     nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return float(np.mean(nums)) if nums else float("nan")
+
+
+def exact_recall(df: pd.DataFrame) -> float:
+    """The unguided exact inverse's recall at a scale (inverse-strategy's `exact` row, seeds averaged): the yardstick
+    of G's recall. `df`: one scale's records frame (results.results_frame)."""
+    rows = df[(df["ablation"] == "inverse-strategy") & (df["variant"] == "exact")]
+    col = "metric_recall_effnet"
+    return float(rows[col].astype(float).mean()) if col in rows and len(rows) else float("nan")
 
 
 def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float) -> list[dict]:
