@@ -5,6 +5,7 @@ SCALE   ?= small
 SEED    ?= 0
 ARGS    ?=
 REPORT_OUT ?= reports
+REPORT_ARGS ?=
 # where records are read and written: `make reproduce-small RESULTS=runs/anew REPORT_OUT=runs/anew/reports
 # BIFLOW_CACHE=runs/anew/cache` measures every table anew beside the committed records, which it leaves alone
 RESULTS ?= results
@@ -27,7 +28,7 @@ test: setup
 # the demo's records (results/tiny), cache (runs/cache) and report (runs/demo/reports) are all git-ignored: it
 # leaves the tracked small-scale report alone and `git status` clean
 demo: setup
-	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_OUT=runs/demo/reports
+	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_OUT=runs/demo/reports REPORT_ARGS="--scales tiny"
 
 # a static pattern rule: make skips implicit rules for phony targets, so a plain `ablation-%:` would never run
 $(ABLATIONS): ablation-%: setup
@@ -39,7 +40,7 @@ bench-speed: setup
 	$(BENCH) bench speed --scale $(SCALE) --results-dir $(RESULTS) $(SPEED_ARGS_$(SCALE))
 
 report: setup
-	$(BENCH) report --results-dir $(RESULTS) --out $(REPORT_OUT)
+	$(BENCH) report --results-dir $(RESULTS) --out $(REPORT_OUT) $(REPORT_ARGS)
 
 # every ablation at each seed: seed 0 first, so a partial run already fills every table. A later seed trains a
 # second G of each variant against the same F (stage1.seed) and draws other samples: the seed spread of each row.

@@ -161,25 +161,37 @@ def progress(
 
 @app.command()
 def report(
-    results_dir: Annotated[Path, typer.Option(help="where the records are (results/<scale>/<ablation>/)")
-                           ] = Path("results"),
-    out: Annotated[Path, typer.Option(help="report directory")] = Path("reports"),
+    results_dir: ResultsDir = None,
+    out: Annotated[Path | None, typer.Option(help="report directory (default: reports/ of the checkout; "
+                                                  "runs/reports when --scales names tiny or tiny-latent)")] = None,
+    scales: Annotated[str | None, typer.Option(help="comma-separated scales to render (default: every scale "
+                                                    "found but the git-ignored tiny and tiny-latent)")] = None,
     include_archive: Annotated[bool, typer.Option(help="also show the superseded records of <results-dir>/archive, "
                                                        "under each table's Other configurations")] = False,
 ) -> None:
-    """Regenerate the tables, figures and reports/README.md from the records in results/."""
+    """Regenerate the tables, figures and README.md of a report from the records in results/."""
+    from .paths import LOCAL_SCALES, default_reports_dir
     from .report.render import render_report
+    from .results import scan_records
 
+    results_dir = results_dir or default_results_dir()
     if not results_dir.is_dir():
         raise ConfigError(f"--results-dir {results_dir}: no such directory; run an ablation first (biflow-bench run "
                           "...) or pass the directory holding the records")
+    chosen = [s.strip() for s in scales.split(",")] if scales else None
+    for scale in chosen or []:
+        check_scale(scale)
+    if chosen is None:
+        found = {rec["scale"] for _, rec in scan_records(results_dir, include_archive)[0]}
+        chosen = sorted(found - set(LOCAL_SCALES))
+    out = out or default_reports_dir(local=bool(set(chosen) & set(LOCAL_SCALES)))
     writable(out, "--out")
-    summary = render_report(results_dir, out, include_archive=include_archive)
+    summary = render_report(results_dir, out, scales=chosen, include_archive=include_archive)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in summary.separated:
         typer.echo(f"separated {note}", err=True)
-    typer.echo(f"wrote {len(summary.files)} files to {out} ({out / 'README.md'})")
+    typer.echo(f"wrote {len(summary.files)} files to {out} ({out / 'README.md'}; scales {', '.join(chosen) or 'none'})")
 
 
 def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path | None, overrides: list[str] | None):

@@ -7,6 +7,8 @@ A path given by an option or by BIFLOW_CACHE is taken as given (relative to the 
     cache       <root>/runs/cache      $XDG_CACHE_HOME/biflow-bench         (~/.cache/biflow-bench)
     results     <root>/results         $XDG_DATA_HOME/biflow-bench/results  (~/.local/share/biflow-bench/results)
     samples     <root>/runs/samples    $XDG_DATA_HOME/biflow-bench/samples
+    reports     <root>/reports         $XDG_DATA_HOME/biflow-bench/reports  (the committed scales)
+                <root>/runs/reports    $XDG_DATA_HOME/biflow-bench/runs-reports  (with a LOCAL_SCALES scale)
 
 runs/ and the tiny scales' results/ are git-ignored: the defaults leave the tracked tree clean.
 """
@@ -48,3 +50,16 @@ def default_samples_dir() -> Path:
     """Where `sample` writes its grid when --out is not given."""
     root = project_root()
     return root / "runs" / "samples" if root else _xdg("XDG_DATA_HOME", ".local/share") / APP / "samples"
+
+
+# Scales whose records are git-ignored (results/tiny/, results/tiny-latent/): `report` renders them only when asked,
+# and then into runs/reports by default, so the committed report stays as committed
+LOCAL_SCALES = ("tiny", "tiny-latent")
+
+
+def default_reports_dir(local: bool) -> Path:
+    """Where `report` writes when --out is not given: reports/ of the checkout, or runs/reports with a local scale."""
+    root = project_root()
+    if root:
+        return root / "runs" / "reports" if local else root / "reports"
+    return _xdg("XDG_DATA_HOME", ".local/share") / APP / ("runs-reports" if local else "reports")

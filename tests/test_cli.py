@@ -272,3 +272,25 @@ def test_default_paths_resolve_against_the_checkout_else_the_user_folders(tmp_pa
     assert paths.default_results_dir() == tmp_path / "home" / ".local" / "share" / "biflow-bench" / "results"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "biflow-bench"
+
+
+def test_report_renders_the_committed_scales_unless_asked(tmp_path, monkeypatch, capsys):
+    """`report` with no --scales leaves the git-ignored tiny scale out (the committed report stays as it is); asked
+    for tiny without --out, it writes into runs/reports, not reports/."""
+    from biflow_bench import paths
+    from biflow_bench.results import write_record
+    from test_results_report import make_record
+
+    monkeypatch.setattr(paths, "project_root", lambda: tmp_path)
+    results = tmp_path / "results"
+    for scale in ("tiny", "small"):
+        write_record(results, make_record("denoise", "learned", 0, 10.0, label="learned", scale=scale))
+    code, out, _ = invoke(["report"], monkeypatch, capsys)
+    assert code == 0 and "scales small" in out
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "Scale `small`" in index and "Scale `tiny`" not in index and not (tmp_path / "reports" / "tiny").exists()
+    code, out, _ = invoke(["report", "--scales", "tiny"], monkeypatch, capsys)
+    assert code == 0 and (tmp_path / "runs" / "reports" / "tiny" / "denoise.md").is_file()
+    assert "Scale `tiny`" not in (tmp_path / "reports" / "README.md").read_text()
+    code, _, err = invoke(["report", "--scales", "tinny"], monkeypatch, capsys)
+    assert code == 2 and "did you mean 'tiny'?" in err
