@@ -13,7 +13,7 @@ RESULTS ?= results
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg
 
-.PHONY: setup test demo report reproduce-small clean bench-speed g-study $(ABLATIONS)
+.PHONY: setup test test-fast demo report reproduce-small clean bench-speed g-study $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -24,6 +24,10 @@ setup: .venv/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the edit-test loop: everything but the end-to-end runs (marked slow), which `make test` (CI) keeps
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # the demo's records (results/tiny), cache (runs/cache) and report (runs/demo/reports) are all git-ignored: it
 # leaves the tracked small-scale report alone and `git status` clean

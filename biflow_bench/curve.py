@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
-from .cache import default_cache_dir, get_backward, get_flow
 from .config import ConfigError, RunConfig, apply_delta
-from .evaluation import dataset_splits
+from .data import dataset_splits
 from .files import verified_torch_load
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
+from .paths import default_cache_dir
 from .provenance import environment
 from .runner import Trained, evaluate, sample_variant
+from .training.cache import get_backward, get_flow
 from .training.loop import Snapshot, with_ema
 from .training.stages import train_backward, train_flow
 

@@ -6,8 +6,9 @@
                    scale); each draw is a fresh posterior sample (`LatentDataset`)
 
 Images are float32 in [-1, 1], shape (N, C, H, W); labels are int64. Each dataset has a fixed held-out split for
-evaluation (reference statistics, NLL) that training never sees. Training reads rows through `get_batch`, which an
-`ImageDataset` answers with its images and a `LatentDataset` with posterior samples.
+evaluation (reference statistics, NLL) that training never sees; `dataset_splits` loads a dataset once per process.
+Training reads rows through `get_batch`, which an `ImageDataset` answers with its images and a `LatentDataset` with
+posterior samples.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +262,12 @@ def load_dataset(name: str, data_dir: Path | str | None = None) -> DataSplits:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     return DATASETS[name](data_dir) if data_dir is not None and name != "digits" else DATASETS[name]()
+
+
+@cache
+def dataset_splits(name: str, data_dir: str | None) -> DataSplits:
+    """The dataset, loaded once per process (training, evaluation and calibration share it)."""
+    return load_dataset(name, data_dir)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:

@@ -5,7 +5,7 @@
                               cache and the runner agree with (rank 0 decides what is skipped and writes)
     gather_rows(...)          rank r holds rows r, r + W, ...; rank 0 gets the whole table in row order
 
-Stage orchestration (train F, then G, into the artifact cache; one process or DDP) lives in cache.py (`train_stages`);
+Stage orchestration (train F, then G, into the artifact cache; one process or DDP) lives in training/cache.py (`train_stages`);
 `biflow-bench run` under torchrun trains with DDP, samples sharded, and evaluates and writes on rank 0 (runner.py).
 
 How the work is split (loop.fit, sample.generate): every global batch is cut into micro-batches of a fixed size; rank

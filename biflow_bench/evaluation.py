@@ -17,22 +17,16 @@ from typing import Any
 
 import torch
 
-from .cache import default_cache_dir
 from .config import RunConfig, config_hash
-from .data import DataSplits, add_noise, load_dataset, to_uint8
+from .data import add_noise, dataset_splits, to_uint8
 from .files import atomic_write_json, dir_lock
 from .metrics.classifier import (DomainClassifier, classifier_config, classifier_key, classifier_metrics,
                                  get_classifier, reference_features_stats)
 from .metrics.fidelity import compute_fidelity
 from .metrics.images import box_blur, residual_noise
 from .metrics.reference import reference_features
+from .paths import default_cache_dir
 from .results import CALIBRATION
-
-
-@cache
-def dataset_splits(name: str, data_dir: str | None) -> DataSplits:
-    """The dataset, loaded once per process (training, evaluation and calibration share it)."""
-    return load_dataset(name, data_dir)
 
 
 @cache

@@ -21,10 +21,13 @@ from pathlib import Path
 APP = "biflow-bench"
 
 
-def project_root() -> Path | None:
+def find_checkout() -> Path | None:
     """The checkout this package is imported from, or None when it is installed elsewhere (site-packages)."""
     root = Path(__file__).resolve().parent.parent
     return root if (root / "pyproject.toml").is_file() and (root / "ablations").is_dir() else None
+
+
+project_root = find_checkout  # what the defaults below resolve against (the tests point it at a temporary folder)
 
 
 def _xdg(var: str, fallback: str) -> Path:

@@ -221,7 +221,7 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
     return None
 
 
-G_DIAGNOSTICS = ("noise_sensitivity",)  # what a G record measures today (runner.diagnostics): older ones aren't shared
+G_DIAGNOSTICS = ("noise_sensitivity",)  # what a G record measures today (record.diagnostics): older ones aren't shared
 
 
 def measures_today(rec: dict[str, Any]) -> bool:

@@ -2,17 +2,17 @@
 
     resolve     scale preset + spec baseline + variant delta (+ --set overrides)       (ablations.py, config.py)
     stage 1     F from the artifact cache, trained on a miss; shared by every variant with the same F config
-    stage 2     G likewise (none for the exact inverse)
+    stage 2     G likewise (none for the exact inverse)                                 (training/cache.py)
     sample      one seed per image, class-balanced labels                               (sample.py)
     evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
                 acc_cls / conf_cls / fd_cls (evaluation.py), NLL of F; diagnostics (noise left in the samples, for
-                a learned inverse how far G is from F's inverse); NFE, params, latency; guided rows at every w of
-                the shared sweep, reported at the best. Latent scales decode the samples with the VAE and score
-                them against FID reference statistics instead (latent_eval.py)
+                a learned inverse how far G is from F's inverse; record.py); NFE, params, latency; guided rows at
+                every w of the shared sweep, reported at the best. Latent scales decode the samples with the VAE
+                and score them against FID reference statistics instead (latent_eval.py)
     calibrate   pixel scales: the same metrics on real images (evaluation.py: as they are, + training noise, 3x3
                 box blur), once per (dataset, eval config, number of images, noise): results/<scale>/calibration.json
     record      results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json, written atomically under a
-                directory lock (results.py: the hash names every config but the variant's default)
+                directory lock (record.py; results.py: the hash names every config but the variant's default)
 
 A variant already recorded with the same config hash (a valid record) is skipped unless `force`; records of other
 configs stay beside it. A variant whose config hash and seed another table has recorded (every table's baseline is
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,30 +34,26 @@ from typing import Any
 import torch
 
 from .ablations import AblationSpec, get_spec
-from .cache import default_cache_dir, distributed_micro_batch, train_stages
 from .config import ConfigError, RunConfig
-from .data import DataSplits, class_balanced_labels, image_grid_png
-from .evaluation import dataset_splits, ensure_calibration, image_metrics
+from .data import DataSplits, class_balanced_labels, dataset_splits, image_grid_png
 from .distributed import DistEnv, barrier, broadcast_object
-from .files import LockBusy, atomic_write_bytes, dir_lock
+from .evaluation import ensure_calibration, image_metrics
+from .files import LockBusy, dir_lock
 from .identity import RunIdentity, run_identity
 from .latent_eval import LatentEval, latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
-from .metrics.flow_norms import flow_norms
-from .metrics.images import residual_noise
-from .metrics.inverse import inverse_gaps, measure_noise_sensitivity, ms_per_image_batch1
-from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
-from .provenance import environment
-from .results import RESULT_SCHEMA, _check_name, find_measurement, find_record, record_path, write_record
-from .sample import Sampler, generate
+from .paths import default_cache_dir
+from .record import build_measurement, held_out_bpd, log, primary_metric, share_measurement, write_variant_record
+from .results import _check_name, find_measurement, find_record
+from .sample import Sampler, generate, guidance_scales
 from .speed.benchmark import record_speed_bench
-from .training.perceptual import WEIGHT_MODES, describe, require_weights
+from .training.cache import distributed_micro_batch, train_stages
+from .training.perceptual import WEIGHT_MODES, perceptual_networks, require_weights
 from .weights import resolve_weights
 
 DEFAULT_RESULTS = Path("results")
-INVERSE_PAIRS = 256  # held-out images on which G is compared with F's inverse
 
 
 @dataclass
@@ -88,10 +82,6 @@ class Trained:
     splits: DataSplits
     train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
     latent: LatentEval | None = None  # latent scales: the VAE that decodes the samples and the reference statistics
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def preflight(cfg: RunConfig, seed: int) -> None:
@@ -141,11 +131,6 @@ def sample_variant(t: Trained, seed: int, num: int | None = None, cfg_scale: flo
 
 
 GUIDANCE_CAP = 16.0  # the largest w a sweep extends to when its best w sits at its edge
-
-
-def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
-    """The guidance scales a run is evaluated at: the sweep for a guided row (cfg_scale > 0), else its cfg_scale."""
-    return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
 
 
 def guidance_cap(cfg: RunConfig) -> float:
@@ -214,81 +199,6 @@ def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None 
     return metrics
 
 
-def held_out_bpd(t: Trained, seed: int) -> float:
-    """F's bits/dim on held-out noisy images."""
-    noisy, labels = held_out_noisy(t, seed, t.cfg.eval.nll_samples)
-    return bits_per_dim(t.flow, noisy, labels, t.splits.test.levels)
-
-
-def held_out_noisy(t: Trained, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first n held-out images with the training noise (what F models) and their labels."""
-    test = t.splits.test
-    gen = torch.Generator().manual_seed(seed)
-    noisy = test.images[:n] + t.cfg.stage1.noise_sigma * torch.randn(test.images[:n].shape, generator=gen)
-    device = next(t.flow.parameters()).device  # F's device (CUDA at the paper scale)
-    return noisy.to(device), test.labels[:n].to(device) if t.cfg.flow.num_classes else None
-
-
-def diagnostics(t: Trained, seed: int) -> dict[str, float]:
-    """Measurements the tables' readings cite: the noise left in real test images (noise_residual_real, beside the
-    samples' noise_residual in the metrics) and, for a learned inverse, how well G has learned F's inverse
-    (metrics/inverse.py): its distance to F's inverse on INVERSE_PAIRS held-out images, output and each supervised
-    state, with sigma^2 (the noise F was trained on) for scale, and its noise sensitivity. Latent scales measure no
-    noise left in images (their samples are decoded, their test set latents); G's measurements need it on the CPU."""
-    cfg, test = t.cfg, t.splits.test
-    n = min(INVERSE_PAIRS, len(test))
-    out = {} if t.latent is not None else {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples])}
-    out["noise_sigma_sq"] = cfg.stage1.noise_sigma**2
-    if t.g is not None and not on_cpu(t.g):
-        log("warning: G's inverse gaps, noise sensitivity and batch-1 latency are measured on the CPU only "
-            "(metrics/inverse.py); this record has none")
-    elif t.g is not None:
-        labels = test.labels[:n] if cfg.flow.num_classes else None
-        gaps = inverse_gaps(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
-        out["inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"] = gaps["output"]
-        if gaps["states"]:
-            out["inverse_mse_states"] = gaps["states"]
-        out["noise_sensitivity"] = measure_noise_sensitivity(t.flow, t.g, cfg.flow.num_classes, seed=seed)
-    return out
-
-
-def on_cpu(model: torch.nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cpu"
-
-
-def primary_metric(metrics: dict[str, float]) -> str:
-    return next(k for k in ("fid", "fd_effnet") if k in metrics)
-
-
-def perceptual_networks(s2) -> dict[str, str]:
-    """The network of each perceptual term of a stage-2 config: {'lpips': 'effnet-lite1', ...}."""
-    nets = {"lpips": s2.lpips_net, "convnext": s2.convnext_net}
-    return {term: nets[term] for term in s2.metric.split("+") if term != "mse"}
-
-
-def notes_for(cfg: RunConfig) -> list[str]:
-    notes = []
-    if cfg.eval.extractor != "inception-v3-compat":
-        notes.append(f"fd_effnet / is_effnet: Frechet distance and Inception Score in {cfg.eval.extractor} features "
-                     f"(ImageNet weights) on {cfg.sample.num_samples} samples; not comparable to FID in absolute terms")
-    if cfg.inverse == "learned":
-        s2 = cfg.stage2
-        nets = perceptual_networks(s2)
-        if nets:
-            notes.append("perceptual terms: " + "; ".join(describe(t, n, s2.perceptual_weights) for t, n in nets.items()))
-            if s2.perceptual_weights != "random" and any(n.startswith("effnet") for n in nets.values()):
-                notes.append("a loss in ImageNet features can flatter an ImageNet-feature metric (fd_effnet): judge "
-                             "the perceptual rows by the domain metrics as well")
-        if cfg.backward.strategy == "hidden-distill":
-            form = "residual input-space updates" if cfg.backward.distill_residual else \
-                "each stage's state re-embedded from input space (the paper's form)"
-            notes.append(f"hidden distillation: {form}")
-    if len(guidance_scales(cfg)) > 1:
-        notes.append("guided row: reported at its best w of the sweep " +
-                     ", ".join(f"{w:g}" for w in cfg.sample.cfg_sweep) + " (selected by the primary metric)")
-    return notes
-
-
 def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions) -> tuple[RunConfig, RunIdentity]:
     """The config a run of the variant resolves to under `opts` and its identity (identity.run_identity)."""
     cfg = spec.resolve(variant, scale, opts.overrides)
@@ -309,72 +219,10 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
     if swept is None:  # not rank 0
         return None
     guidance, images = swept
-    best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
-    metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
-    metrics["bpd"] = held_out_bpd(t, seed)
     calibration = ensure_calibration(cfg, opts.results_dir, opts.data_dir, opts.cache) if t.latent is None else None
-    sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
-    nfe, nfe_label = sampler.nfe(t.flow, t.g)
-    metric = primary_metric(metrics)
-    measurement = {
-        "config": cfg.to_dict(), "config_hash": ident.config_hash, "micro_batch": ident.micro_batch,
-        "metric": metric, "metrics": metrics, "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance,
-        "diagnostics": diagnostics(t, seed), "calibration": calibration,
-        "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
-        "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
-                   "sample_batch": cfg.sample.batch_size,
-                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None and on_cpu(t.g) else {}),
-                   **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
-        "notes": notes_for(cfg),
-        "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
-        "train": t.train,
-        **({"latent": t.latent.source} if t.latent is not None else {}),
-    }
     png = image_grid_png(unit_range(images[:100]), nrow=10)
-    return write_variant_record(spec, variant, scale, seed, opts, ident, measurement, png, start)
-
-
-def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions, ident: RunIdentity,
-                      source: Path, rec: dict[str, Any]) -> Path:
-    """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
-    and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
-    (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
-    start = time.perf_counter()
-    measured_in = rec.get("measured_in") or source.relative_to(opts.results_dir / scale).as_posix()
-    log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
-        "sharing its measurement")
-    png = (opts.results_dir / scale / rec["samples_png"]).read_bytes()
-    return write_variant_record(spec, variant, scale, seed, opts, ident, {**rec, "measured_in": measured_in}, png,
-                                start)
-
-
-def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions,
-                         ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
-    """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
-    carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
-    name = record_path(opts.results_dir, scale, spec.name, variant, seed,
-                       ident.config_hash if ident.overrides else None).stem
-    samples_png = Path("samples") / spec.name / f"{name}.png"
-    atomic_write_bytes(opts.results_dir / scale / samples_png, png)
-    v = spec.variants[variant]
-    own = {
-        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
-        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
-        "overrides": ident.overrides,
-    }
-    record = {
-        **own, **measurement, **own,  # own fields at the top, and over any the measurement carries
-        "paper": {**v.paper, "table": spec.paper_table},
-        "samples_png": str(samples_png), "env": environment(),
-        "wall_time_s": time.perf_counter() - start,
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    path = write_record(opts.results_dir, record)
-    metric, metrics, guidance = record["metric"], record["metrics"], record["guidance"]
-    at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
-    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} "
-        f"nfe={record['nfe_label']} -> {path}")
-    return path
+    return write_variant_record(spec, variant, scale, seed, opts.results_dir, ident,
+                                build_measurement(t, seed, ident, guidance, calibration), png, start)
 
 
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
@@ -414,7 +262,8 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
                 if env.is_main and not opts.force else None
             if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
-                path = share_measurement(spec, name, scale, seed, opts, ident, *shared) if env.is_main else None
+                path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared) \
+                    if env.is_main else None
                 paths.append(broadcast_object(path, env))
                 continue
             path = run_variant(spec, name, scale, seed, opts)

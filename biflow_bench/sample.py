@@ -100,6 +100,11 @@ class Sampler:
         return steps, label
 
 
+def guidance_scales(cfg: RunConfig) -> tuple[float, ...]:
+    """The guidance scales a run is evaluated at: the sweep for a guided row (cfg_scale > 0), else its cfg_scale."""
+    return cfg.sample.cfg_sweep if cfg.sample.cfg_scale > 0 and cfg.sample.cfg_sweep else (cfg.sample.cfg_scale,)
+
+
 def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor | None, seeds: range | list[int],
              batch_size: int, base_seed: int = 0, env: DistEnv | None = None,
              postprocess: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
@@ -133,7 +138,6 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     computes FID / IS with torch-fidelity's Inception (the FID-50K protocol at num=50,000). Everything that can be
     missing (VAE, Inception weights, reference statistics, the trained models) is checked before sampling starts,
     each with a one-line error. Returns (on rank 0) what it did and measured."""
-    from .cache import default_cache_dir, distributed_micro_batch, load_model, stage1_dir, stage2_dir
     from .config import ConfigError
     from .data import class_balanced_labels, save_image_grid, to_uint8
     from .files import atomic_write_bytes
@@ -141,6 +145,8 @@ def sample_trained(cfg: RunConfig, seed: int, env: DistEnv | None = None, *, num
     from .metrics.extractors import INCEPTION_NAME
     from .metrics.fidelity import compute_fidelity
     from .metrics.reference import load_reference
+    from .paths import default_cache_dir
+    from .training.cache import distributed_micro_batch, load_model, stage1_dir, stage2_dir
     from .weights import resolve_weights
 
     env = env or DistEnv()

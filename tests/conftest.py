@@ -7,6 +7,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
+from biflow_bench import paths
 from biflow_bench.models import TARFlow, TARFlowConfig
 
 
@@ -42,6 +43,8 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("BIFLOW_CACHE", str(tmp_path / "cache"))
+    # the default results, reports and sample folders follow the checkout: a test never writes into the real one
+    monkeypatch.setattr(paths, "project_root", lambda: tmp_path / "checkout")
     monkeypatch.setenv("BIFLOW_THREADS", "1")  # the CLI's thread count: the one thread of _one_thread
     monkeypatch.setenv("BIFLOW_JOBS_DIR", str(tmp_path / "jobs"))
     torch.manual_seed(0)

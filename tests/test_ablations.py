@@ -38,6 +38,7 @@ def test_registry_has_every_table_of_the_paper():
 
 
 @pytest.mark.parametrize("ablation,variant", CASES, ids=[f"{a}/{v}" for a, v in CASES])
+@pytest.mark.slow
 def test_variant_runs_end_to_end(ablation, variant, shared):
     (path,) = runner.run(ablation, [variant], scale="tiny", seed=0, opts=shared)
     record = read_record(path)
@@ -63,6 +64,7 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     assert is_done(shared.results_dir, "tiny", ablation, variant, 0, record["config_hash"])
 
 
+@pytest.mark.slow
 def test_denoise_none_and_score_share_one_g_and_sample_differently(shared):
     """One G serves both rows (trained once, as 'score'); the rows differ by F's score step at sampling."""
     score, none = runner.run("denoise", ["score", "none"], scale="tiny", seed=0, opts=shared)
@@ -72,6 +74,7 @@ def test_denoise_none_and_score_share_one_g_and_sample_differently(shared):
     assert rec_score["metrics"]["fd_effnet"] != rec_none["metrics"]["fd_effnet"]
 
 
+@pytest.mark.slow
 def test_recorded_runs_are_skipped_and_results_load(shared):
     (path,) = runner.run("denoise", ["learned"], scale="tiny", seed=0, opts=shared)
     stamp = path.stat().st_mtime_ns

@@ -254,11 +254,12 @@ def test_cache_and_results_follow_the_project_not_the_working_directory(tmp_path
 
 def test_default_paths_resolve_against_the_checkout_else_the_user_folders(tmp_path, monkeypatch):
     from biflow_bench import paths
-    from biflow_bench.cache import default_cache_dir
+    from biflow_bench.paths import default_cache_dir
 
     checkout = Path(__file__).resolve().parents[1]
     monkeypatch.delenv("BIFLOW_CACHE")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(paths, "project_root", paths.find_checkout)  # the real one (conftest isolates every test)
     assert paths.project_root() == checkout
     assert default_cache_dir() == checkout / "runs" / "cache" and paths.default_results_dir() == checkout / "results"
     monkeypatch.setenv("BIFLOW_CACHE", "mine")  # the override, as given

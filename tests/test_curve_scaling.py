@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from biflow_bench.cache import get_flow
 from biflow_bench.config import ConfigError, apply_delta, scale_config
 from biflow_bench.curve import checkpoint_curve, curve_record, flattening, training_curve
-from biflow_bench.evaluation import dataset_splits
+from biflow_bench.data import dataset_splits
 from biflow_bench.report.render import render_report
 from biflow_bench.results import scan_records, write_record
 from biflow_bench.speed.scaling import scaling_record, scaling_rows
+from biflow_bench.training.cache import get_flow
 from biflow_bench.training.stages import train_backward, train_flow
 
 

@@ -17,7 +17,7 @@ import torch
 
 import biflow_bench.training.stages as train_module
 from biflow_bench.ablations import get_spec
-from biflow_bench.cache import load_model
+from biflow_bench.training.cache import load_model
 from biflow_bench.config import ConfigError
 from biflow_bench.data import load_digits
 from biflow_bench.distributed import DistEnv, gather_rows, init_from_env
@@ -93,6 +93,7 @@ def trained(tmp_path_factory, cfg):
     return tmp, cache, out, writes
 
 
+@pytest.mark.slow
 def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, cfg):
     tmp, cache, out, writes = trained
     summary = json.loads(out.stdout)  # one JSON document: only rank 0 printed
@@ -116,6 +117,7 @@ def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, 
             torch.testing.assert_close(value, theirs[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_processes_or_batch_size(trained, cfg):
     tmp, cache, _, _ = trained
     out, writes = torchrun(tmp, cache, "sample-dist", "main", "biflow", "--scale", "tiny", *SET,
@@ -153,6 +155,7 @@ def test_global_batch_must_split_evenly():
             env=DistEnv(0, 2))
 
 
+@pytest.mark.slow
 def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp_path):
     """`biflow-bench run` under torchrun: DDP training, sharded sampling, evaluation and the record on rank 0 alone;
     the record equals the one-process run's with the same micro-batch (float tolerance). While another job holds
@@ -187,6 +190,7 @@ def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp
     assert len(errors) == 2 and all("is in use by" in e or "in use" in e for e in errors), busy.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_torchrun_sample_shares_the_sampling_and_rank_0_writes_the_grid(trained, cfg):
     """`biflow-bench sample` under torchrun: the models trained with the batch split over 2 processes (the cache
     of `trained`), each process samples its share, rank 0 writes the grid: the same PNG as one process makes."""

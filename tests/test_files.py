@@ -82,9 +82,9 @@ def test_an_artifact_in_training_is_waited_for_and_loaded_not_trained_again(tmp_
     waits, and loads what the first stored instead of training it again."""
     import threading
 
-    from biflow_bench import cache
     from biflow_bench.distributed import DistEnv
     from biflow_bench.models import TARFlow, preset_configs
+    from biflow_bench.training import cache
 
     cfg = preset_configs("tiny")[0]
     directory, model = tmp_path / "stage1" / "key", TARFlow(cfg)

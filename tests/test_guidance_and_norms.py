@@ -17,7 +17,7 @@ from biflow_bench.models.layers import guidance_weights
 from biflow_bench.report.figures import guidance_curves
 from biflow_bench.report.render import render_report
 from biflow_bench.results import load_results, write_record
-from biflow_bench.runner import guidance_scales
+from biflow_bench.sample import guidance_scales
 from test_results_report import make_record
 
 

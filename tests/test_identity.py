@@ -120,7 +120,7 @@ def test_archived_records_are_not_found_nor_reported_unless_asked(tmp_path: Path
     from biflow_bench import cli
 
     monkeypatch.setattr(sys, "argv", ["biflow-bench", "report", "--results-dir", str(rdir), "--out",
-                                      str(tmp_path / "all"), "--include-archive"])
+                                      str(tmp_path / "all"), "--include-archive", "--scales", "tiny"])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 0, capsys.readouterr().err

@@ -122,6 +122,7 @@ def test_prepare_latents_shards_ranks_resume_and_flips(latent_setup):
     assert img.shape == (2, 3, 32, 32) and img.min() >= -1 and img.max() <= 1
 
 
+@pytest.mark.slow
 def test_latent_pipeline_trains_samples_decodes_and_scores(latent_setup):
     root, vae, _ = latent_setup
     splits = load_dataset("latents", root / "latents")
@@ -240,6 +241,7 @@ def _latent_run_args(root: Path, results: Path, *extra: str) -> list[str]:
             str(root / "latents"), "--vae", str(root / "vae"), "--results-dir", str(results), *sets, *extra]
 
 
+@pytest.mark.slow
 def test_run_at_tiny_latent_under_torchrun_writes_the_tables_records_and_resumes(latent_setup, tmp_path):
     """`torchrun ... run denoise --scale tiny-latent` (the paper scale's command in miniature): one record per variant
     asked, scored in decoded-image features against the reference folder; run again, it skips both."""

@@ -37,7 +37,7 @@ import torch
 
 from biflow_bench import cli, runner
 from biflow_bench.ablations import SpecError, get_spec, load_spec
-from biflow_bench.cache import load_model
+from biflow_bench.training.cache import load_model
 from biflow_bench.files import dir_lock, verified_torch_load
 from biflow_bench.report.format import fmt_ours
 from biflow_bench.results import find_measurement, find_record, read_record, record_path, write_record
@@ -209,6 +209,7 @@ def opts(results: Path, cache: Path) -> runner.RunOptions:
 # 8. determinism (first: it only needs the clean pair)
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_the_same_record(clean_pair):
     a, b = clean_pair
     assert a.record["train"]["stage1"]["cached"] is False and a.record["train"]["stage2"]["resumed_from"] == 0
@@ -238,6 +239,7 @@ def killed(first_wave) -> tuple[Run, int]:
     return Run(results, cache, record_of(results), out.stderr), step
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_from_the_checkpoint(clean, killed):
     run, step = killed
     assert run.record["train"]["stage1"]["resumed_from"] == step  # picked up, not started again
@@ -245,6 +247,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(clean, killed):
     assert comparable(run.record, RESUMED) == comparable(clean.record, RESUMED)
 
 
+@pytest.mark.slow
 def test_resumed_loss_terms_match_the_clean_run(clean, killed):
     assert killed[0].record["train"]["stage1"]["terms"] == clean.record["train"]["stage1"]["terms"]
 
@@ -285,6 +288,7 @@ def _interrupt(sig: int, interrupted) -> tuple[Path, Path, Path, int]:
     return results, cache, checkpoint, step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(clean, interrupted):
     results, cache, checkpoint, step = _interrupt(signal.SIGTERM, interrupted)
     (path,) = runner.run("denoise", ["learned"], "tiny", 0, opts(results, cache))  # (the CLI re-run: SIGKILL test)
@@ -293,6 +297,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(clean, interrupted):
     assert comparable(record, RESUMED + ("cached",)) == comparable(clean.record, RESUMED + ("cached",))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoint_then_a_corrupted_checkpoint_is_not_loaded(clean, interrupted, capfd):
     results, cache, checkpoint, _ = _interrupt(signal.SIGINT, interrupted)
     flip(checkpoint)
@@ -315,6 +320,7 @@ def _foreign(path: Path, other: Path) -> None:
 
 
 @pytest.mark.parametrize("flow_damage,g_damage", [("truncate", "flip"), ("flip", "foreign")])
+@pytest.mark.slow
 def test_damaged_artifacts_are_named_rebuilt_and_never_loaded(clean, tmp_path, capfd, flow_damage, g_damage):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     flow_pt, g_pt = cache / "stage1" / KEY1 / "flow.pt", cache / "stage2" / KEY2 / "backward.pt"
@@ -336,6 +342,7 @@ def test_damaged_artifacts_are_named_rebuilt_and_never_loaded(clean, tmp_path, c
 # 4. truncated or foreign JSON in results/
 
 
+@pytest.mark.slow
 def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     shutil.copytree(clean.results, results)
@@ -363,6 +370,7 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
+@pytest.mark.slow
 def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     shutil.copytree(clean.results, results)
@@ -376,6 +384,7 @@ def test_run_does_not_count_a_bad_record_as_done(clean, tmp_path, capfd, damage)
     assert comparable(read_record(path), CACHED) == comparable(clean.record, CACHED)
 
 
+@pytest.mark.slow
 def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd):
     """The README's `--set` example: not "already recorded", and the record without it stays as it was."""
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
@@ -394,6 +403,7 @@ def test_an_override_is_a_new_run_beside_the_recorded_one(clean, tmp_path, capfd
     assert "already recorded" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_recorded_by_one_table_is_shared_by_another(clean, tmp_path, capfd):
     """Distance metric's MSE row is denoise's learned row (the baseline, same config hash and seed): it takes that
     record's measurement with its own table fields, trains and evaluates nothing (an empty cache stays empty)."""
@@ -422,6 +432,7 @@ def test_a_run_recorded_by_one_table_is_shared_by_another(clean, tmp_path, capfd
 # 5. two runs on one results directory
 
 
+@pytest.mark.slow
 def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_path):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     results.mkdir()
@@ -755,13 +766,16 @@ def _random_argv(rng: random.Random, tmp: Path, one_change: bool = False) -> lis
     return argv
 
 
+@pytest.mark.slow  # random commands that run for real: trains, samples and evaluates tiny runs end to end
 def test_fuzzed_argument_lists_exit_0_or_2(tmp_path, monkeypatch, capsys):
     """Random argument lists run the real commands (tiny scale, FAST schedules): each ends in exit 0, or in exit 2
     with a message, never in a traceback."""
     import functools
 
+    from biflow_bench import paths
     from biflow_bench.speed import benchmark as bench
 
+    monkeypatch.setattr(paths, "project_root", lambda: tmp_path)  # default results, reports, samples: not the checkout's
     # `run speed` has no options to shorten it: the real benchmark at one batch size and one timed call
     monkeypatch.setattr(bench, "run_speed_bench", functools.partial(bench.run_speed_bench, batch_sizes=(1,),
                                                                     repeats=1, warmup=0))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from biflow_bench.ablations import get_spec
-from biflow_bench.cache import get_flow
-from biflow_bench.evaluation import dataset_splits
+from biflow_bench.data import dataset_splits
 from biflow_bench.models.biflow import BiFlow
+from biflow_bench.training.cache import get_flow
 from biflow_bench.training.representability import fit_fixed_pairs
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cache import default_cache_dir
 from ..files import atomic_write_bytes
 from ..latents import ImageFiles, list_images
+from ..paths import default_cache_dir
 from ..weights import WeightsError
 from .extractors import EFFNET_NAME, default_layers, extract_features
 from .frechet import feature_stats

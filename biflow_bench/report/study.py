@@ -1,5 +1,5 @@
 """A study's page (a spec of kind "study", e.g. ablations/g-training.toml): per point, how well G learned F's inverse
-(runner.diagnostics), its samples' quality and its cost, the best point of each axis against the centre, a figure.
+(record.diagnostics), its samples' quality and its cost, the best point of each axis against the centre, a figure.
 
 A point's axis is its variant name up to the first "-" ("lr-3e-3" -> "lr"); "centre" is the point every axis starts
 from. Points are read straight from their records, seeds averaged."""

@@ -276,3 +276,9 @@ def describe(term: str, network: str, weights: str) -> str:
     what = "random weights" if weights == "random" else "ImageNet weights"
     role = "the paper's network" if network == paper else f"offline stand-in for {paper}"
     return f"{term}: {network} ({what}, {role})"
+
+
+def perceptual_networks(s2) -> dict[str, str]:
+    """The network of each perceptual term of a stage-2 config: {'lpips': 'effnet-lite1', ...}."""
+    nets = {"lpips": s2.lpips_net, "convnext": s2.convnext_net}
+    return {term: nets[term] for term in s2.metric.split("+") if term != "mse"}

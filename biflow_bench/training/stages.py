@@ -1,5 +1,5 @@
 """Training stages: stage 1 trains F by maximum likelihood, stage 2 trains G against the frozen F. Both run through
-training/loop.py's `fit`; cache.py stores what they return, keyed by config.
+training/loop.py's `fit`; training/cache.py stores what they return, keyed by config.
 """
 
 from __future__ import annotations

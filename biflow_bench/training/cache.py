@@ -10,7 +10,8 @@ both in `train_stages`), one code path for one process and for every rank of a t
 Every file has a .sha256 sidecar; a corrupted or truncated artifact, or one that holds another model than its key
 says (a foreign or moved file), is reported by name and rebuilt, never loaded. A stage's meta says `resumed_from`,
 the checkpoint step its training picked up from (0: from scratch).
-Each artifact carries its model config, so it can be rebuilt without re-typing flags (nanoGPT-style).
+Each artifact carries its model config, so it can be rebuilt without re-typing flags (nanoGPT-style). The cache's
+home is paths.default_cache_dir (BIFLOW_CACHE, else the project's runs/cache).
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .config import RunConfig
-from .data import ImageDataset, LatentDataset
-from .distributed import DistEnv, all_true, barrier
-from .files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
-from .models.biflow import BiFlow, BiFlowConfig
-from .models.tarflow import TARFlow, TARFlowConfig
-from .paths import default_cache_dir  # noqa: F401 (the cache's home: BIFLOW_CACHE, else the project's runs/cache)
-from .training.loop import FitResult
-from .training.stages import train_backward, train_flow
+from ..config import RunConfig
+from ..data import ImageDataset, LatentDataset
+from ..distributed import DistEnv, all_true, barrier
+from ..files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
+from ..models.biflow import BiFlow, BiFlowConfig
+from ..models.tarflow import TARFlow, TARFlowConfig
+from .loop import FitResult
+from .stages import train_backward, train_flow
 
 
 def stage1_dir(cache_dir: Path, cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> Path:

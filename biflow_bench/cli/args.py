@@ -1,5 +1,5 @@
 """What every `biflow-bench` command shares: option types, the checks of user input (each a one-line ConfigError that
-says how to fix it, exit code 2 in cli.main) and click-style help.
+says how to fix it, exit code 2 in cli.main), the runner's options and click-style help.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import SCALES, ConfigError, did_you_mean
-from .data import DataError
-from .files import LockBusy
-from .weights import WeightsError
+from ..config import SCALES, ConfigError, did_you_mean
+from ..data import DataError
+from ..files import LockBusy
+from ..weights import WeightsError
 
 def _plain_help() -> None:
     """Click-style help: this typer prints option types as "<int>" and required arguments as "{ABLATION}"; show
@@ -69,6 +69,14 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value
     return out
+
+
+def run_options(results_dir: Path, data_dir: Path | None, force: bool, overrides: list[str] | None):
+    """The runner's options from the command's (runner imported here: `--help` stays fast)."""
+    from ..runner import RunOptions
+
+    # progress: a bar on a terminal, periodic lines in a log (loop.fit decides)
+    return RunOptions(results_dir=results_dir, data_dir=data_dir, force=force, overrides=parse_overrides(overrides))
 
 
 def check_scale(scale: str) -> None:

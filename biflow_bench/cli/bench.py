@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from .cli_args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, parse_overrides, positive,
-                       not_rank_zero, parse_list, writable)
-from .config import ConfigError, did_you_mean
-from .paths import default_results_dir
+from ..config import ConfigError, did_you_mean
+from ..paths import default_results_dir
+from .args import (DataDir, Overrides, ResultsDir, Scale, Seed, check_device, check_scale, not_rank_zero, parse_list,
+                   parse_overrides, positive, writable)
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Benchmarks: speed of every sampler; F beside a reference TARFlow; quality against "
@@ -37,9 +37,9 @@ def bench_speed(
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Time every sampler of the speed table (ms per image, NFE, FLOPs, speed-up, fraction of matmul peak)."""
-    from .speed.benchmark import WHATS, record_speed_bench
-    from .speed.harness import parse_train_setting
-    from .speed.table import format_speed_table
+    from ..speed.benchmark import WHATS, record_speed_bench
+    from ..speed.harness import parse_train_setting
+    from ..speed.table import format_speed_table
 
     check_scale(scale)
     check_device(device)
@@ -84,8 +84,8 @@ def bench_flow_reference(
     out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
 ) -> None:
     """Train our F and the reference TARFlow side by side at one config; bits/dim on 1,000 held-out images."""
-    from .flow_reference import format_rows, run_flow_reference
-    from .files import atomic_write_json
+    from ..flow_reference import format_rows, run_flow_reference
+    from ..files import atomic_write_json
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     if not_rank_zero():
@@ -114,10 +114,10 @@ def bench_curve(
     """Quality against training time: train F or G once (the scale's preset plus --set overrides), scoring its
     weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints);
     record results/<scale>/curve/<stage>__seed<N>.json."""
-    from .config import apply_delta, scale_config
-    from .curve import STAGES, checkpoint_curve, curve_record, training_curve
-    from .files import dir_lock
-    from .results import write_record
+    from ..config import apply_delta, scale_config
+    from ..curve import STAGES, checkpoint_curve, curve_record, training_curve
+    from ..files import dir_lock
+    from ..results import write_record
 
     check_scale(scale)
     if stage not in STAGES:
@@ -165,11 +165,12 @@ def bench_represent(
     (from the cache, trained on a miss) and print the output's MSE on them against sigma^2, the training noise."""
     import torch
 
-    from .ablations import get_spec
-    from .cache import default_cache_dir, get_flow
-    from .evaluation import dataset_splits
-    from .models.biflow import BiFlow
-    from .training.representability import fit_fixed_pairs
+    from ..ablations import get_spec
+    from ..data import dataset_splits
+    from ..models.biflow import BiFlow
+    from ..paths import default_cache_dir
+    from ..training.cache import get_flow
+    from ..training.representability import fit_fixed_pairs
 
     check_scale(scale)
     for option, value in (("--pairs", pairs), ("--steps", steps), ("--every", every)):
@@ -205,9 +206,9 @@ def bench_scaling(
 ) -> None:
     """Speed-up of one pass of G over the exact inverse (+ CFG + score step) against the exact inverse's serial
     steps: the paper-B/2 models, randomly initialised, on latents up to the paper's 32x32x4; FLOP ratio beside it."""
-    from .files import dir_lock
-    from .results import write_record
-    from .speed.scaling import scaling_record, scaling_rows
+    from ..files import dir_lock
+    from ..results import write_record
+    from ..speed.scaling import scaling_record, scaling_rows
 
     shape = parse_list("--sides", sides, int, "8,16,32")
     if any(s < 2 or s % 2 for s in shape):

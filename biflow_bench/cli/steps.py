@@ -1,0 +1,85 @@
+"""`biflow-bench train / sample / eval`: one step of one variant at a pixel scale (F and G from the cache, trained on a
+miss); under torchrun the training is DDP and the sampling sharded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import ConfigError, scale_config
+from ..paths import default_results_dir
+from .args import (Ablation, DataDir, Overrides, Scale, Seed, Variant, check_out_file, check_scale, positive,
+                   run_options)
+
+steps_app = typer.Typer()
+
+
+def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path | None, overrides: list[str] | None):
+    """The runner, this process's place in a torchrun job (one process: the default) and the trained variant (F and
+    G from the cache, trained on a miss; under torchrun with DDP)."""
+    from .. import runner
+    from ..ablations import get_spec
+    from ..distributed import init_from_env
+
+    check_scale(scale)
+    if scale_config(scale).dataset == "latents":
+        raise ConfigError(f"scale {scale!r} trains on VAE latents: `run ABLATION --scale {scale} --vae DIR --ref-stats "
+                          "NPZ` makes a table's records, `train-dist` and `sample-dist` train and sample one variant")
+    opts = run_options(default_results_dir(), data_dir, False, overrides)
+    cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
+    opts.env = init_from_env("cpu")
+    return runner, opts.env, runner.train_variant(cfg, seed, opts)
+
+
+@steps_app.command()
+def train(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+          set_: Overrides = None) -> None:
+    """Train (or load from the artifact cache) F and G of one variant (under torchrun: with DDP)."""
+    from ..distributed import shutdown
+
+    _, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    if env.is_main:
+        typer.echo(json.dumps(t.train, indent=2))
+    shutdown()
+
+
+@steps_app.command()
+def sample(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0,
+           num: Annotated[int, typer.Option("--num", "--num-images",
+                                            help="images in the grid (under torchrun: --num-images)")] = 100,
+           out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: runs/samples/ABLATION-VARIANT-"
+                                                         "SCALE-seedN.png of the project, git-ignored)")] = None,
+           data_dir: DataDir = None, set_: Overrides = None) -> None:
+    """Sample a grid of every one of --num images from one variant (trains it first when not cached; under torchrun
+    each process samples its share and rank 0 writes the grid)."""
+    from ..data import grid_columns, save_image_grid
+    from ..distributed import shutdown
+    from ..paths import default_samples_dir
+
+    positive("--num", num)
+    out = out or default_samples_dir() / f"{ablation}-{variant}-{scale}-seed{seed}.png"
+    check_out_file(out, (".png",))
+    runner, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed, num, env=env)
+    if images is not None:
+        save_image_grid(images, out)
+        cols = grid_columns(num)
+        typer.echo(f"wrote {num} images to {out} ({cols} to a row, {-(-num // cols)} rows; {ms:.3f} ms per image)")
+    shutdown()
+
+
+@steps_app.command("eval")
+def eval_(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed = 0, data_dir: DataDir = None,
+          set_: Overrides = None) -> None:
+    """Evaluate one variant and print its metrics (no record written; under torchrun the sampling is shared and
+    rank 0 evaluates)."""
+    from ..distributed import shutdown
+
+    runner, env, t = _trained(ablation, variant, scale, seed, data_dir, set_)
+    images, ms = runner.sample_variant(t, seed, env=env)
+    if images is not None:
+        typer.echo(json.dumps({**runner.evaluate(t, images, seed, data_dir), "ms_per_image": ms}, indent=2))
+    shutdown()
