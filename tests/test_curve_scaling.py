@@ -43,7 +43,8 @@ def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
     body = training_curve(cfg, stage, 0, every=10, scales=(0.0, 1.0), num=40, cache_dir=tmp_path / "cache",
                           progress=False)
     assert [(p["step"], p["w"]) for p in body["points"]] == [(10, 0.0), (10, 1.0), (20, 0.0), (20, 1.0)]
-    assert all(p["images_seen"] == p["step"] * 64 for p in body["points"])
+    batch = (cfg.stage1 if stage == "flow" else cfg.stage2).batch_size
+    assert all(p["images_seen"] == p["step"] * batch for p in body["points"])
     assert all({"fd_effnet", "acc_cls", "acc_cls_std"} <= set(p["metrics"]) for p in body["points"])
     assert ("bpd" in body["points"][0]["metrics"]) == (stage == "flow")  # F's likelihood, once per point
     assert body["points"][0]["train_s"] < body["points"][2]["train_s"]
