@@ -57,7 +57,8 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
         assert any("lpips: effnet-lite1 (ImageNet weights, offline stand-in for vgg16)" in n for n in record["notes"])
     guided = cfg.sample.cfg_scale > 0
     curve = record["guidance"]["curve"]
-    assert [p["w"] for p in curve] == (list(cfg.sample.cfg_sweep) if guided else [cfg.sample.cfg_scale])
+    extended = record["guidance"].get("extended", [])  # past the sweep's edge while its best w is the largest
+    assert [p["w"] for p in curve] == (list(cfg.sample.cfg_sweep) + extended if guided else [cfg.sample.cfg_scale])
     best = min(curve, key=lambda p: p["metrics"]["fd_effnet"])
     assert record["guidance"]["best_w"] == best["w"] and record["metrics"]["fd_effnet"] == best["metrics"]["fd_effnet"]
     assert (shared.results_dir / "tiny" / record["samples_png"]).exists()

@@ -353,8 +353,8 @@ def test_report_names_and_skips_bad_results_files(clean, tmp_path, monkeypatch, 
     foreign.write_text(json.dumps({"name": "left-pad", "version": "1.3.0"}))
     listed = good.with_name("none__seed0.json")
     listed.write_text("[1, 2, 3]\n")
-    code, out, err = invoke(["report", "--results-dir", str(results), "--out", str(tmp_path / "reports")],
-                            monkeypatch, capsys)
+    code, out, err = invoke(["report", "--results-dir", str(results), "--out", str(tmp_path / "reports"),
+                             "--scales", "tiny"], monkeypatch, capsys)
     assert code == 0, err
     for path, reason in ((truncated, "not valid JSON"), (foreign, "no 'schema' key"), (listed, "top-level JSON is a list")):
         assert re.search(rf"^skipped {re.escape(str(path))}: .*{reason}", err, re.M), err
