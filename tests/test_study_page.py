@@ -21,13 +21,18 @@ def test_axis_of_a_point_is_its_name_up_to_the_first_dash():
 def test_points_average_seeds_and_each_axis_is_judged_against_the_centre():
     records = [_rec("centre", 0, 0.12, 0.2), _rec("centre", 1, 0.08, 0.4), _rec("lr-3e-3", 0, 0.05, 0.5),
                _rec("lr-1e-2", 0, 0.02, 0.6, recall=0.2), _rec("steps-1600", 0, 0.04, 0.3)]
-    points = study_points(records, ["centre", "lr-3e-3", "lr-1e-2", "steps-1600"], exact_recall=0.2)
+    deltas = {"centre": {}, "lr-3e-3": {"stage2.lr": 3e-3}, "lr-1e-2": {"stage2.lr": 1e-2},
+              "steps-1600": {"stage2.lr": 1e-2, "stage2.steps": 1600}}
+    points = study_points(records, list(deltas), exact_recall=0.2, deltas=deltas)
     centre = points[0]
     assert centre["seeds"] == 2 and centre["diag.inverse_mse_clean"] == pytest.approx(0.10)
     assert centre["sigma2"] == pytest.approx(0.10 / 0.0025) and centre["train_min"] == pytest.approx(2.0)
     assert points[2]["recall_ratio"] == pytest.approx(1.0)
-    # lr's best is 1e-2 (0.02): 0.10 / 0.02 = x5, sensitivity 0.6 - 0.3; steps: 0.10 / 0.04 = x2.5, 0.3 - 0.3
-    assert axis_summary(points) == [["`lr`", "lr-1e-2", "x5.00", "+0.30"], ["`steps`", "steps-1600", "x2.50", "+0.00"]]
+    # lr's best is 1e-2 (0.02), varied from the centre: 0.10 / 0.02 = x5, sensitivity 0.6 - 0.3; steps was varied
+    # from lr-1e-2 (its delta less one key): 0.02 / 0.04 = x0.5, 0.3 - 0.6
+    assert [p["base"] for p in points] == [None, "centre", "centre", "lr-1e-2"]
+    assert axis_summary(points) == [["`lr`", "lr-1e-2", "centre", "x5.00", "+0.30"],
+                                    ["`steps`", "steps-1600", "lr-1e-2", "x0.50", "-0.30"]]
 
 
 def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
@@ -39,14 +44,14 @@ def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
     from test_results_report import make_record
 
     spec = AblationSpec(name="g-training", version=1, title="Which knob", paper_table="", baseline={}, kind="study",
-                        variants={v: Variant(v, {}) for v in ("centre", "lr-3e-3")})
+                        variants={"centre": Variant("centre", {}), "lr-3e-3": Variant("lr-3e-3", {"stage2.lr": 3e-3})})
     for variant, mse in (("centre", 0.1), ("lr-3e-3", 0.05)):
         rec = make_record("g-training", variant, 0, 100.0, label=variant)
         rec["diagnostics"] = {"inverse_mse_clean": mse, "noise_sensitivity": 0.5, "noise_sigma_sq": 0.0025}
         write_record(tmp_path / "results", rec)
     render_report(tmp_path / "results", tmp_path / "report", registry={"g-training": spec})
     page = (tmp_path / "report" / "tiny" / "g-training.md").read_text()
-    assert "| `lr` | lr-3e-3 | x2.00 | +0.00 |" in page and (tmp_path / "report" / "tiny" / "g-training.png").is_file()
+    assert "| `lr` | lr-3e-3 | centre | x2.00 | +0.00 |" in page and (tmp_path / "report" / "tiny" / "g-training.png").is_file()
     index = (tmp_path / "report" / "README.md").read_text()
     assert "### Studies" in index and "[Which knob](tiny/g-training.md)" in index
     assert not (tmp_path / "report" / "tiny" / "g-training.csv").exists()  # no ablation table was written

@@ -6,6 +6,7 @@ from. Points are read straight from their records, seeds averaged."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,19 @@ def exact_recall(df: pd.DataFrame) -> float:
     return float(rows[col].astype(float).mean()) if col in rows and len(rows) else float("nan")
 
 
-def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float) -> list[dict]:
-    """One row per variant (in `order`, then any others by name), its measurements averaged over seeds."""
+def base_of(variant: str, deltas: dict[str, dict[str, Any]]) -> str | None:
+    """The point `variant` was varied from: the one whose delta is its own less exactly one key (centre: none)."""
+    own = deltas.get(variant, {})
+    for name, delta in deltas.items():
+        if len(delta) == len(own) - 1 and all(own.get(k, object()) == v for k, v in delta.items()):
+            return name
+    return None
+
+
+def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float,
+                 deltas: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+    """One row per variant (in `order`, then any others by name), its measurements averaged over seeds, and the
+    point it was varied from (`deltas`: each variant's spec delta; without them, the centre)."""
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_variant.setdefault(rec["variant"], []).append(rec)
@@ -56,7 +68,7 @@ def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_
     for name in names:
         recs = by_variant[name]
         p: dict[str, Any] = {"variant": name, "axis": axis_of(name), "label": recs[0].get("label") or name,
-                             "seeds": len(recs)}
+                             "seeds": len(recs), "base": base_of(name, deltas) if deltas else CENTRE}
         for key, _ in COLUMNS:
             section, _, field = key.partition(".")
             if field:
@@ -70,18 +82,20 @@ def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_
 
 
 def axis_summary(points: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Per axis, its best point by the inverse MSE and how many times closer to F's inverse it is than the centre."""
-    centre = next((p for p in points if p["variant"] == CENTRE), None)
+    """Per axis, its best point by the inverse MSE, the point the axis was varied from, and how many times closer to
+    F's inverse the best is than that base (the change in noise sensitivity beside it)."""
+    by_name = {p["variant"]: p for p in points}
     rows = []
     for axis in dict.fromkeys(p["axis"] for p in points if p["variant"] != CENTRE):
         group = [p for p in points if p["axis"] == axis and np.isfinite(p["diag.inverse_mse_clean"])]
         if not group:
             continue
         best = min(group, key=lambda p: p["diag.inverse_mse_clean"])
-        gain = centre["diag.inverse_mse_clean"] / best["diag.inverse_mse_clean"] if centre else float("nan")
-        sens = best["diag.noise_sensitivity"] - centre["diag.noise_sensitivity"] if centre else float("nan")
-        sens = round(sens, 2) + 0.0  # no "-0.00"
-        rows.append([f"`{axis}`", best["label"], f"x{fmt_num(gain, 2)}" if np.isfinite(gain) else DASH,
+        base = by_name.get(best["base"])
+        gain = base["diag.inverse_mse_clean"] / best["diag.inverse_mse_clean"] if base else float("nan")
+        sens = round(best["diag.noise_sensitivity"] - base["diag.noise_sensitivity"], 2) + 0.0 if base else math.nan
+        rows.append([f"`{axis}`", best["label"], base["label"] if base else DASH,  # + 0.0: no "-0.00"
+                     f"x{fmt_num(gain, 2)}" if np.isfinite(gain) else DASH,
                      f"{sens:+.2f}" if np.isfinite(sens) else DASH])
     return rows
 
@@ -112,7 +126,8 @@ def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) ->
 def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, records: Sequence[dict[str, Any]],
                spec: AblationSpec | None, comment: str | None, exact_recall: float) -> str:
     """Write <scale>/<name>.md and its figure; returns the page's path relative to the report."""
-    points = study_points(records, list(spec.variants) if spec else [], exact_recall)
+    deltas = {name: v.delta for name, v in spec.variants.items()} if spec else None
+    points = study_points(records, list(spec.variants) if spec else [], exact_recall, deltas)
     sigma2 = _mean([r.get("diagnostics", {}).get("noise_sigma_sq") for r in records])
     title = spec.title if spec else name
     base = f"{scale}/{name}"
@@ -121,19 +136,21 @@ def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, record
         md.append(" ".join(spec.description.split()) + "\n")
     if comment:
         md.append(f"**Reading.** {comment}\n")
-    md.append("## Which knob matters\n\nPer axis, its best point by the distance to F's inverse, and how many times "
-              "closer to F's inverse it is than the centre (the change in noise sensitivity beside it).\n\n"
-              + md_table(["Axis", "Best point", "Inverse MSE, centre / best", "Noise sensitivity change"],
-                         axis_summary(points), "llrr"))
-    digits = {"diag.inverse_mse_clean": 4, "sigma2": 1, "diag.noise_sensitivity": 2, "metric.recall_effnet": 2,
-              "recall_ratio": 2, "metric.precision_effnet": 2, "metric.fd_effnet": 0, "metric.acc_cls": 2,
-              "train_min": 1, "g_ms": 2}
-    cells = [[p["label"], str(p["seeds"]), *[fmt_num(p[k], digits[k]) for k, _ in COLUMNS]] for p in points]
+    md.append("## Which knob matters\n\nPer axis, its best point by the distance to F's inverse, the point the axis "
+              "was varied from, how many times closer to F's inverse the best is than that point, and the change in "
+              "noise sensitivity.\n\n"
+              + md_table(["Axis", "Best point", "Varied from", "Inverse MSE, from / best", "Noise sensitivity change"],
+                         axis_summary(points), "lllrr"))
+    formats = {"diag.inverse_mse_clean": "{:.3g}", "sigma2": "{:.1f}", "metric.fd_effnet": "{:.0f}",
+               "train_min": "{:.1f}"}  # the rest: two decimals
+    cells = [[p["label"], str(p["seeds"]), *[DASH if not np.isfinite(p[k]) else formats.get(k, "{:.2f}").format(p[k])
+                                             for k, _ in COLUMNS]] for p in points]
     md.append("## Every point\n\nEach point is its own run with its own schedule. Inverse MSE: G's output against F's "
               f"exact inverse on held-out pairs, per value (σ² = {fmt_num(sigma2, 4)}, the training noise). Noise "
               "sensitivity: the per-pixel spread of G's samples over its noise, over that of F's exact inverse from "
               "the same noises (1 = as varied). Recall / exact's: against the unguided exact inverse's recall "
-              f"({fmt_num(exact_recall, 3)}). Unguided samples.\n\n"
+              f"({fmt_num(exact_recall, 3)}). Unguided samples. Minutes and milliseconds as each run measured them, on one "
+              "thread of a machine other jobs shared: they compare to within tens of percent.\n\n"
               + md_table(["Point", "Seeds", *[h for _, h in COLUMNS]], cells, "lr" + "r" * len(COLUMNS)))
     md.append(f"![{title}]({name}.png)\n")
     grids = [f"- {r.get('label') or r['variant']}, seed {r['seed']}:\n\n"
