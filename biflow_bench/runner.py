@@ -44,7 +44,7 @@ from .latent_eval import LatentEval, latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
-from .paths import default_cache_dir
+from .paths import default_cache_dir, default_results_dir
 from .record import build_measurement, held_out_bpd, log, primary_metric, share_measurement, write_variant_record
 from .results import _check_name, find_measurement, find_record
 from .sample import Sampler, generate, guidance_scales
@@ -53,12 +53,9 @@ from .training.cache import distributed_micro_batch, train_stages
 from .training.perceptual import WEIGHT_MODES, perceptual_networks, require_weights
 from .weights import resolve_weights
 
-DEFAULT_RESULTS = Path("results")
-
-
 @dataclass
 class RunOptions:
-    results_dir: Path = DEFAULT_RESULTS
+    results_dir: Path = field(default_factory=default_results_dir)  # results/ of the checkout (paths.py)
     cache_dir: Path | None = None
     data_dir: Path | None = None
     force: bool = False
@@ -135,9 +132,9 @@ GUIDANCE_CAP = 16.0  # the largest w a sweep extends to when its best w sits at 
 
 def guidance_cap(cfg: RunConfig) -> float:
     """The largest w a sweep extends to: GUIDANCE_CAP, or the largest w a training-time-CFG G was trained on."""
-    trained_on = getattr(getattr(cfg, "stage2", None), "cfg_max", GUIDANCE_CAP)
-    learned_cfg = getattr(cfg, "inverse", "") == "learned" and cfg.backward.cfg_mode == "training-time"
-    return min(GUIDANCE_CAP, trained_on) if learned_cfg else GUIDANCE_CAP
+    if cfg.inverse == "learned" and cfg.backward.cfg_mode == "training-time":
+        return min(GUIDANCE_CAP, cfg.stage2.cfg_max)
+    return GUIDANCE_CAP
 
 
 def next_guidance(best_w: float | None, swept: list[float], cap: float = GUIDANCE_CAP) -> float | None:

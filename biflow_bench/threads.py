@@ -99,16 +99,14 @@ class ThreadBudget:
 _budget: ThreadBudget | None = None
 
 
-def configure(requested: int | None = None) -> str:
-    """Called once at start-up: a fixed count, or a registered automatic share. Returns a description."""
+def configure(requested: int | None = None) -> None:
+    """Called once at start-up: a fixed count, or a registered automatic share."""
     global _budget
     fixed = fixed_threads(requested)
     if fixed is not None:
         torch.set_num_threads(fixed)
-        return f"{fixed} thread(s), fixed"
-    if _budget is None:
+    elif _budget is None:
         _budget = ThreadBudget()
-    return f"{_budget.threads} thread(s) of {_budget.cores} cores, shared with other biflow-bench jobs"
 
 
 def rebalance() -> None:

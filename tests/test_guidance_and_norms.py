@@ -114,11 +114,13 @@ def test_norm_section_compares_variants_with_different_flows(tmp_path):
     assert "What norm control acted on" in md and "97.5" in md and "7.00" in md
 
 
-def _fake_sweep(monkeypatch, sweep, fd_of_w, **cfg_fields):
-    """runner.sweep_guidance over a fake run whose fd_effnet at guidance w is fd_of_w(w): no model, no data."""
+def _fake_sweep(monkeypatch, sweep, fd_of_w, inverse="exact", **cfg_fields):
+    """runner.sweep_guidance over a fake run (the exact inverse unless told) whose fd_effnet at guidance w is
+    fd_of_w(w): no model, no data."""
     import biflow_bench.runner as runner
 
-    cfg = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=1.0, cfg_sweep=tuple(sweep)), **cfg_fields)
+    cfg = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=1.0, cfg_sweep=tuple(sweep)), inverse=inverse,
+                                **cfg_fields)
     monkeypatch.setattr(runner, "sample_variant", lambda t, seed, cfg_scale, env: (torch.tensor([cfg_scale]), 1.0))
     monkeypatch.setattr(runner, "evaluate", lambda t, images, *a, **k: {"fd_effnet": fd_of_w(float(images[0]))})
     guidance, images = runner.sweep_guidance(types.SimpleNamespace(cfg=cfg), 0, None)

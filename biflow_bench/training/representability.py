@@ -27,8 +27,7 @@ class FitCurve:
 
 @torch.no_grad()
 def pair_mse(g: BiFlow, z: Tensor, target: Tensor, y: Tensor | None) -> float:
-    return float((g(z, y, 0.0 if g.config.cfg_mode != "none" else None, with_states=False).x - target)
-                 .double().pow(2).mean())
+    return float((g(z, y, 0.0, with_states=False).x - target).double().pow(2).mean())  # unguided
 
 
 def fit_fixed_pairs(g: BiFlow, flow: TARFlow, x: Tensor, y: Tensor | None, s2: Stage2Config, *, sigma: float,
