@@ -27,10 +27,13 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, apply_delta, did_you_mean, scale_config
 
-SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "variants", "kind"}
+SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "variants", "kind",
+             "judge"}
 VARIANT_KEYS = {"set", "paper", "label"}
 PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note"}
 KINDS = ("quality", "speed", "study")  # study: run like a table, outside the paper's tables (make g-study)
+# what a study's axis may be judged by (all lower is better; default the first): `judge = { axis = "fd_cls" }`
+STUDY_JUDGES = ("inverse_mse_clean", "fd_cls", "fd_effnet")
 
 
 class SpecError(ConfigError):
@@ -56,6 +59,7 @@ class AblationSpec:
     description: str = ""
     kind: str = "quality"  # "speed": a timing table, run by the speed benchmark
     path: str = ""
+    judge: dict[str, str] = field(default_factory=dict)  # study: axis -> one of STUDY_JUDGES (else the first)
 
     def resolve(self, variant: str, scale: str, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Scale preset + baseline + variant delta (+ user overrides) -> the run's config."""
@@ -138,9 +142,14 @@ def load_spec(path: str | Path) -> AblationSpec:
         if not isinstance(paper, dict) or set(paper) - PAPER_KEYS:
             raise SpecError(f"{where}: 'paper' must be a table with keys among {', '.join(sorted(PAPER_KEYS))}")
         variants[name] = Variant(name, _flatten(v.get("set", {}), f"{where}.set"), dict(paper), str(v.get("label", "")))
+    judge = raw.get("judge", {})
+    if not isinstance(judge, dict) or not set(judge.values()) <= set(STUDY_JUDGES) or (judge and kind != "study"):
+        raise SpecError(f"{path}: 'judge' is a study's table of axis = metric, the metric one of "
+                        f"{', '.join(STUDY_JUDGES)}")
     spec = AblationSpec(
         name=raw["name"], version=raw["version"], title=raw["title"], paper_table=raw["paper_table"],
         baseline=baseline, variants=variants, description=str(raw.get("description", "")), kind=kind, path=str(path),
+        judge=dict(judge),
     )
     for name in variants:  # every variant must resolve: catches bad keys and types at load
         try:

@@ -7,10 +7,11 @@ import pytest
 from biflow_bench.report.study import axis_of, axis_summary, study_points
 
 
-def _rec(variant: str, seed: int, mse: float, sens: float, recall: float = 0.1) -> dict:
+def _rec(variant: str, seed: int, mse: float, sens: float, recall: float = 0.1, fd_cls: float = 50.0) -> dict:
     return {"variant": variant, "seed": seed, "label": variant,
             "diagnostics": {"inverse_mse_clean": mse, "noise_sensitivity": sens, "noise_sigma_sq": 0.0025},
-            "metrics": {"recall_effnet": recall, "fd_effnet": 100.0, "acc_cls": 0.5, "precision_effnet": 0.2},
+            "metrics": {"recall_effnet": recall, "fd_effnet": 100.0, "acc_cls": 0.5, "precision_effnet": 0.2,
+                        "fd_cls": fd_cls},
             "timing": {"stage2_s": 120.0, "g_ms_batch1": 1.5}}
 
 
@@ -31,8 +32,30 @@ def test_points_average_seeds_and_each_axis_is_judged_against_the_centre():
     # lr's best is 1e-2 (0.02), varied from the centre: 0.10 / 0.02 = x5, sensitivity 0.6 - 0.3; steps was varied
     # from lr-1e-2 (its delta less one key): 0.02 / 0.04 = x0.5, 0.3 - 0.6
     assert [p["base"] for p in points] == [None, "centre", "centre", "lr-1e-2"]
-    assert axis_summary(points) == [["`lr`", "lr-1e-2", "centre", "x5.00", "+0.30"],
-                                    ["`steps`", "steps-1600", "lr-1e-2", "x0.50", "-0.30"]]
+    assert axis_summary(points) == [["`lr`", "inverse MSE", "lr-1e-2", "centre", "x5.00", "+0.30"],
+                                    ["`steps`", "inverse MSE", "steps-1600", "lr-1e-2", "x0.50", "-0.30"]]
+
+
+def test_an_axis_is_judged_by_what_its_spec_names_and_varied_from_the_largest_part_of_its_delta():
+    """A perceptual axis judged by fd_cls: its best point is the lowest fd_cls, not the lowest inverse MSE; a point
+    two keys from the lr point (metric and a weight) is varied from the point one key from it, not from lr."""
+    records = [_rec("lr-1e-2", 0, 0.02, 0.8, fd_cls=60.0), _rec("perceptual-both", 0, 0.03, 0.8, fd_cls=80.0),
+               _rec("perceptual-weight", 0, 0.025, 0.8, fd_cls=48.0), _rec("perceptual-lpips", 0, 0.021, 0.8, fd_cls=90.0)]
+    deltas = {"lr-1e-2": {"stage2.lr": 1e-2}, "perceptual-both": {"stage2.lr": 1e-2, "stage2.metric": "a+b"},
+              "perceptual-weight": {"stage2.lr": 1e-2, "stage2.metric": "a+b", "stage2.w1": 0.2, "stage2.w2": 0.2},
+              "perceptual-lpips": {"stage2.lr": 1e-2, "stage2.metric": "a"}}
+    points = study_points(records, list(deltas), exact_recall=0.2, deltas=deltas)
+    assert [p["base"] for p in points] == [None, "lr-1e-2", "perceptual-both", "lr-1e-2"]
+    assert axis_summary(points, {"perceptual": "fd_cls"})[1] == [
+        "`perceptual`", "fd_cls", "perceptual-weight", "perceptual-both", "x1.67", "+0.00"]
+    assert axis_summary(points)[1][:3] == ["`perceptual`", "inverse MSE", "perceptual-lpips"]
+
+
+def test_every_judge_a_spec_may_name_is_one_the_page_knows():
+    from biflow_bench.ablations import STUDY_JUDGES
+    from biflow_bench.report.study import JUDGES
+
+    assert set(JUDGES) == set(STUDY_JUDGES)
 
 
 def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
@@ -51,7 +74,7 @@ def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
         write_record(tmp_path / "results", rec)
     render_report(tmp_path / "results", tmp_path / "report", registry={"g-training": spec})
     page = (tmp_path / "report" / "tiny" / "g-training.md").read_text()
-    assert "| `lr` | lr-3e-3 | centre | x2.00 | +0.00 |" in page and (tmp_path / "report" / "tiny" / "g-training.png").is_file()
+    assert "| `lr` | inverse MSE | lr-3e-3 | centre | x2.00 | +0.00 |" in page and (tmp_path / "report" / "tiny" / "g-training.png").is_file()
     index = (tmp_path / "report" / "README.md").read_text()
     assert "### Studies" in index and "[Which knob](tiny/g-training.md)" in index
     assert not (tmp_path / "report" / "tiny" / "g-training.csv").exists()  # no ablation table was written

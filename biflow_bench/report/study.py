@@ -27,7 +27,13 @@ CENTRE = "centre"
 COLUMNS = (("diag.inverse_mse_clean", "inverse MSE ↓"), ("sigma2", "= σ² x"), ("diag.noise_sensitivity", "noise sens. ↑"),
            ("metric.recall_effnet", "recall ↑"), ("recall_ratio", "recall / exact's"),
            ("metric.precision_effnet", "precision ↑"), ("metric.fd_effnet", "fd_effnet ↓"),
-           ("metric.acc_cls", "acc_cls ↑"), ("train_min", "G training (min)"), ("g_ms", "G ms (batch 1)"))
+           ("metric.fd_cls", "fd_cls ↓"), ("metric.acc_cls", "acc_cls ↑"), ("train_min", "G training (min)"),
+           ("g_ms", "G ms (batch 1)"))
+
+
+# what an axis can be judged by (ablations.STUDY_JUDGES; lower is better): the point's key and the measure's name
+JUDGES = {"inverse_mse_clean": ("diag.inverse_mse_clean", "inverse MSE"), "fd_cls": ("metric.fd_cls", "fd_cls"),
+          "fd_effnet": ("metric.fd_effnet", "fd_effnet")}
 
 
 def axis_of(variant: str) -> str:
@@ -48,12 +54,12 @@ def exact_recall(df: pd.DataFrame) -> float:
 
 
 def base_of(variant: str, deltas: dict[str, dict[str, Any]]) -> str | None:
-    """The point `variant` was varied from: the one whose delta is its own less exactly one key (centre: none)."""
+    """The point `variant` was varied from: the one whose delta is the largest proper part of its own (same keys,
+    same values; the centre's empty delta is part of every other; the centre has none)."""
     own = deltas.get(variant, {})
-    for name, delta in deltas.items():
-        if len(delta) == len(own) - 1 and all(own.get(k, object()) == v for k, v in delta.items()):
-            return name
-    return None
+    parts = [(len(delta), name) for name, delta in deltas.items()
+             if len(delta) < len(own) and all(own.get(k, object()) == v for k, v in delta.items())]
+    return max(parts, key=lambda p: p[0])[1] if parts else None
 
 
 def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float,
@@ -81,20 +87,22 @@ def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_
     return points
 
 
-def axis_summary(points: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Per axis, its best point by the inverse MSE, the point the axis was varied from, and how many times closer to
-    F's inverse the best is than that base (the change in noise sensitivity beside it)."""
+def axis_summary(points: Sequence[dict[str, Any]], judge: dict[str, str] | None = None) -> list[list[str]]:
+    """Per axis, its best point by its judge (`judge`: axis -> a JUDGES name; default the inverse MSE), the point
+    the axis was varied from, and how many times lower the judged measure is at the best than at that base (the
+    change in noise sensitivity beside it)."""
     by_name = {p["variant"]: p for p in points}
     rows = []
     for axis in dict.fromkeys(p["axis"] for p in points if p["variant"] != CENTRE):
-        group = [p for p in points if p["axis"] == axis and np.isfinite(p["diag.inverse_mse_clean"])]
+        key, measure = JUDGES[(judge or {}).get(axis, "inverse_mse_clean")]
+        group = [p for p in points if p["axis"] == axis and np.isfinite(p[key])]
         if not group:
             continue
-        best = min(group, key=lambda p: p["diag.inverse_mse_clean"])
+        best = min(group, key=lambda p: p[key])
         base = by_name.get(best["base"])
-        gain = base["diag.inverse_mse_clean"] / best["diag.inverse_mse_clean"] if base else float("nan")
+        gain = base[key] / best[key] if base else float("nan")
         sens = round(best["diag.noise_sensitivity"] - base["diag.noise_sensitivity"], 2) + 0.0 if base else math.nan
-        rows.append([f"`{axis}`", best["label"], base["label"] if base else DASH,  # + 0.0: no "-0.00"
+        rows.append([f"`{axis}`", measure, best["label"], base["label"] if base else DASH,  # + 0.0: no "-0.00"
                      f"x{fmt_num(gain, 2)}" if np.isfinite(gain) else DASH,
                      f"{sens:+.2f}" if np.isfinite(sens) else DASH])
     return rows
@@ -103,11 +111,11 @@ def axis_summary(points: Sequence[dict[str, Any]]) -> list[list[str]]:
 def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) -> bytes:
     labels = [p["label"] for p in points][::-1]
     y = np.arange(len(points))
-    fig = Figure(figsize=(13, 0.45 * len(points) + 1.6))
-    axes = fig.subplots(1, 3, sharey=True)
+    fig = Figure(figsize=(16, 0.45 * len(points) + 1.6))
+    axes = fig.subplots(1, 4, sharey=True)
     panels = (("diag.inverse_mse_clean", "inverse MSE per value (log)", sigma2, "σ²"),
               ("diag.noise_sensitivity", "noise sensitivity (exact inverse = 1)", 1.0, "exact inverse"),
-              ("metric.fd_effnet", "fd_effnet", None, None))
+              ("metric.fd_effnet", "fd_effnet", None, None), ("metric.fd_cls", "fd_cls", None, None))
     for ax, (key, xlabel, ref, ref_label) in zip(axes, panels, strict=True):
         ax.barh(y, [p[key] for p in points][::-1], color="#4c72b0")
         if ref is not None:
@@ -136,12 +144,12 @@ def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, record
         md.append(" ".join(spec.description.split()) + "\n")
     if comment:
         md.append(f"**Reading.** {comment}\n")
-    md.append("## Which knob matters\n\nPer axis, its best point by the distance to F's inverse, the point the axis "
-              "was varied from, how many times closer to F's inverse the best is than that point, and the change in "
-              "noise sensitivity.\n\n"
-              + md_table(["Axis", "Best point", "Varied from", "Inverse MSE, from / best", "Noise sensitivity change"],
-                         axis_summary(points), "lllrr"))
-    formats = {"diag.inverse_mse_clean": "{:.3g}", "sigma2": "{:.1f}", "metric.fd_effnet": "{:.0f}",
+    md.append("## Which knob matters\n\nPer axis, its best point by the measure it is judged by (the distance to F's "
+              "inverse unless the spec says otherwise), the point the axis was varied from, how many times lower that "
+              "measure is at the best than at that point, and the change in noise sensitivity.\n\n"
+              + md_table(["Axis", "Judged by", "Best point", "Varied from", "Measure, from / best",
+                          "Noise sensitivity change"], axis_summary(points, spec.judge if spec else None), "llllrr"))
+    formats = {"diag.inverse_mse_clean": "{:.3g}", "sigma2": "{:.1f}", "metric.fd_effnet": "{:.0f}", "metric.fd_cls": "{:.0f}",
                "train_min": "{:.1f}"}  # the rest: two decimals
     cells = [[p["label"], str(p["seeds"]), *[DASH if not np.isfinite(p[k]) else formats.get(k, "{:.2f}").format(p[k])
                                              for k, _ in COLUMNS]] for p in points]
