@@ -391,3 +391,54 @@ def test_stage2_config_defaults_are_the_authors_conventions():
     assert (s2.lpips_net, s2.convnext_net, s2.perceptual_size, s2.perceptual_crop_min) == \
         ("vgg16", "convnextv2", 224, 0.08)
     assert dataclasses.replace(s2, cfg_uncond_grad=True).cfg_uncond_grad
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which term drives G (training/term_gradients.py)
+
+
+def test_term_shares_by_hand():
+    from biflow_bench.training.term_gradients import term_shares
+
+    rows = term_shares({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0])})
+    # norms 3 and 4; the whole gradient is (3, 4), norm 5: cosines 3/5 and 4/5
+    assert rows["a"] == pytest.approx({"norm": 3.0, "share": 3 / 7, "cosine": 0.6})
+    assert rows["b"] == pytest.approx({"norm": 4.0, "share": 4 / 7, "cosine": 0.8})
+
+
+def test_term_gradients_are_the_named_terms_of_the_loss_and_sum_to_its_gradient():
+    from biflow_bench.training.losses import inverse_terms, stage2_targets
+    from biflow_bench.training.term_gradients import term_gradients
+
+    flow, g = _models(strategy="hidden-align", denoise="learned", cfg_mode="none")
+    x, y = torch.randn(3, 1, 8, 8) * 0.5, torch.tensor([0, 4, 9])
+    s2 = Stage2Config(adaptive_c=0.05, hidden_weight=0.7)
+    z, targets = stage2_targets(flow, x, y, 0.1, "learned", torch.Generator().manual_seed(5))
+    terms, _ = inverse_terms(g, z, targets, y, s2, perceptual={}, generator=torch.Generator().manual_seed(6))
+    hidden = [f"hidden {i}" for i in range(1, g.config.num_stages)]
+    assert list(terms) == [*hidden, "output"]
+    loss, _ = stage2_loss(g, flow, x, y, s2, sigma=0.1, perceptual={}, generator=torch.Generator().manual_seed(5))
+    ref, _ = _reference_loss(g, flow, x, y, s2, 0.1, seed=5)
+    torch.testing.assert_close(loss, ref)
+    grads = term_gradients(g, terms)
+    whole = torch.autograd.grad(torch.stack(list(terms.values())).sum(), list(g.parameters()), allow_unused=True,
+                                retain_graph=True)
+    whole = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten() for p, gr in zip(g.parameters(), whole)])
+    torch.testing.assert_close(torch.stack(list(grads.values())).sum(0), whole)
+    one = torch.autograd.grad(terms["output"], list(g.parameters()), allow_unused=True)
+    one = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten() for p, gr in zip(g.parameters(), one)])
+    torch.testing.assert_close(grads["output"], one)
+    assert not torch.allclose(grads["output"], grads["hidden 1"])
+
+
+def test_measured_term_shares_cover_every_term_and_sum_to_one():
+    from biflow_bench.data import ImageDataset
+    from biflow_bench.training.term_gradients import measure_term_shares
+
+    flow, g = _models(strategy="hidden-align", denoise="learned", cfg_mode="none")
+    data = ImageDataset("toy", torch.randn(16, 1, 8, 8).clamp(-1, 1), torch.arange(16) % 10, 10, 256)
+    s2 = Stage2Config(batch_size=4)
+    shares = measure_term_shares(g, flow, data, s2, sigma=0.1, perceptual={}, batches=2)
+    assert list(shares) == [*(f"hidden {i}" for i in range(1, g.config.num_stages)), "output"]
+    assert sum(r["share"] for r in shares.values()) == pytest.approx(1.0)
+    assert all(r["norm"] > 0 and -1 <= r["cosine"] <= 1 for r in shares.values())

@@ -197,6 +197,51 @@ def bench_represent(
                   "NOT below sigma^2"))
 
 
+@bench_app.command("terms")
+def bench_terms(
+    ablation: Annotated[str, typer.Option(help="the spec whose variant sets G's config")] = "g-training",
+    variant: Annotated[str, typer.Option(help="the variant of --ablation")] = "perceptual-both",
+    scale: Scale = "small",
+    batches: Annotated[int, typer.Option(help="fresh training batches to average over")] = 8,
+    fresh: Annotated[bool, typer.Option(help="a freshly initialised G instead of the trained one")] = False,
+    overrides: Overrides = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Which term of G's objective drives it? Per term (each hidden state, the output, each perceptual term): its
+    gradient's norm on G's parameters, its share of the summed norms and its cosine with the whole gradient, for the
+    trained G of the variant (from the cache, trained on a miss) or a fresh one."""
+    import torch
+
+    from ..ablations import get_spec
+    from ..data import dataset_splits
+    from ..models.biflow import BiFlow
+    from ..paths import default_cache_dir
+    from ..training.cache import get_backward, get_flow
+    from ..training.losses import build_perceptual_terms
+    from ..training.term_gradients import measure_term_shares
+
+    check_scale(scale)
+    positive("--batches", batches)
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
+    if cfg.inverse != "learned":
+        raise ConfigError(f"{ablation}/{variant} has no learned inverse; pick a variant with a G")
+    train = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None).train
+    flow, _ = get_flow(cfg, train, default_cache_dir())
+    if fresh:
+        torch.manual_seed(seed + 1)
+        g = BiFlow(cfg.trained_backward)
+    else:
+        g, _ = get_backward(cfg, seed, flow, train, default_cache_dir())
+    shares = measure_term_shares(g, flow, train, cfg.stage2, sigma=cfg.stage1.noise_sigma,
+                                 perceptual=build_perceptual_terms(cfg.stage2), batches=batches, seed=seed)
+    typer.echo(f"{ablation}/{variant}, {'fresh' if fresh else 'trained'} G, {batches} batches of "
+               f"{cfg.stage2.batch_size}")
+    typer.echo(f"{'term':<10} {'grad norm':>10} {'share':>7} {'cosine':>7}")
+    for name, row in shares.items():
+        typer.echo(f"{name:<10} {row['norm']:10.4g} {row['share']:7.3f} {row['cosine']:7.3f}")
+
+
 @bench_app.command("scaling")
 def bench_scaling(
     sides: Annotated[str, typer.Option(help="comma-separated latent sides (patch 2: side^2 / 4 tokens)")] = "8,16,32",

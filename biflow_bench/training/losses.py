@@ -117,9 +117,27 @@ def inverse_loss(
     generator: torch.Generator,
     decode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """G's loss on given pairs (z, targets) (`stage2_targets`). Returns the loss and the raw distances for display:
-    'mse' (output, per dimension), 'hidden' (sum over states of the per-dimension distance) and each perceptual
-    term. `decode` maps latents to images for the perceptual terms."""
+    """G's loss on given pairs (z, targets) (`stage2_targets`): the sum of `inverse_terms`. Returns the loss and the
+    raw distances for display."""
+    terms, shown = inverse_terms(g, z, targets, y, s2, perceptual=perceptual, generator=generator, decode=decode)
+    return torch.stack(list(terms.values())).sum(), shown
+
+
+def inverse_terms(
+    g: BiFlow,
+    z: Tensor,
+    targets: list[Tensor],
+    y: Tensor | None,
+    s2: Stage2Config,
+    *,
+    perceptual: Mapping[str, nn.Module],
+    generator: torch.Generator,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """G's loss terms on given pairs, by name ('hidden 1'..'hidden k' from z's side, 'output', then each perceptual
+    term), each weight * mean_b D / sg((D + c)^p) (eq. 7), and the raw distances for display: 'mse' (output, per
+    dimension), 'hidden' (sum over states of the per-dimension distance) and each perceptual term. `decode` maps
+    latents to images for the perceptual terms."""
     cfg = g.config
     y_g, w = y, None
     if cfg.cfg_mode != "none" and y is not None:
@@ -134,21 +152,21 @@ def inverse_loss(
             unc = g(z, None, torch.zeros_like(w))
         preds = [cfg_mix(p, u, w) for p, u in zip(preds, unc.states + [unc.x], strict=True)]
 
-    terms: list[Tensor] = []  # what the optimiser sees: weight * mean_b D / sg((D + c)^p)
+    terms: dict[str, Tensor] = {}
     shown: dict[str, float] = {}
     dims = out.x[0].numel()
 
-    def add(d: Tensor, weight: float = 1.0) -> None:
-        terms.append(weight * adaptive_weight(d, s2.adaptive_c, s2.adaptive_p).mean())
+    def add(name: str, d: Tensor, weight: float = 1.0) -> None:
+        terms[name] = weight * adaptive_weight(d, s2.adaptive_c, s2.adaptive_p).mean()
 
     if len(preds) > 1:
         norm = rms_normalize if cfg.normalize_hidden else (lambda t: t)
         hidden = [squared_distance(norm(p), norm(t)) for p, t in zip(preds[:-1], supervised[:-1], strict=True)]
-        for d in hidden:
-            add(d, s2.hidden_weight)
+        for i, d in enumerate(hidden):
+            add(f"hidden {i + 1}", d, s2.hidden_weight)
         shown["hidden"] = float(sum(d.detach().mean() for d in hidden)) / dims
     d_out = squared_distance(preds[-1], supervised[-1])
-    add(d_out)
+    add("output", d_out)
     shown["mse"] = float(d_out.detach().mean()) / dims
     if perceptual:  # the prediction (not the eq. 5 mix) against the real image, never an extrapolated target
         n = s2.perceptual_batch
@@ -160,6 +178,6 @@ def inverse_loss(
         weights = {"lpips": s2.lpips_weight, "convnext": s2.convnext_weight}
         for name, net in perceptual.items():
             d = net(image, real, generator)
-            add(d, weights[name])
+            add(name, d, weights[name])
             shown[name] = float(d.detach().mean())
-    return torch.stack(terms).sum(), shown
+    return terms, shown
