@@ -30,7 +30,7 @@ from .metrics.images import residual_noise
 from .metrics.inverse import inverse_gaps, measure_noise_sensitivity, ms_per_image_batch1
 from .metrics.likelihood import bits_per_dim, count_params
 from .provenance import environment
-from .results import RESULT_SCHEMA, record_path, write_record
+from .results import RESULT_SCHEMA, archive_superseded, record_path, write_record
 from .sample import Sampler, guidance_scales
 from .training.perceptual import describe, perceptual_networks
 
@@ -158,9 +158,9 @@ def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int
                          ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
     """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
     carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
-    name = record_path(results_dir, scale, spec.name, variant, seed,
-                       ident.config_hash if ident.overrides else None).stem
-    samples_png = Path("samples") / spec.name / f"{name}.png"
+    home = record_path(results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
+    archive_superseded(home, results_dir, ident.config_hash)  # before its grid's name is taken
+    samples_png = Path("samples") / spec.name / f"{home.stem}.png"
     atomic_write_bytes(results_dir / scale / samples_png, png)
     v = spec.variants[variant]
     own = {

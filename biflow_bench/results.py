@@ -8,9 +8,9 @@ setting of the resolved RunConfig the run reads and, where it changes the number
 split into (the number of processes alone does not: it only changes float reduction order). A record says how its
 config differs from the variant's default (`overrides`, dotted keys); a record with no overrides takes the readable
 name, every other record carries its hash in the file name, so records of different configs sit side by side and
-none replaces another: a default-named record of another config (an older spec) is moved to its hashed name before
-a new default record takes its place. A run is done only when a record with its exact config hash exists
-(`find_record`).
+none replaces another: a default-named record of another config (an older spec or preset) is moved with its grid to
+the archive, under its hashed name, before a new default record takes its place. A run is done only when a record
+with its exact config hash exists (`find_record`).
 
     <results_dir>/archive/<scale>/<ablation>/<variant>__seed<N>__<hash>.json    superseded records (older configs)
 
@@ -171,14 +171,35 @@ def write_record(results_dir: Path | str, record: Mapping[str, Any]) -> Path:
     if rec["kind"] == "ablation":
         rec["config_hash"] = record_config_hash(rec)
     path = _home(rec, results_dir)
+    if rec["kind"] == "ablation":
+        archive_superseded(path, results_dir, rec["config_hash"])
+    return atomic_write_json(path, rec)
+
+
+def archive_superseded(path: Path, results_dir: Path | str, config_hash: str) -> Path | None:
+    """Before a record of `config_hash` takes the name `path`: a valid record of another config there (an older
+    preset or spec) moves to the archive under its hashed name, with its sample grid, so neither is overwritten.
+    Returns where it went."""
+    results_dir = Path(results_dir)
     try:
         old = read_record(path)
     except (FileNotFoundError, BadRecord):
-        old = None
-    if old is not None and old["kind"] == "ablation" and record_config_hash(old) != rec.get("config_hash"):
-        aside = record_path(results_dir, str(scale), str(ablation), str(variant), seed, record_config_hash(old))
-        os.replace(path, aside)
-    return atomic_write_json(path, rec)
+        return None
+    old_hash = record_config_hash(old)
+    if old["kind"] != "ablation" or old_hash == config_hash:
+        return None
+    scale, ablation, variant, seed = old["scale"], old["ablation"], old["variant"], old["seed"]
+    archive = results_dir / ARCHIVE
+    dest = record_path(archive, scale, ablation, variant, seed, old_hash)
+    grid = results_dir / scale / str(old.get("samples_png"))
+    if old.get("samples_png") and grid.is_file():
+        png = Path("samples") / ablation / f"{dest.stem}.png"
+        (archive / scale / png).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(grid, archive / scale / png)
+        old = {**old, "samples_png": str(png)}
+    atomic_write_json(dest, old)
+    path.unlink()
+    return dest
 
 
 def read_record(path: Path | str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from biflow_bench.files import atomic_write_json
 from biflow_bench.ablations import AblationSpec, Variant
 from biflow_bench.report.render import ReportSummary, render_report
 from biflow_bench.report.stats import pair_verdicts, verdict
@@ -462,14 +463,46 @@ def test_records_of_other_configs_sit_side_by_side(tmp_path: Path) -> None:
     assert find_record(tmp_path, "tiny", "denoise", "learned", 1, h_short) is None  # another seed: not done
     assert read_record(plain)["metrics"]["fd_effnet"] == 10.0  # the override did not replace the default record
 
-    # the spec's default changes: the new default record takes the readable name, the old one moves to its hash
+    # the spec's default changes: the new default record takes the readable name, the old one moves to the archive
+    # under its hash, with its grid
+    grid = tmp_path / "tiny" / "samples" / "denoise" / "learned__seed0.png"
+    grid.parent.mkdir(parents=True)
+    grid.write_bytes(b"old grid")
+    atomic_write_json(plain, {**read_record(plain), "samples_png": "samples/denoise/learned__seed0.png"})
     newer = {"inverse": "learned", "stage2": {"steps": 500}}
     assert write_record(tmp_path, _variant_of(base, 0, 7.0, newer, version=2)) == plain
-    aside = record_path(tmp_path, "tiny", "denoise", "learned", 0, h_default)
+    aside = record_path(tmp_path / "archive", "tiny", "denoise", "learned", 0, h_default)
     assert read_record(aside)["metrics"]["fd_effnet"] == 10.0 and read_record(plain)["metrics"]["fd_effnet"] == 7.0
-    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, h_default) == aside  # still done
+    archived_grid = tmp_path / "archive" / "tiny" / read_record(aside)["samples_png"]
+    assert archived_grid.read_bytes() == b"old grid" and not grid.exists()
+    assert find_record(tmp_path, "tiny", "denoise", "learned", 0, h_default) is None  # superseded: not done today
     records, skipped = scan_records(tmp_path)
-    assert skipped == [] and len(records) == 3
+    assert skipped == [] and len(records) == 2 and len(scan_records(tmp_path, include_archive=True)[0]) == 3
+
+
+def test_a_run_of_todays_config_archives_the_old_default_record_with_its_own_grid(tmp_path: Path) -> None:
+    """A new run writes its grid under the readable name the old default record's grid has: the old record and
+    its grid go to the archive first, so the archived record still shows its own samples."""
+    import time
+
+    from biflow_bench.ablations import get_spec
+    from biflow_bench.identity import run_identity
+    from biflow_bench.record import write_variant_record
+
+    spec = get_spec("denoise")
+    cfg = spec.resolve("learned", "tiny")
+    old = {**make_record("denoise", "learned", 0, 900.0, label="Learned", samples_png="samples/denoise/learned__seed0.png"),
+           "config": {**cfg.to_dict(), "stage2": {**cfg.to_dict()["stage2"], "steps": 7}}}
+    old_path = write_record(tmp_path, old)
+    (tmp_path / "tiny" / "samples" / "denoise").mkdir(parents=True)
+    (tmp_path / "tiny" / old["samples_png"]).write_bytes(b"old grid")
+    ident = run_identity(spec, "learned", "tiny", cfg, None)
+    measurement = {**make_record("denoise", "learned", 0, 500.0, label="Learned"), "config": cfg.to_dict(),
+                   "guidance": {"scales": [0.0], "best_w": 0.0}}
+    path = write_variant_record(spec, "learned", "tiny", 0, tmp_path, ident, measurement, b"new grid", time.perf_counter())
+    assert path == old_path and (tmp_path / "tiny" / read_record(path)["samples_png"]).read_bytes() == b"new grid"
+    (archived, rec), = scan_records(tmp_path / "archive")[0]
+    assert rec["metrics"]["fd_effnet"] == 900.0 and (tmp_path / "archive" / "tiny" / rec["samples_png"]).read_bytes() == b"old grid"
 
 
 def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
@@ -479,9 +512,10 @@ def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
     write_record(rdir, _variant_of(base, 0, 2000.0, short, {"stage2.steps": 100}))  # seed 0 with an override
     write_record(rdir, _variant_of(base, 1, 500.0, default))  # seed 1 with the default config
     write_record(rdir, _variant_of(base, 2, 600.0, default))
-    old = {"inverse": "learned", "stage2": {"steps": 300}}  # an older spec's default, in its hashed file
-    write_record(rdir, _variant_of(base, 3, 900.0, old, version=0))
-    write_record(rdir, _variant_of(base, 3, 550.0, default))  # moves the seed-3 record above aside
+    old = {"inverse": "learned", "stage2": {"steps": 300}}  # an older spec's default
+    write_record(rdir, _variant_of(base, 4, 900.0, old, version=0))
+    write_record(rdir, _variant_of(base, 3, 950.0, old, version=0))
+    write_record(rdir, _variant_of(base, 3, 550.0, default))  # moves the seed-3 record above to the archive
     summary = render_report(rdir, tmp_path / "report", registry={})
     md = (tmp_path / "report" / "tiny" / "denoise.md").read_text()
     main, other = md.split("## Other configurations")
@@ -506,11 +540,11 @@ def test_report_row_is_the_current_preset_even_with_fewer_seeds(tmp_path: Path) 
     base = make_record("denoise", "learned", 0, 10.0, label="Learned")
     for seed in (0, 1):
         write_record(rdir, _variant_of(base, seed, 900.0 + seed, older))
-    write_record(rdir, _variant_of(base, 0, 500.0, current))  # moves the older seed-0 record aside
+    write_record(rdir, _variant_of(base, 0, 500.0, current))  # moves the older seed-0 record to the archive
     render_report(rdir, tmp_path / "report", registry={"denoise": spec})
     main, other = (tmp_path / "report" / "tiny" / "denoise.md").read_text().split("## Other configurations")
     assert table_rows(main)["Learned"][1] == "500.0 ± 0.1" and table_rows(main)["Learned"][2] == "1"
-    assert "| Learned | stage2.precision=bf16 | 900.5 ± 0.7 |" in other  # labelled by how it differs from today's
+    assert "| Learned | stage2.precision=bf16 | 901.0 ± 0.1 |" in other  # labelled by how it differs from today's
 
 
 def test_stage_keys_cover_micro_batch_and_device() -> None:
