@@ -407,7 +407,7 @@ def test_term_shares_by_hand():
 
 
 def test_term_gradients_are_the_named_terms_of_the_loss_and_sum_to_its_gradient():
-    from biflow_bench.training.losses import inverse_terms, stage2_targets
+    from biflow_bench.training.losses import inverse_terms, stage2_targets, total
     from biflow_bench.training.term_gradients import term_gradients
 
     flow, g = _models(strategy="hidden-align", denoise="learned", cfg_mode="none")
@@ -421,7 +421,7 @@ def test_term_gradients_are_the_named_terms_of_the_loss_and_sum_to_its_gradient(
     ref, _ = _reference_loss(g, flow, x, y, s2, 0.1, seed=5)
     torch.testing.assert_close(loss, ref)
     grads = term_gradients(g, terms)
-    whole = torch.autograd.grad(torch.stack(list(terms.values())).sum(), list(g.parameters()), allow_unused=True,
+    whole = torch.autograd.grad(total(terms), list(g.parameters()), allow_unused=True,
                                 retain_graph=True)
     whole = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten() for p, gr in zip(g.parameters(), whole)])
     torch.testing.assert_close(torch.stack(list(grads.values())).sum(0), whole)

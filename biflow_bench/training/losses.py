@@ -101,26 +101,15 @@ def stage2_loss(
     decode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The stage-2 objective of G's strategy (eq. 2 and 7, with eq. 5 for training-time CFG) on fresh pairs of the
-    batch: `inverse_loss` on z = F(x~) and F's trajectory."""
+    batch: the sum of `inverse_terms` on z = F(x~) and F's trajectory."""
     z, targets = stage2_targets(flow, x, y, sigma, g.config.denoise, generator)
-    return inverse_loss(g, z, targets, y, s2, perceptual=perceptual, generator=generator, decode=decode)
-
-
-def inverse_loss(
-    g: BiFlow,
-    z: Tensor,
-    targets: list[Tensor],
-    y: Tensor | None,
-    s2: Stage2Config,
-    *,
-    perceptual: Mapping[str, nn.Module],
-    generator: torch.Generator,
-    decode: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """G's loss on given pairs (z, targets) (`stage2_targets`): the sum of `inverse_terms`. Returns the loss and the
-    raw distances for display."""
     terms, shown = inverse_terms(g, z, targets, y, s2, perceptual=perceptual, generator=generator, decode=decode)
-    return torch.stack(list(terms.values())).sum(), shown
+    return total(terms), shown
+
+
+def total(terms: Mapping[str, Tensor]) -> Tensor:
+    """The objective: the sum of its terms, in their order."""
+    return torch.stack(list(terms.values())).sum()
 
 
 def inverse_terms(

@@ -15,7 +15,7 @@ from ..config import Stage2Config
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
 from .loop import build_optimizer, lr_at
-from .losses import inverse_loss, stage2_targets
+from .losses import inverse_terms, stage2_targets, total
 
 
 @dataclass
@@ -47,10 +47,10 @@ def fit_fixed_pairs(g: BiFlow, flow: TARFlow, x: Tensor, y: Tensor | None, s2: S
             group["lr"] = lr_at(step, steps, lr, min(s2.warmup, steps // 10), s2.schedule)
         idx = torch.randperm(len(x), generator=gen)[:batch_size]
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = inverse_loss(g, z[idx], [t[idx] for t in targets], None if y is None else y[idx], s2,
-                                   perceptual={}, generator=gen)
+            terms, _ = inverse_terms(g, z[idx], [t[idx] for t in targets], None if y is None else y[idx], s2,
+                                     perceptual={}, generator=gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total(terms).backward()
         torch.nn.utils.clip_grad_norm_(g.parameters(), s2.grad_clip)
         opt.step()
         if (step + 1) % every == 0 or step + 1 == steps:
