@@ -46,6 +46,8 @@ def test_an_axis_is_judged_by_what_its_spec_names_and_varied_from_the_largest_pa
               "perceptual-lpips": {"stage2.lr": 1e-2, "stage2.metric": "a"}}
     points = study_points(records, list(deltas), exact_recall=0.2, deltas=deltas)
     assert [p["base"] for p in points] == [None, "lr-1e-2", "perceptual-both", "lr-1e-2"]
+    relabelled = study_points(records, list(deltas), exact_recall=0.2, deltas=deltas, labels={"lr-1e-2": "lr 1e-2"})
+    assert [p["label"] for p in relabelled][:2] == ["lr 1e-2", "perceptual-both"]  # the spec's label over the record's
     assert axis_summary(points, {"perceptual": "fd_cls"})[1] == [
         "`perceptual`", "fd_cls", "perceptual-weight", "perceptual-both", "x1.67", "+0.00"]
     assert axis_summary(points)[1][:3] == ["`perceptual`", "inverse MSE", "perceptual-lpips"]

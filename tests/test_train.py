@@ -121,7 +121,7 @@ def test_a_constant_schedule_is_part_of_the_keys_and_the_default_is_not():
     from biflow_bench.config import SCALES, apply_delta
     from biflow_bench.identity import config_id
 
-    cfg = SCALES["small"]
+    cfg = apply_delta(SCALES["small"], {"stage2.schedule": "cosine"})
     constant = apply_delta(cfg, {"stage2.schedule": "constant"})
     assert constant.stage2_key(0) != cfg.stage2_key(0)  # the default's keys: pinned in tests/test_identity.py
     assert constant.stage1_key() == cfg.stage1_key()

@@ -63,9 +63,10 @@ def base_of(variant: str, deltas: dict[str, dict[str, Any]]) -> str | None:
 
 
 def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_recall: float,
-                 deltas: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+                 deltas: dict[str, dict[str, Any]] | None = None, labels: dict[str, str] | None = None) -> list[dict]:
     """One row per variant (in `order`, then any others by name), its measurements averaged over seeds, and the
-    point it was varied from (`deltas`: each variant's spec delta; without them, the centre)."""
+    point it was varied from (`deltas`: each variant's spec delta; without them, the centre). `labels`: the spec's
+    labels, over those the records were written with."""
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_variant.setdefault(rec["variant"], []).append(rec)
@@ -73,7 +74,8 @@ def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_
     points = []
     for name in names:
         recs = by_variant[name]
-        p: dict[str, Any] = {"variant": name, "axis": axis_of(name), "label": recs[0].get("label") or name,
+        label = (labels or {}).get(name) or recs[0].get("label") or name
+        p: dict[str, Any] = {"variant": name, "axis": axis_of(name), "label": label,
                              "seeds": len(recs), "base": base_of(name, deltas) if deltas else CENTRE}
         for key, _ in COLUMNS:
             section, _, field = key.partition(".")
@@ -135,7 +137,8 @@ def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, record
                spec: AblationSpec | None, comment: str | None, exact_recall: float) -> str:
     """Write <scale>/<name>.md and its figure; returns the page's path relative to the report."""
     deltas = {name: v.delta for name, v in spec.variants.items()} if spec else None
-    points = study_points(records, list(spec.variants) if spec else [], exact_recall, deltas)
+    labels = {name: v.label for name, v in spec.variants.items()} if spec else None
+    points = study_points(records, list(spec.variants) if spec else [], exact_recall, deltas, labels)
     sigma2 = _mean([r.get("diagnostics", {}).get("noise_sigma_sq") for r in records])
     title = spec.title if spec else name
     base = f"{scale}/{name}"
