@@ -148,6 +148,23 @@ def bench_curve(
     typer.echo(f"record: {path}", err=True)
 
 
+def _learned_inverse_setup(ablation: str, variant: str, scale: str, overrides: list[str] | None,
+                           data_dir: Path | None):
+    """A G-training bench's inputs: the variant's config (refused without a learned inverse), the training split and
+    F from the cache (trained on a miss)."""
+    from ..ablations import get_spec
+    from ..data import dataset_splits
+    from ..paths import default_cache_dir
+    from ..training.cache import get_flow
+
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
+    if cfg.inverse != "learned":
+        raise ConfigError(f"{ablation}/{variant} has no learned inverse; pick a variant with a G")
+    train = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None).train
+    flow, _ = get_flow(cfg, train, default_cache_dir())
+    return cfg, train, flow
+
+
 @bench_app.command("represent")
 def bench_represent(
     ablation: Annotated[str, typer.Option(help="the spec whose variant sets G's config")] = "g-training",
@@ -165,23 +182,15 @@ def bench_represent(
     (from the cache, trained on a miss) and print the output's MSE on them against sigma^2, the training noise."""
     import torch
 
-    from ..ablations import get_spec
-    from ..data import dataset_splits
     from ..models.biflow import BiFlow
-    from ..paths import default_cache_dir
-    from ..training.cache import get_flow
     from ..training.representability import fit_fixed_pairs
 
     check_scale(scale)
     for option, value in (("--pairs", pairs), ("--steps", steps), ("--every", every)):
         positive(option, value)
-    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
-    if cfg.inverse != "learned":
-        raise ConfigError(f"{ablation}/{variant} has no learned inverse; pick a variant with a G")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr {lr}: must be > 0")
-    train = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None).train
-    flow, _ = get_flow(cfg, train, default_cache_dir())
+    cfg, train, flow = _learned_inverse_setup(ablation, variant, scale, overrides, data_dir)
     torch.manual_seed(seed + 1)
     g = BiFlow(cfg.trained_backward)
     x = train.images[:pairs]
@@ -213,21 +222,15 @@ def bench_terms(
     trained G of the variant (from the cache, trained on a miss) or a fresh one."""
     import torch
 
-    from ..ablations import get_spec
-    from ..data import dataset_splits
     from ..models.biflow import BiFlow
     from ..paths import default_cache_dir
-    from ..training.cache import get_backward, get_flow
+    from ..training.cache import get_backward
     from ..training.losses import build_perceptual_terms
     from ..training.term_gradients import measure_term_shares
 
     check_scale(scale)
     positive("--batches", batches)
-    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
-    if cfg.inverse != "learned":
-        raise ConfigError(f"{ablation}/{variant} has no learned inverse; pick a variant with a G")
-    train = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None).train
-    flow, _ = get_flow(cfg, train, default_cache_dir())
+    cfg, train, flow = _learned_inverse_setup(ablation, variant, scale, overrides, data_dir)
     if fresh:
         torch.manual_seed(seed + 1)
         g = BiFlow(cfg.trained_backward)
