@@ -1,6 +1,7 @@
 """Process-group helpers and collectives for torchrun (one process per GPU, or a few CPU processes with gloo).
 
-    env = init_from_env()     RANK / WORLD_SIZE / LOCAL_RANK -> process group (nccl on CUDA, gloo on CPU), device
+    env = init_from_env()     RANK / WORLD_SIZE / LOCAL_RANK -> process group (nccl on CUDA, gloo on CPU), device;
+                              collectives wait BIFLOW_DIST_TIMEOUT_MIN minutes (default 120) for rank 0's evaluation
     all_true / any_true / mean_over_ranks / barrier / broadcast_object   the collectives the training loop, the
                               cache and the runner agree with (rank 0 decides what is skipped and writes)
     gather_rows(...)          rank r holds rows r, r + W, ...; rank 0 gets the whole table in row order
@@ -17,13 +18,17 @@ rank r the images r, r + W, ..., so samples do not depend on the number of proce
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,26 @@ class DistEnv:
         return self.world_size > 1
 
 
+DEFAULT_TIMEOUT_MIN = 120.0
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits: the other ranks wait at one while rank 0 alone evaluates a variant (FID-50K at
+    every w of the sweep), far beyond NCCL's default of 10 minutes. BIFLOW_DIST_TIMEOUT_MIN overrides it."""
+    raw = os.environ.get("BIFLOW_DIST_TIMEOUT_MIN", "").strip()
+    try:
+        minutes = float(raw) if raw else DEFAULT_TIMEOUT_MIN
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < math.inf:  # false for nan too
+        raise ConfigError(f"BIFLOW_DIST_TIMEOUT_MIN={raw!r} is not a positive number of minutes: set it to e.g. 120")
+    return timedelta(minutes=minutes)
+
+
 def init_from_env(device: str | None = None) -> DistEnv:
     """The process's place in a torchrun job (a single process when WORLD_SIZE is unset or 1). `device` "cpu" or
-    "cuda"; default: CUDA when available. With WORLD_SIZE > 1 the default process group is initialised (env://)."""
+    "cuda"; default: CUDA when available. With WORLD_SIZE > 1 the default process group is initialised (env://)
+    with `collective_timeout()`."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() if device is None else device == "cuda"
@@ -52,7 +74,8 @@ def init_from_env(device: str | None = None) -> DistEnv:
     if cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                timeout=collective_timeout())
     return DistEnv(rank, world, local, dev)
 
 

@@ -20,7 +20,7 @@ from biflow_bench.ablations import get_spec
 from biflow_bench.training.cache import load_model
 from biflow_bench.config import ConfigError
 from biflow_bench.data import load_digits
-from biflow_bench.distributed import DistEnv, gather_rows, init_from_env
+from biflow_bench.distributed import DistEnv, collective_timeout, gather_rows, init_from_env
 from biflow_bench.sample import Sampler, generate, sample_trained
 from biflow_bench.training.loop import TrainingInterrupted, fit
 from biflow_bench.training.stages import train_backward, train_flow
@@ -142,6 +142,28 @@ def test_single_process_env_and_gather():
     assert env == DistEnv() and env.is_main and not env.distributed
     rows = torch.arange(6).view(3, 2)
     assert gather_rows(rows, env) is rows
+
+
+def test_process_group_waits_for_rank_0s_evaluation(monkeypatch):
+    """The other ranks wait at a collective while rank 0 evaluates alone: the group is made with a timeout far
+    beyond NCCL's 10 minutes (BIFLOW_DIST_TIMEOUT_MIN), and a bad setting is refused in one line."""
+    from datetime import timedelta
+    import biflow_bench.distributed as distributed
+
+    made = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: made.update(kw, backend=backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("BIFLOW_DIST_TIMEOUT_MIN", raising=False)
+    assert init_from_env("cpu") == DistEnv(1, 2)
+    assert made == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(hours=2)}
+    monkeypatch.setenv("BIFLOW_DIST_TIMEOUT_MIN", "300")
+    assert collective_timeout() == timedelta(hours=5)
+    for bad in ("0", "-5", "nan", "inf", "two hours"):
+        monkeypatch.setenv("BIFLOW_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ConfigError, match="BIFLOW_DIST_TIMEOUT_MIN=.* is not a positive number of minutes"):
+            collective_timeout()
 
 
 def test_global_batch_must_split_evenly():
