@@ -62,7 +62,7 @@ def build_measurement(t: Trained, seed: int, ident: RunIdentity, guidance: dict[
         "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
-                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None and on_cpu(t.g) else {}),
+                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None else {}),
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
         "notes": notes_for(cfg),
         "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
@@ -91,15 +91,12 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
     samples' noise_residual in the metrics) and, for a learned inverse, how well G has learned F's inverse
     (metrics/inverse.py): its distance to F's inverse on INVERSE_PAIRS held-out images, output and each supervised
     state, with sigma^2 (the noise F was trained on) for scale, and its noise sensitivity. Latent scales measure no
-    noise left in images (their samples are decoded, their test set latents); G's measurements need it on the CPU."""
+    noise left in images (their samples are decoded, their test set latents)."""
     cfg, test = t.cfg, t.splits.test
     n = min(INVERSE_PAIRS, len(test))
     out = {} if t.latent is not None else {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples])}
     out["noise_sigma_sq"] = cfg.stage1.noise_sigma**2
-    if t.g is not None and not on_cpu(t.g):
-        log("warning: G's inverse gaps, noise sensitivity and batch-1 latency are measured on the CPU only "
-            "(metrics/inverse.py); this record has none")
-    elif t.g is not None:
+    if t.g is not None:
         labels = test.labels[:n] if cfg.flow.num_classes else None
         gaps = inverse_gaps(t.flow, t.g, test.images[:n], labels, cfg.stage1.noise_sigma, seed)
         out["inverse_mse_clean" if t.g.config.denoise == "learned" else "inverse_mse_noisy"] = gaps["output"]
@@ -107,10 +104,6 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
             out["inverse_mse_states"] = gaps["states"]
         out["noise_sensitivity"] = measure_noise_sensitivity(t.flow, t.g, cfg.flow.num_classes, seed=seed)
     return out
-
-
-def on_cpu(model: torch.nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cpu"
 
 
 def primary_metric(metrics: dict[str, float]) -> str:

@@ -16,7 +16,7 @@ from biflow_bench import evaluation
 from biflow_bench.ablations import get_spec
 from biflow_bench.data import DataSplits, ImageDataset
 from biflow_bench.metrics.frechet import feature_stats, frechet_distance
-from biflow_bench.metrics.inverse import inverse_gaps, measure_noise_sensitivity, noise_sensitivity
+from biflow_bench.metrics.inverse import inverse_gaps, measure_noise_sensitivity, noise_sensitivity, sensitivity_labels
 from biflow_bench.models import TARFlow, TARFlowConfig
 from biflow_bench.models.biflow import BackwardOutput, BiFlow, BiFlowConfig
 from biflow_bench.report.render import render_report
@@ -175,6 +175,27 @@ def test_noise_sensitivity_of_the_exact_inverse_is_one():
     assert measure_noise_sensitivity(flow, Inverse(), 3, per_label=8) == pytest.approx(1.0, rel=1e-6)
     assert measure_noise_sensitivity(flow, Constant(), 3, per_label=8) == 0.0
     assert 0 < measure_noise_sensitivity(flow, g, 3, per_label=8)
+
+
+def test_noise_sensitivity_takes_evenly_spaced_classes_beyond_max_labels():
+    """ImageNet's 1,000 classes: 10 evenly spaced ones, 32 noises each (320 serial inverses, not 32,000)."""
+    assert sensitivity_labels(3, 10).tolist() == [0, 1, 2]
+    assert sensitivity_labels(10, 10).tolist() == list(range(10))
+    assert sensitivity_labels(1000, 10).tolist() == list(range(0, 1000, 100))
+    assert sensitivity_labels(7, 2).tolist() == [0, 3]
+    assert sensitivity_labels(0, 10) is None
+    flow, g = (m.float() for m in _tiny_models("score"))
+    seen = []
+
+    class Recording(torch.nn.Module):
+        config = g.config
+
+        def forward(self, z, y, w, with_states=False):
+            seen.append(y)
+            return BackwardOutput(flow.reverse(z, y), [])
+
+    measure_noise_sensitivity(flow, Recording(), 3, per_label=2, max_labels=2)
+    assert seen[0].tolist() == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------ calibration and report
