@@ -178,8 +178,9 @@ def write_record(results_dir: Path | str, record: Mapping[str, Any]) -> Path:
 
 def archive_superseded(path: Path, results_dir: Path | str, config_hash: str) -> Path | None:
     """Before a record of `config_hash` takes the name `path`: a valid record of another config there (an older
-    preset or spec) moves to the archive under its hashed name, with its sample grid, so neither is overwritten.
-    Returns where it went."""
+    preset or spec) moves to the archive under its hashed name, with its sample grid, so neither is overwritten. An
+    earlier run of that config archived before keeps its record and grid under a name stamped with its creation
+    time (read by nothing; the archive's report shows the latest run of each config). Returns where it went."""
     results_dir = Path(results_dir)
     try:
         old = read_record(path)
@@ -188,18 +189,31 @@ def archive_superseded(path: Path, results_dir: Path | str, config_hash: str) ->
     old_hash = record_config_hash(old)
     if old["kind"] != "ablation" or old_hash == config_hash:
         return None
-    scale, ablation, variant, seed = old["scale"], old["ablation"], old["variant"], old["seed"]
     archive = results_dir / ARCHIVE
-    dest = record_path(archive, scale, ablation, variant, seed, old_hash)
-    grid = results_dir / scale / str(old.get("samples_png"))
-    if old.get("samples_png") and grid.is_file():
-        png = Path("samples") / ablation / f"{dest.stem}.png"
-        (archive / scale / png).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(grid, archive / scale / png)
-        old = {**old, "samples_png": str(png)}
-    atomic_write_json(dest, old)
+    dest = record_path(archive, old["scale"], old["ablation"], old["variant"], old["seed"], old_hash)
+    try:
+        earlier = read_record(dest)
+    except (FileNotFoundError, BadRecord):
+        earlier = None
+    if earlier is not None and earlier != old:  # an earlier run of this config, archived before: it keeps its own name
+        stamp = "".join(c for c in str(earlier.get("created", "")) if c.isalnum()) or "earlier"
+        _archive(earlier, archive, archive, dest.with_name(f"{dest.stem}__{stamp}.json"))
+        dest.unlink()
+    _archive(old, results_dir, archive, dest)
     path.unlink()
     return dest
+
+
+def _archive(rec: dict[str, Any], grids_from: Path, archive: Path, dest: Path) -> None:
+    """Write `rec` at `dest` in the archive, its sample grid (under grids_from) moved beside it under dest's stem."""
+    scale = rec["scale"]
+    grid = grids_from / scale / str(rec.get("samples_png"))
+    if rec.get("samples_png") and grid.is_file():
+        png = Path("samples") / rec["ablation"] / f"{dest.stem}.png"
+        (archive / scale / png).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(grid, archive / scale / png)
+        rec = {**rec, "samples_png": str(png)}
+    atomic_write_json(dest, rec)
 
 
 def read_record(path: Path | str) -> dict[str, Any]:
@@ -312,13 +326,15 @@ def _scan(results_dir: Path, archived: bool) -> tuple[list[tuple[Path, dict[str,
             skipped.append((path, e.reason))
             continue
         homes = _homes(rec, results_dir)
-        if path not in homes:
+        if path not in homes and not (archived and any(path.stem.startswith(f"{h.stem}__") for h in homes[1:])):
             skipped.append((path, f"its fields say it belongs at {homes[0].relative_to(results_dir).as_posix()} "
                                   "(copied or moved file?)"))
             continue
         identity = (rec["kind"], rec["scale"], rec["ablation"], rec["variant"], rec["seed"],
                     record_config_hash(rec) if rec["kind"] == "ablation" else None)
         if identity in seen:
+            if path not in homes:  # an earlier run of an archived config (archive_superseded): kept, not reported
+                continue
             skipped.append((path, f"the same run (config {identity[-1]}) as {seen[identity].relative_to(results_dir)}"
                                   "; duplicate left out"))
             continue

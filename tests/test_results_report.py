@@ -505,6 +505,31 @@ def test_a_run_of_todays_config_archives_the_old_default_record_with_its_own_gri
     assert rec["metrics"]["fd_effnet"] == 900.0 and (tmp_path / "archive" / "tiny" / rec["samples_png"]).read_bytes() == b"old grid"
 
 
+def test_an_earlier_archived_run_of_the_same_config_is_kept_not_overwritten(tmp_path: Path) -> None:
+    """Two runs of one config superseded in turn (a table re-run before a preset change): the archive keeps both,
+    each with its own grid; the latest takes the hashed name the report reads, the earlier one a name stamped with
+    its creation time."""
+    from biflow_bench.results import archive_superseded
+
+    def superseded_run(created: str, value: float, grid: bytes) -> None:
+        png = "samples/denoise/learned__seed0.png"
+        write_record(tmp_path, {**make_record("denoise", "learned", 0, value, label="Learned", samples_png=png),
+                                "created": created})
+        (tmp_path / "tiny" / png).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tiny" / png).write_bytes(grid)
+        assert archive_superseded(record_path(tmp_path, "tiny", "denoise", "learned", 0), tmp_path, "a-newer-config")
+
+    superseded_run("2026-12-03T03:02:21Z", 900.0, b"first grid")
+    superseded_run("2026-12-03T12:45:20Z", 800.0, b"second grid")
+    (latest, rec), = scan_records(tmp_path, include_archive=True)[0]
+    assert scan_records(tmp_path, include_archive=True)[1] == []
+    assert rec["metrics"]["fd_effnet"] == 800.0 and (tmp_path / "archive" / "tiny" / rec["samples_png"]).read_bytes() == b"second grid"
+    earlier = latest.with_name(f"{latest.stem}__20261203T030221Z.json")
+    first = read_record(earlier)
+    assert first["metrics"]["fd_effnet"] == 900.0 and (tmp_path / "archive" / "tiny" / first["samples_png"]).read_bytes() == b"first grid"
+    assert not (tmp_path / "tiny" / "denoise" / "learned__seed0.json").exists()
+
+
 def test_report_averages_seeds_only_within_one_config(tmp_path: Path) -> None:
     rdir = tmp_path / "results"
     base = make_record("denoise", "learned", 0, 10.0, label="Learned", paper_fid=31.88)
