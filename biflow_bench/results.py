@@ -41,12 +41,9 @@ KINDS = ("ablation", "speed")
 IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
 ARCHIVE = "archive"  # results/archive/: superseded records, read only when asked
 CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
+# curve: quality against training time (curve.py); scaling: speed-up against the exact inverse's serial steps
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "ablation": ("metric", "metrics"),
-    "speed": ("rows",),
-    "curve": ("points",),  # curve.py: quality against training time
-    "scaling": ("rows",),  # speed/scaling.py: speed-up against the exact inverse's serial steps
-}
+    "ablation": ("metric", "metrics"), "speed": ("rows",), "curve": ("points",), "scaling": ("rows",)}
 SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
 
 # Columns of `load_results` that exist even when no record was found, so callers can filter an empty frame.
@@ -170,10 +167,8 @@ def write_record(results_dir: Path | str, record: Mapping[str, Any]) -> Path:
         raise BadRecord(path, f"refusing to write: {err}")
     if rec["kind"] == "ablation":
         rec["config_hash"] = record_config_hash(rec)
-    path = _home(rec, results_dir)
-    if rec["kind"] == "ablation":
-        archive_superseded(path, results_dir, rec["config_hash"])
-    return atomic_write_json(path, rec)
+        archive_superseded(_home(rec, results_dir), results_dir, rec["config_hash"])
+    return atomic_write_json(_home(rec, results_dir), rec)
 
 
 def archive_superseded(path: Path, results_dir: Path | str, config_hash: str) -> Path | None:
@@ -182,20 +177,13 @@ def archive_superseded(path: Path, results_dir: Path | str, config_hash: str) ->
     earlier run of that config archived before keeps its record and grid under a name stamped with its creation
     time (read by nothing; the archive's report shows the latest run of each config). Returns where it went."""
     results_dir = Path(results_dir)
-    try:
-        old = read_record(path)
-    except (FileNotFoundError, BadRecord):
+    if (old := valid_record(path)) is None:
         return None
-    old_hash = record_config_hash(old)
-    if old["kind"] != "ablation" or old_hash == config_hash:
+    if old["kind"] != "ablation" or (old_hash := record_config_hash(old)) == config_hash:
         return None
     archive = results_dir / ARCHIVE
     dest = record_path(archive, old["scale"], old["ablation"], old["variant"], old["seed"], old_hash)
-    try:
-        earlier = read_record(dest)
-    except (FileNotFoundError, BadRecord):
-        earlier = None
-    if earlier is not None and earlier != old:  # an earlier run of this config, archived before: it keeps its own name
+    if (earlier := valid_record(dest)) is not None and earlier != old:
         stamp = "".join(c for c in str(earlier.get("created", "")) if c.isalnum()) or "earlier"
         _archive(earlier, archive, archive, dest.with_name(f"{dest.stem}__{stamp}.json"))
         dest.unlink()
@@ -214,6 +202,14 @@ def _archive(rec: dict[str, Any], grids_from: Path, archive: Path, dest: Path) -
         os.replace(grid, archive / scale / png)
         rec = {**rec, "samples_png": str(png)}
     atomic_write_json(dest, rec)
+
+
+def valid_record(path: Path | str) -> dict[str, Any] | None:
+    """The record at `path`, or None where there is none or it is not a valid record."""
+    try:
+        return read_record(path)
+    except (FileNotFoundError, BadRecord):
+        return None
 
 
 def read_record(path: Path | str) -> dict[str, Any]:
@@ -246,9 +242,7 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
     # its readable name, its hashed name, then any other hashed name (a record moved aside under an earlier hash)
     for path in dict.fromkeys([plain, record_path(results_dir, scale, ablation, variant, seed, config_hash),
                                *sorted(plain.parent.glob(f"{plain.stem}__*.json"))]):
-        try:
-            rec = read_record(path)
-        except (FileNotFoundError, BadRecord):
+        if (rec := valid_record(path)) is None:
             continue
         if ((rec["scale"], rec["ablation"], rec["variant"], rec["seed"]) == (scale, ablation, variant, seed)
                 and rec["kind"] == "ablation" and record_config_hash(rec) == config_hash):
@@ -270,11 +264,8 @@ def find_measurement(results_dir: Path | str, scale: str, seed: int,
     every stage and every image is seeded from the config and the seed."""
     results_dir = Path(results_dir)
     for path in sorted((results_dir / scale).glob("*/*.json")):
-        try:
-            rec = read_record(path)
-        except (FileNotFoundError, BadRecord):
-            continue
-        if (rec["kind"] == "ablation" and (rec["scale"], rec["seed"]) == (scale, seed)
+        rec = valid_record(path)
+        if (rec is not None and rec["kind"] == "ablation" and (rec["scale"], rec["seed"]) == (scale, seed)
                 and record_config_hash(rec) == config_hash and path in _homes(rec, results_dir)
                 and (results_dir / scale / str(rec.get("samples_png"))).is_file() and measures_today(rec)):
             return path, rec
@@ -288,9 +279,7 @@ def is_done(results_dir: Path | str, scale: str, ablation: str, variant: str, se
     if config_hash is not None:
         return find_record(results_dir, scale, ablation, variant, seed, config_hash) is not None
     path = record_path(results_dir, scale, ablation, variant, seed)
-    try:
-        rec = read_record(path)
-    except (FileNotFoundError, BadRecord):
+    if (rec := valid_record(path)) is None:
         return False
     return (rec["scale"], rec["ablation"], rec["variant"], rec["seed"]) == (scale, ablation, variant, seed)
 
