@@ -4,14 +4,13 @@ Inputs are drawn on the CPU and moved to the models' device: the same numbers on
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
 from ..data import add_noise
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
+from ..speed.timing import time_calls
 from ..training.losses import rms_normalize
 
 
@@ -71,15 +70,8 @@ def ms_per_image_batch1(g: BiFlow, repeats: int = 20) -> float:
     c, device = g.config, _device(g)
     z = torch.randn(1, c.in_channels, c.image_size, c.image_size, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device) if c.num_classes else None
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        g.sample(z, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+    times = sorted(time_calls(lambda: g.sample(z, y), device, repeats, warmup=2))
+    return 1000 * times[len(times) // 2]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
