@@ -39,7 +39,9 @@ def test_flattening_golden():
 
 @pytest.mark.parametrize("stage", ["flow", "backward"])
 def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
-    cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage2.steps": 20, "eval.num_real": 60})
+    # F under cosine decay, G under the constant schedule: the page says which a point stands for
+    cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage2.steps": 20, "eval.num_real": 60,
+                                             "stage1.schedule": "cosine", "stage2.schedule": "constant"})
     body = training_curve(cfg, stage, 0, every=10, scales=(0.0, 1.0), num=40, cache_dir=tmp_path / "cache",
                           progress=False)
     assert [(p["step"], p["w"]) for p in body["points"]] == [(10, 0.0), (10, 1.0), (20, 0.0), (20, 1.0)]
@@ -55,6 +57,9 @@ def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
     page = (tmp_path / "report" / "tiny" / "curves.md").read_text()
     assert "![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
     assert "| 20 |" in page and "`fd_effnet` at w = 0:" in page
+    trained = cfg.stage1 if stage == "flow" else cfg.stage2
+    assert (f"Learning rate {trained.lr:g} with cosine decay over the whole run (20 steps)" in page) == (stage == "flow")
+    assert (f"constant after a {trained.warmup}-step warm-up" in page) == (stage == "backward")
     assert "[Quality against training time](tiny/curves.md)" in (tmp_path / "report" / "README.md").read_text()
 
 

@@ -28,14 +28,24 @@ def _flattening_sentence(points: Sequence[dict[str, Any]], metric: str, w: float
             f"{fmt_num(flat['gain'], 3)}, within the noise {fmt_num(flat['noise'], 3)}).")
 
 
+def _schedule_sentence(rec: dict[str, Any]) -> str:
+    """Whether a point stands for a shorter run: under cosine decay the learning rate depends on the run's length."""
+    stage = rec["config"]["stage1" if rec["stage"] == "flow" else "stage2"]
+    if stage.get("schedule", "cosine") == "constant":
+        return (f"Learning rate {stage['lr']:g}, constant after a {stage['warmup']}-step warm-up: it does not depend "
+                f"on the run's length ({stage['steps']:,} steps).\n")
+    return (f"Learning rate {stage['lr']:g} with cosine decay over the whole run ({stage['steps']:,} steps), so a "
+            "point is not a shorter run's final model.\n")
+
+
 def curves_page(w: ReportWriter, scale: str, records: Sequence[dict[str, Any]]) -> str:
     """`<scale>/curves.md`: per curve record a figure, the points and where each metric flattens. Returns the
     page's path relative to the report."""
     md = [f"# Quality against training time: scale `{scale}`\n",
           "Snapshots of one training run scored by the tables' metrics (`biflow-bench bench curve`): F by its exact "
-          "inverse with score denoising, G by its one pass. The learning rate decays over the whole run, so a point "
-          "is not a shorter run's final model. A metric *flattens* where doubling the training gained no more than "
-          "one point's noise (bootstrap std for the Fréchet distances, standard error for acc_cls / conf_cls).\n"]
+          "inverse with score denoising, G by its one pass. A metric *flattens* where doubling the training gained "
+          "no more than one point's noise (bootstrap std for the Fréchet distances, standard error for acc_cls / "
+          "conf_cls).\n"]
     for rec in records:
         points, name = rec["points"], f"curve-{rec['variant']}-seed{rec['seed']}"
         metrics = [m for m in CURVE_METRICS if any(m in p["metrics"] for p in points)]
@@ -45,6 +55,7 @@ def curves_page(w: ReportWriter, scale: str, records: Sequence[dict[str, Any]]) 
         steps = sorted({p["step"] for p in points})
         md.append(f"## {rec.get('label') or rec['variant']}, seed {rec['seed']}\n")
         md.append(f"![{title}]({name}.png)\n")
+        md.append(_schedule_sentence(rec))
         if rec.get("checkpoints"):
             md.append(f"Scored after training (`--from-checkpoints`): {rec['checkpoints']} training checkpoints of "
                       "the run that made the cached model, then that model; minutes are the checkpoints' own "
