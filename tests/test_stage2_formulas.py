@@ -442,3 +442,35 @@ def test_measured_term_shares_cover_every_term_and_sum_to_one():
     assert list(shares) == [*(f"hidden {i}" for i in range(1, g.config.num_stages)), "output"]
     assert sum(r["share"] for r in shares.values()) == pytest.approx(1.0)
     assert all(r["norm"] > 0 and -1 <= r["cosine"] <= 1 for r in shares.values())
+
+
+def test_lpips_stage_terms_split_the_term_and_its_gradient():
+    # "which layer's features drive G": the per-stage terms sum to the LPIPS term of eq. 7, each is
+    # weight * mean_b D_s / (D + c)^p by hand, and their gradients sum to the term's
+    from biflow_bench.training.losses import inverse_terms, stage2_targets
+    from biflow_bench.training.term_gradients import measure_term_shares, stage_terms, term_gradients
+
+    flow, g = _models(strategy="hidden-align", denoise="learned", cfg_mode="none")
+    net = EffNetLPIPS(weights="random", size=32, crop_min=0.5)
+    randomize(net.net, scale=1.0)
+    s2 = Stage2Config(metric="mse+lpips", adaptive_c=0.05, adaptive_p=0.7, lpips_weight=0.6, batch_size=4)
+    x, y = torch.randn(3, 1, 8, 8) * 0.5, torch.tensor([0, 4, 9])
+    z, targets = stage2_targets(flow, x, y, 0.1, "learned", torch.Generator().manual_seed(5))
+    terms, _ = inverse_terms(g, z, targets, y, s2, perceptual={"lpips": net}, generator=torch.Generator().manual_seed(6))
+    parts = net.last_stages
+    assert len(parts) >= 3 and all(p.shape == (3,) for p in parts)
+    split = stage_terms(parts, s2, 0.6)
+    d = sum(p.detach() for p in parts)
+    for i, p in enumerate(parts):
+        torch.testing.assert_close(split[f"stage {i + 1}"], 0.6 * (p / (d + 0.05) ** 0.7).mean())
+    torch.testing.assert_close(torch.stack(list(split.values())).sum(), terms["lpips"])
+    whole = term_gradients(g, {"lpips": terms["lpips"]})["lpips"]
+    summed = torch.stack(list(term_gradients(g, split).values())).sum(0)
+    assert float((summed - whole).norm() / whole.norm()) < 1e-5  # float32 sums of gradients of norm ~1e10
+
+    from biflow_bench.data import ImageDataset
+    data = ImageDataset("toy", torch.randn(16, 1, 8, 8).clamp(-1, 1), torch.arange(16) % 10, 10, 256)
+    shares = measure_term_shares(g, flow, data, s2, sigma=0.1, perceptual={"lpips": net}, batches=1)
+    stage_rows = [r for name, r in shares.items() if name.startswith("lpips stage")]
+    assert len(stage_rows) == len(parts) and sum(r["share"] for r in stage_rows) == pytest.approx(1.0)
+    assert sum(r["share"] for n, r in shares.items() if not n.startswith("lpips stage")) == pytest.approx(1.0)

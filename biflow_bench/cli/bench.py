@@ -219,7 +219,8 @@ def bench_terms(
 ) -> None:
     """Which term of G's objective drives it? Per term (each hidden state, the output, each perceptual term): its
     gradient's norm on G's parameters, its share of the summed norms and its cosine with the whole gradient, for the
-    trained G of the variant (from the cache, trained on a miss) or a fresh one."""
+    trained G of the variant (from the cache, trained on a miss) or a fresh one; for the LPIPS-style term, each
+    feature stage's share of that term's gradient."""
     import torch
 
     from ..models.biflow import BiFlow

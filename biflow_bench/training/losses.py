@@ -76,6 +76,11 @@ def build_perceptual_terms(s2: Stage2Config) -> nn.ModuleDict:
     })
 
 
+def perceptual_weight(s2: Stage2Config, term: str) -> float:
+    """The weight of perceptual term `term` in G's objective."""
+    return {"lpips": s2.lpips_weight, "convnext": s2.convnext_weight}[term]
+
+
 def stage2_targets(
     flow: TARFlow, x: Tensor, y: Tensor | None, sigma: float, denoise: str, generator: torch.Generator
 ) -> tuple[Tensor, list[Tensor]]:
@@ -164,9 +169,8 @@ def inverse_terms(
             image = decode(image)
             with torch.no_grad():
                 real = decode(real)
-        weights = {"lpips": s2.lpips_weight, "convnext": s2.convnext_weight}
         for name, net in perceptual.items():
             d = net(image, real, generator)
-            add(name, d, weights[name])
+            add(name, d, perceptual_weight(s2, name))
             shown[name] = float(d.detach().mean())
     return terms, shown

@@ -225,13 +225,14 @@ class EffNetLPIPS(EffNetDistance):
     squared differences summed over channels and averaged over positions, then summed over stages."""
 
     network, variant = "effnet-lite1", "lite1"
+    last_stages: list[Tensor] = []  # the per-stage summands of the last call: which layer's features drive G
 
     def distance(self, x: Tensor, target: Tensor) -> Tensor:
-        d = [
+        self.last_stages = [
             (F.normalize(a, dim=1, eps=1e-10) - F.normalize(b, dim=1, eps=1e-10)).pow(2).sum(1).mean((1, 2))
             for a, b in zip(self.stages(x), self.stages(target), strict=True)
         ]
-        return torch.stack(d).sum(0)
+        return torch.stack(self.last_stages).sum(0)
 
 
 class EffNetPooled(EffNetDistance):

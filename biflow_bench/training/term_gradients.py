@@ -14,7 +14,7 @@ from ..config import Stage2Config
 from ..data import ImageDataset
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
-from .losses import inverse_terms, stage2_targets
+from .losses import inverse_terms, perceptual_weight, stage2_targets
 
 
 def term_gradients(g: BiFlow, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -39,9 +39,18 @@ def term_shares(grads: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
             for name, v in grads.items()}
 
 
+def stage_terms(stages: list[Tensor], s2: Stage2Config, weight: float) -> dict[str, Tensor]:
+    """A pyramid distance's term (eq. 7, D = the sum of its stages' summands D_s) split by stage: weight *
+    mean_b D_s / sg((D + c)^p); they sum to the term, so their gradients split its gradient."""
+    scale = (torch.stack(stages).sum(0).detach() + s2.adaptive_c).pow(s2.adaptive_p)
+    return {f"stage {i + 1}": weight * (d / scale).mean() for i, d in enumerate(stages)}
+
+
 def measure_term_shares(g: BiFlow, flow: TARFlow, data: ImageDataset, s2: Stage2Config, *, sigma: float,
                         perceptual: Mapping[str, nn.Module], batches: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """`term_shares` averaged over `batches` fresh training batches (stage 2's batch size, its precision)."""
+    """`term_shares` averaged over `batches` fresh training batches (stage 2's batch size, its precision); for an
+    LPIPS-style term over a feature pyramid, also each stage's share of that term's gradient ('lpips stage k', its
+    cosine with the term's gradient)."""
     gen = torch.Generator().manual_seed(seed)
     flow.eval().requires_grad_(False)
     g.train()
@@ -53,7 +62,12 @@ def measure_term_shares(g: BiFlow, flow: TARFlow, data: ImageDataset, s2: Stage2
         z, targets = stage2_targets(flow, x, y, sigma, g.config.denoise, gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=s2.precision == "bf16"):
             terms, _ = inverse_terms(g, z, targets, y, s2, perceptual=perceptual, generator=gen)
-        for name, row in term_shares(term_gradients(g, terms)).items():
+        rows = term_shares(term_gradients(g, terms))
+        for name, net in perceptual.items():
+            if getattr(net, "last_stages", None):
+                split = stage_terms(net.last_stages, s2, perceptual_weight(s2, name))
+                rows |= {f"{name} {k}": v for k, v in term_shares(term_gradients(g, split)).items()}
+        for name, row in rows.items():
             acc = sums.setdefault(name, dict.fromkeys(row, 0.0))
             for k, v in row.items():
                 acc[k] += v / batches
