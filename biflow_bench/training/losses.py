@@ -48,7 +48,12 @@ def squared_distance(a: Tensor, b: Tensor) -> Tensor:
 def adaptive_weight(d: Tensor, c: float = 0.01, p: float = 1.0) -> Tensor:
     """Adaptive re-weighting D / sg((D + c)^p) (eq. 7), per sample: every term contributes a gradient of comparable
     scale whatever its magnitude; p = 0 is the plain distance."""
-    return d / (d.detach() + c).pow(p)
+    return d / adaptive_denominator(d, c, p)
+
+
+def adaptive_denominator(d: Tensor, c: float = 0.01, p: float = 1.0) -> Tensor:
+    """Eq. 7's sg((D + c)^p), per sample: what a term's distance is divided by."""
+    return (d.detach() + c).pow(p)
 
 
 def sample_guidance(dropped: Tensor, cfg_max: float, distribution: str, generator: torch.Generator) -> Tensor:

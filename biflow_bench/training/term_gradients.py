@@ -14,7 +14,7 @@ from ..config import Stage2Config
 from ..data import ImageDataset
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
-from .losses import inverse_terms, perceptual_weight, stage2_targets
+from .losses import adaptive_denominator, inverse_terms, perceptual_weight, stage2_targets
 
 
 def term_gradients(g: BiFlow, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -42,7 +42,7 @@ def term_shares(grads: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
 def stage_terms(stages: list[Tensor], s2: Stage2Config, weight: float) -> dict[str, Tensor]:
     """A pyramid distance's term (eq. 7, D = the sum of its stages' summands D_s) split by stage: weight *
     mean_b D_s / sg((D + c)^p); they sum to the term, so their gradients split its gradient."""
-    scale = (torch.stack(stages).sum(0).detach() + s2.adaptive_c).pow(s2.adaptive_p)
+    scale = adaptive_denominator(torch.stack(stages).sum(0), s2.adaptive_c, s2.adaptive_p)
     return {f"stage {i + 1}": weight * (d / scale).mean() for i, d in enumerate(stages)}
 
 
