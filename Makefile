@@ -13,7 +13,7 @@ RESULTS ?= results
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg
 
-.PHONY: setup test test-fast demo report reproduce-small clean bench-speed g-study $(ABLATIONS)
+.PHONY: setup test test-fast demo report reproduce-small clean bench-speed g-study rehearse-paper $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -32,7 +32,9 @@ test-fast: setup
 # the demo's records (results/tiny), cache (runs/cache) and report (runs/demo/reports) are all git-ignored: it
 # leaves the tracked small-scale report alone and `git status` clean
 # (REPORT_OUT on the command line, e.g. `make demo RESULTS=/tmp/r REPORT_OUT=/tmp/rep`, moves the report)
+# It starts with `progress`: the variants it will run and, from an earlier demo's records, about how long they take.
 demo: setup
+	$(BENCH) progress --scale tiny --seeds $(SEED) --results-dir $(RESULTS) --estimate-from results
 	$(MAKE) --no-print-directory $(ABLATIONS) bench-speed report SCALE=tiny REPORT_ARGS="--scales tiny" \
 	  REPORT_OUT=$(if $(filter command line,$(origin REPORT_OUT)),$(REPORT_OUT),runs/demo/reports)
 
@@ -78,6 +80,14 @@ reproduce-small: setup
 repro-jobs: $(REPRO_JOBS)
 $(REPRO_JOBS): repro.%: setup
 	OMP_NUM_THREADS=1 $(BENCH) run $(basename $*) --scale small --seed $(subst .,,$(suffix $*)) --results-dir $(RESULTS) $(REPRO_ARGS_$(basename $*))
+
+# the paper scale's whole path at its real shapes (B/2 F and G, the VAE's and Inception's architectures) for a few
+# steps on 2 CPU processes, before anyone spends a GPU hour: random VAE and Inception weights, named here alone
+# (biflow_bench/rehearsal.py). On a GPU machine: the same command with --nproc_per_node = its GPUs.
+REHEARSE_NPROC ?= 2
+rehearse-paper: setup
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(REHEARSE_NPROC) -m biflow_bench \
+	  rehearse --scale paper --random-weights vae,inception --out $(RESULTS)/rehearsal/paper.json
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

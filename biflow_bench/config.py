@@ -340,8 +340,9 @@ def apply_delta(cfg: RunConfig, delta: dict[str, Any], source: str = "override")
 def _checked(cls: type, name: str, value: Any, source: str, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     if name not in {f.name for f in dataclasses.fields(cls)} or dataclasses.is_dataclass(hints[name]):
-        valid = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {valid}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {', '.join(names)}"
+                          + did_you_mean(name, names))
     hint = hints[name]
     if value == "none" and _type_ok(None, hint) and not _type_ok("", hint):
         value = None

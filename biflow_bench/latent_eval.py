@@ -48,7 +48,7 @@ def latent_eval(cfg: RunConfig, vae: str | Path | None, ref_stats: str | Path | 
                 cache_dir: Path) -> LatentEval:
     """The VAE and reference statistics of a latent-scale run, loaded once per process. A missing or unreadable one,
     or statistics of another extractor, is the same one-line error on every rank before any training."""
-    from .latents import load_vae
+    from .latents import load_vae, vae_weights_note
     from .metrics.reference import load_reference
 
     key = (str(vae), str(ref_stats), cfg.eval.extractor, str(cfg.flow.image_size), str(env.device))
@@ -64,6 +64,8 @@ def latent_eval(cfg: RunConfig, vae: str | Path | None, ref_stats: str | Path | 
         if (error := broadcast_object(error, env)) is not None:
             raise error
         source = {"vae": str(getattr(model.config, "_name_or_path", "") or vae), "ref_stats": str(ref_stats)}
+        if note := vae_weights_note(source["vae"]):  # a VAE the suite made (tiny-latent, rehearsals) says so
+            source["vae_weights"] = note
         _LOADED[key] = LatentEval(model, reference, source)
     return _LOADED[key]
 

@@ -6,13 +6,16 @@ in the latent space of a pre-trained VAE"; the VAE is sd-vae-ft-ema, scaling fac
                                 over ranks; read back by `data.LatentDataset`
     decode_latents(vae, z)      scaled latents -> images in [-1, 1]
     load_images(...)            the same preprocessing, as uint8 (reference images; metrics/reference.py reads folders)
-    make_tiny_vae(path)         a small random AutoencoderKL saved like a real one (the `tiny-latent` scale, tests)
+    save_random_vae / make_tiny_vae   a random AutoencoderKL saved like a real one, marked as random (rehearsals,
+                                the `tiny-latent` scale, tests)
+    tiny_latent_inputs(cache)   the tiny-latent scale's digits images, tiny VAE and latents, built on first use
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +26,8 @@ from PIL import Image
 from torch import Tensor
 
 from .data import LATENT_FORMAT, DataError, shard_name
-from .files import atomic_torch_save, atomic_write_text
+from .distributed import DistEnv, barrier
+from .files import atomic_torch_save, atomic_write_text, dir_lock
 from .weights import KNOWN_WEIGHTS, WeightsError, resolve_weights
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
@@ -108,12 +112,80 @@ def random_vae(arch: dict, seed: int = 0):
                          up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=32, **arch)
 
 
-def make_tiny_vae(path: Path | str, seed: int = 0) -> Path:
-    """A random TINY_VAE_ARCH AutoencoderKL written with save_pretrained, so it is loaded back through `load_vae`
-    like the real one. Its posterior samples have a standard deviation of about 1, hence scaling factor 1
-    (sd-vae's 0.18215 plays the same role)."""
-    random_vae(TINY_VAE_ARCH, seed).save_pretrained(path)
+RANDOM_WEIGHTS_MARK = "random-weights.json"  # beside config.json: a VAE the suite made, never a trained one
+
+
+def save_random_vae(path: Path | str, arch: dict, seed: int = 0) -> Path:
+    """`random_vae` written with save_pretrained, so it is loaded back through `load_vae` like the real one, and
+    marked (RANDOM_WEIGHTS_MARK) so every record that decodes with it says its weights are random."""
+    random_vae(arch, seed).save_pretrained(path)
+    mark = {"weights": "random", "seed": seed, "arch": {k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in arch.items()}}
+    atomic_write_text(Path(path) / RANDOM_WEIGHTS_MARK, json.dumps(mark) + "\n")
     return Path(path)
+
+
+def make_tiny_vae(path: Path | str, seed: int = 0) -> Path:
+    """A random TINY_VAE_ARCH AutoencoderKL (save_random_vae). Its posterior samples have a standard deviation of
+    about 1, hence scaling factor 1 (sd-vae's 0.18215 plays the same role)."""
+    return save_random_vae(path, TINY_VAE_ARCH, seed)
+
+
+def vae_weights_note(directory: Path | str | None) -> str | None:
+    """What a record says of a VAE with random weights (None: a VAE the suite did not make)."""
+    mark = Path(directory) / RANDOM_WEIGHTS_MARK if directory else None
+    if mark is None or not mark.is_file():
+        return None
+    seed = json.loads(mark.read_text()).get("seed")
+    return f"random weights (seed {seed}), made by the suite: tests the pipeline, not a trained autoencoder"
+
+
+TINY_LATENT_SIDE = 32  # digits upsampled to 32x32 RGB -> 16x16x4 latents of the tiny VAE
+
+
+def tiny_latent_inputs(cache_dir: Path, env: DistEnv | None = None) -> tuple[Path, Path, Path]:
+    """The tiny-latent scale's own inputs, built under <cache>/tiny-latent on first use so that the scale runs from a
+    clone: scikit-learn's digits as 32x32 RGB images in class folders (the reference images of FD / IS), a tiny
+    random VAE (make_tiny_vae) and its latents of those images. Returns (latents, vae, images); under torchrun
+    rank 0 builds while the others wait."""
+    env = env or DistEnv()
+    root = cache_dir / "tiny-latent"
+    done = root / "latents" / "meta.json"
+    if env.is_main and not done.exists():
+        with dir_lock(root):
+            if not done.exists():
+                _build_tiny_latent_inputs(root)
+    barrier(env)
+    return root / "latents", root / "vae", root / "images"
+
+
+def latent_inputs(scale: str, data_dir: Path | None, vae: Path | None, ref_stats: Path | None, cache_dir: Path,
+                  env: DistEnv | None = None) -> tuple[Path | None, Path | None, Path | None]:
+    """(--data-dir, --vae, --ref-stats) as given, or at the tiny-latent scale with none given, its own inputs
+    (`tiny_latent_inputs`); the paper scales always need theirs."""
+    if scale == "tiny-latent" and data_dir is None and vae is None and ref_stats is None:
+        return tiny_latent_inputs(cache_dir, env)
+    return data_dir, vae, ref_stats
+
+
+def _build_tiny_latent_inputs(root: Path) -> None:
+    from .data import load_digits
+
+    print(f"[tiny-latent] building its digits images, tiny random VAE and latents in {root} (once)", file=sys.stderr)
+    for name in ("images", "vae", "latents"):  # a build killed half-way starts again
+        shutil.rmtree(root / name, ignore_errors=True)
+    splits = load_digits()
+    images = torch.cat([splits.train.images, splits.test.images])  # [-1, 1], (N, 1, 8, 8)
+    labels = torch.cat([splits.train.labels, splits.test.labels])
+    big = torch.nn.functional.interpolate(images, size=TINY_LATENT_SIDE, mode="bilinear", align_corners=False)
+    pixels = ((big.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    for i, (image, label) in enumerate(zip(pixels, labels.tolist(), strict=True)):
+        folder = root / "images" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    make_tiny_vae(root / "vae")
+    prepare_latents(root / "images", root / "latents", load_vae(root / "vae"), image_size=TINY_LATENT_SIDE,
+                    progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -55,9 +55,16 @@ def default_samples_dir() -> Path:
     return root / "runs" / "samples" if root else _xdg("XDG_DATA_HOME", ".local/share") / APP / "samples"
 
 
-# Scales whose records are git-ignored (results/tiny/, results/tiny-latent/): `report` renders them only when asked,
-# and then into runs/reports by default, so the committed report stays as committed
+# The smoke-test scales, whose records are git-ignored (results/tiny/, results/tiny-latent/): `report` of the
+# checkout's own results renders them only when asked, and then into runs/reports by default, so the committed report
+# stays as committed
 LOCAL_SCALES = ("tiny", "tiny-latent")
+
+
+def is_checkout_results(path: Path) -> bool:
+    """Whether `path` is results/ of the checkout, the one directory whose LOCAL_SCALES git ignores."""
+    root = project_root()
+    return root is not None and path.resolve() == (root / "results").resolve()
 
 
 def default_reports_dir(local: bool) -> Path:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,10 @@ def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
     """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
     preflight(cfg, seed)
     splits = dataset_splits(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
+    if cfg.flow.num_classes and splits.train.num_classes > cfg.flow.num_classes:
+        raise ConfigError(f"{cfg.scale}: the data has {splits.train.num_classes} classes but the models embed "
+                          f"{cfg.flow.num_classes}; pass data of at most {cfg.flow.num_classes} classes or set "
+                          f"flow.num_classes and backward.num_classes")
     latent = latent_eval(cfg, opts.vae, opts.ref_stats, opts.env, opts.cache) if cfg.dataset == "latents" else None
     flow, g, train = train_stages(cfg, seed, splits.train, opts.cache, opts.env, opts.micro_batch, opts.progress)
     return Trained(cfg, flow, g, splits, train, latent)
@@ -223,15 +227,17 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
 
 
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
-        opts: RunOptions | None = None) -> list[Path]:
+        opts: RunOptions | None = None, plan: Callable[[], str] | None = None) -> list[Path]:
     """Run (or skip, when a record of the same config hash exists) each variant of an ablation; returns the record
-    paths."""
+    paths. `plan` gives the line rank 0 prints once the input is checked, before the first variant (the CLI's: how
+    many variants and about how long, progress.run_plan)."""
     opts = opts or RunOptions()
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
     for name in names:  # validate everything before any work starts
         cfg = spec.resolve(name, scale, opts.overrides)
         preflight(cfg, seed)
+        distributed_micro_batch(cfg, opts.env, opts.micro_batch)  # a batch the processes cannot share: refused now
         if cfg.dataset == "latents":  # the VAE and the reference statistics (loaded once, kept for the run)
             latent_eval(cfg, opts.vae, opts.ref_stats, opts.env, opts.cache)
         for key, value in (("ablation", spec.name), ("variant", name)):
@@ -245,7 +251,11 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
         return paths
     paths = []
     with main_rank_lock(opts.results_dir / scale / spec.name, env):  # one run per table; tables side by side
-        for name in names:
+        if plan is not None and env.is_main:  # once the table is ours: a refused run stays one line
+            log(plan())
+        for k, name in enumerate(names, 1):
+            if env.is_main:  # how far the run has come, against the plan above
+                log(f"[{k}/{len(names)}] {spec.name}/{name}")
             _, ident = identity(spec, name, scale, opts)
             found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) \
                 if env.is_main else None

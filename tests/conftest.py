@@ -47,4 +47,5 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "project_root", lambda: tmp_path / "checkout")
     monkeypatch.setenv("BIFLOW_THREADS", "1")  # the CLI's thread count: the one thread of _one_thread
     monkeypatch.setenv("BIFLOW_JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setenv("BIFLOW_SPECS", "")  # the built-in specs alone, whatever the shell names (--specs adds here)
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 
 from biflow_bench import runner
 from biflow_bench.ablations import SpecError, load_registry, load_spec
-from biflow_bench.config import RANGES, SCALES, ConfigError, apply_delta
+from biflow_bench.config import RANGES, SCALES, ConfigError, RunConfig, apply_delta
 from biflow_bench.results import is_done, load_results, read_record
 
 REGISTRY = load_registry()
@@ -126,7 +126,8 @@ def test_duplicate_names_refused(tmp_path):
 def test_specs_are_json_serialisable_configs():
     for spec in REGISTRY.values():
         for v in spec.variants:
-            json.dumps(spec.resolve(v, "tiny").to_dict())
+            cfg = spec.resolve(v, "tiny")  # a record's config reads back as the run's own
+            assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, (spec.name, v)
 
 
 def _out_of_range(low: float, high: float, low_in: bool, high_in: bool, kind: type) -> list:

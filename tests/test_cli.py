@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,9 @@ def test_list_shows_ablations_and_paper_numbers():
     out = cli("list")
     assert out.returncode == 0
     assert "inverse-strategy" in out.stdout and "hidden-align" in out.stdout and "36.93" in out.stdout
+    # every label starts in one column, after the longest variant name
+    columns = {re.match(r"  \S+ +", line).end() for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert len(columns) == 1 and "  mse+lpips+convnext " in out.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -29,7 +33,8 @@ def test_list_shows_ablations_and_paper_numbers():
     (["run", "denoise", "--variants", "learned,bogus"], "unknown variant 'bogus' of ablation 'denoise'; valid: learned, score, none"),
     (["run", "denoise", "--scale", "huge"], "unknown scale 'huge'; valid scales: tiny, small"),
     (["run", "denoise", "--set", "stage2.steps=many"], "stage2.steps = 'many' has the wrong type; expected int"),
-    (["run", "denoise", "--set", "stage2.stepz=3"], "unknown key 'stage2.stepz'"),
+    (["run", "denoise", "--set", "stage2.stepz=3"], "unknown key 'stage2.stepz'; valid keys here: steps, "),
+    (["run", "denoise", "--set", "stage2.stepz=3"], "; did you mean 'steps'?"),
     (["run", "denoise", "--set", "oops"], "expected KEY=VALUE"),
     (["bench", "speed", "--batch-sizes", "1,x"], "expected comma-separated integers"),
     (["progress", "--estimate-from", "no/such/dir"], "--estimate-from no/such/dir: no such directory"),
@@ -298,3 +303,21 @@ def test_report_renders_the_committed_scales_unless_asked(tmp_path, monkeypatch,
     assert "Scale `tiny`" not in (tmp_path / "reports" / "README.md").read_text()
     code, _, err = invoke(["report", "--scales", "tinny"], monkeypatch, capsys)
     assert code == 2 and "did you mean 'tiny'?" in err
+    code, _, err = invoke(["report"], monkeypatch, capsys)  # the page and stderr say what was left out and why
+    assert code == 0 and f"left out 1 record(s) of scale tiny ({results / 'tiny'}): --scales tiny renders" in err
+    assert "Left out on purpose: the smoke-test records of `../results/tiny/`, `../results/tiny-latent/`, which " \
+        "git ignores" in (tmp_path / "reports" / "README.md").read_text()
+
+
+def test_report_of_another_results_directory_renders_every_scale_it_holds(tmp_path, monkeypatch, capsys):
+    from biflow_bench.results import write_record
+    from test_results_report import make_record
+
+    results = tmp_path / "elsewhere"  # not the checkout's results/ (conftest: the checkout is tmp_path/checkout)
+    write_record(results, make_record("denoise", "none", 0, 10.0, label="none", scale="tiny"))
+    code, out, err = invoke(["report", "--results-dir", str(results), "--out", str(tmp_path / "y")], monkeypatch,
+                            capsys)
+    index = (tmp_path / "y" / "README.md").read_text()
+    assert code == 0 and "scales tiny)" in out and "left out" not in err
+    assert "## Scale `tiny`\n\nThis scale is a smoke test" in index and "No records found" not in index
+    assert "Left out" not in index and (tmp_path / "y" / "tiny" / "denoise.md").is_file()

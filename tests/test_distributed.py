@@ -17,7 +17,7 @@ import torch
 
 import biflow_bench.training.stages as train_module
 from biflow_bench.ablations import get_spec
-from biflow_bench.training.cache import load_model
+from biflow_bench.training.cache import distributed_micro_batch, load_model
 from biflow_bench.config import ConfigError
 from biflow_bench.data import load_digits
 from biflow_bench.distributed import DistEnv, collective_timeout, gather_rows, init_from_env
@@ -166,6 +166,22 @@ def test_process_group_waits_for_rank_0s_evaluation(monkeypatch):
             collective_timeout()
 
 
+def test_default_micro_batch_splits_both_stages_over_the_processes():
+    """One micro-batch for both stages (every variant shares F): the largest that splits F's and G's batches
+    evenly over the processes; a size that cannot is refused in one line before any training."""
+    cfg = get_spec("main").resolve("biflow", "tiny")  # F trains at 64, G at 32
+    assert (cfg.stage1.batch_size, cfg.stage2.batch_size) == (64, 32)
+    assert distributed_micro_batch(cfg, DistEnv()) is None  # one process: one pass per batch
+    assert distributed_micro_batch(cfg, DistEnv(0, 2)) == 16 and distributed_micro_batch(cfg, DistEnv(0, 4)) == 8
+    assert distributed_micro_batch(cfg, DistEnv(0, 2), 8) == 8
+    with pytest.raises(ConfigError, match="a training batch of 64 does not split into micro-batches of 10"):
+        distributed_micro_batch(cfg, DistEnv(0, 3))
+    with pytest.raises(ConfigError, match="batch of 32 does not split into micro-batches of 32 shared evenly by 2"):
+        distributed_micro_batch(cfg, DistEnv(0, 2), 32)
+    exact = get_spec("main").resolve("itarflow", "tiny")  # no G: only F's batch must split
+    assert distributed_micro_batch(exact, DistEnv(0, 2), 32) == 32
+
+
 def test_global_batch_must_split_evenly():
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ConfigError, match="does not split into micro-batches of 5"):
@@ -179,24 +195,27 @@ def test_global_batch_must_split_evenly():
 
 @pytest.mark.slow
 def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp_path):
-    """`biflow-bench run` under torchrun: DDP training, sharded sampling, evaluation and the record on rank 0 alone;
-    the record equals the one-process run's with the same micro-batch (float tolerance). While another job holds
-    the results directory, a torchrun job refuses in one line (exit 2) on every rank."""
+    """`biflow-bench run` under torchrun at the tiny scale's own batches (F 64, G 32: the default micro-batch, 16,
+    splits both over 2 processes): DDP training, sharded sampling, evaluation and the record on rank 0 alone; the
+    record equals the one-process run's with the same micro-batch (float tolerance). While another job holds the
+    results directory, a torchrun job refuses in one line (exit 2) on every rank."""
     from biflow_bench import runner
     from biflow_bench.files import dir_lock
 
+    steps = {k: v for k, v in OVERRIDES.items() if "batch_size" not in k}
     extra = {"sample.cfg_scale": 0.0, "sample.num_samples": 60, "eval.num_real": 60, "eval.nll_samples": 60}
-    args = ["run", "main", "--variants", "biflow-mse", "--scale", "tiny", *SET,
-            *[a for k, v in extra.items() for a in ("--set", f"{k}={v}")], "--results-dir", str(tmp_path / "two")]
+    args = ["run", "main", "--variants", "biflow-mse", "--scale", "tiny",
+            *[a for k, v in {**steps, **extra}.items() for a in ("--set", f"{k}={v}")],
+            "--results-dir", str(tmp_path / "two")]
     out, writes = torchrun(tmp_path, tmp_path / "cache-two", *args)
     assert {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing: no checkpoint, artifact or record
     (two,) = [Path(line) for line in out.stdout.splitlines() if line.endswith(".json")]
     opts = runner.RunOptions(results_dir=tmp_path / "one", cache_dir=tmp_path / "cache-one", progress=False,
-                             overrides={**OVERRIDES, **extra}, micro_batch=MICRO)
+                             overrides={**steps, **extra}, micro_batch=16)
     (one,) = runner.run("main", ["biflow-mse"], "tiny", 0, opts)
     assert one.relative_to(tmp_path / "one") == two.relative_to(tmp_path / "two")  # the same config hash and name
     rec_one, rec_two = (json.loads(p.read_text()) for p in (one, two))
-    assert rec_two["overrides"]["micro_batch"] == MICRO and rec_two["config_hash"] == rec_one["config_hash"]
+    assert rec_two["overrides"]["micro_batch"] == 16 and rec_two["config_hash"] == rec_one["config_hash"]
     assert rec_two["train"]["stage2"]["world_size"] == 2 and "world_size" not in rec_one["train"]["stage2"]
     assert rec_one["metrics"].keys() == rec_two["metrics"].keys()
     for key, value in rec_one["metrics"].items():

@@ -52,3 +52,12 @@ def test_results_variable_moves_every_record_and_the_report():
     assert kinds == {"run", "progress", "bench speed", "report"}
     assert all("--results-dir runs/anew " in c for c in commands), commands
     assert any("--out runs/anew/reports" in c for c in commands)
+
+
+def test_demo_says_what_it_will_run_before_it_starts():
+    """`make demo` first prints `progress` at the tiny scale: every table's variants and, from the records of an
+    earlier demo, about how long they take."""
+    commands = [line for line in planned("demo", SEED="0").splitlines() if "biflow-bench " in line]
+    assert commands[0] == ".venv/bin/biflow-bench progress --scale tiny --seeds 0 --results-dir results " \
+                          "--estimate-from results"
+    assert "biflow-bench run " in commands[1]

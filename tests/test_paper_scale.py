@@ -21,8 +21,8 @@ from PIL import Image
 from biflow_bench.ablations import load_registry
 from biflow_bench.config import SCALES, apply_delta, scale_config
 from biflow_bench.data import DataError, LatentDataset, data_generator, get_batch, load_dataset, shard_name
-from biflow_bench.latents import (decode_latents, load_images, load_vae, make_tiny_vae, prepare_latents,
-                                  sample_postprocess)
+from biflow_bench.latents import (decode_latents, latent_inputs, load_images, load_vae, make_tiny_vae,
+                                  prepare_latents, sample_postprocess, tiny_latent_inputs, vae_weights_note)
 from biflow_bench.metrics.fidelity import compute_fidelity
 from biflow_bench.metrics.likelihood import count_params
 from biflow_bench.metrics.reference import load_reference, reference_stats, save_reference_stats
@@ -282,3 +282,41 @@ def test_run_at_a_latent_scale_checks_the_reference_before_training(latent_setup
         code, err = _cli(capsys, monkeypatch, *_latent_run_args(root, tmp_path / "results", *extra))
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "cache" / "stage1").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_tiny_latent_runs_under_torchrun_from_a_clone_with_nothing_given(tmp_path):
+    """`torchrun ... run --scale tiny-latent` with no --data-dir, --vae or --ref-stats: rank 0 builds the scale's
+    own inputs once (digits at 32x32 RGB, a tiny random VAE, its latents) while rank 1 waits; every record says the
+    VAE's weights are random. A second call finds them built."""
+    cache = tmp_path / "cache"
+    sets = [a for k, v in QUICK_LATENT.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "BIFLOW_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("BIFLOW_VAE", None)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "biflow_bench", "run", "denoise", "--variants", "learned", "--scale", "tiny-latent",
+                          "--results-dir", str(tmp_path / "results"), *sets], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("building its digits images") == 1
+    rec = json.loads(Path(out.stdout.strip()).read_text())
+    assert rec["latent"]["vae"] == str(cache / "tiny-latent" / "vae") and "random weights" in rec["latent"]["vae_weights"]
+    assert rec["latent"]["ref_stats"] == str(cache / "tiny-latent" / "images")
+    assert math.isfinite(rec["metrics"]["fd_effnet"]) and rec["overrides"]["micro_batch"] == 4
+
+    data = LatentDataset(cache / "tiny-latent" / "latents")
+    assert len(data) == 1797 and data.num_classes == 10 and data.latent_shape == (4, 16, 16)
+    assert sorted(p.name for p in (cache / "tiny-latent" / "images").iterdir()) == [str(c) for c in range(10)]
+    built = (cache / "tiny-latent" / "latents" / "meta.json").stat().st_mtime_ns
+    assert tiny_latent_inputs(cache) == (cache / "tiny-latent" / "latents", cache / "tiny-latent" / "vae",
+                                         cache / "tiny-latent" / "images")
+    assert (cache / "tiny-latent" / "latents" / "meta.json").stat().st_mtime_ns == built  # not rebuilt
+
+
+def test_latent_inputs_default_only_tiny_latent_with_nothing_given(tmp_path):
+    given = (tmp_path / "latents", tmp_path / "vae", tmp_path / "ref.npz")
+    assert latent_inputs("tiny-latent", *given, tmp_path) == given
+    assert latent_inputs("paper", None, None, None, tmp_path) == (None, None, None)  # the paper needs its own
+    assert not (tmp_path / "tiny-latent").exists()
+    assert vae_weights_note(tmp_path) is None  # a VAE the suite did not make carries no note
+    assert "random weights (seed 3)" in vae_weights_note(make_tiny_vae(tmp_path / "made", seed=3))

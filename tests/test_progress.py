@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from biflow_bench.ablations import get_spec, load_registry
 from biflow_bench.cli import app
-from biflow_bench.progress import estimate_left, format_progress, progress_rows
+from biflow_bench.progress import Row, estimate_left, format_progress, progress_rows, run_plan
 from biflow_bench.results import write_record
 
 
@@ -82,3 +82,38 @@ def test_progress_command_estimates_from_a_reference_directory(tmp_path: Path):
     # learned's 600 s for every row of every table: its own, then the reference's median for the rest
     assert result.exit_code == 0 and f"0 of {rows} rows recorded, 0.0 min spent; about {rows * 10} min of job time " \
         "left" in result.output
+
+
+def test_only_the_small_scale_names_make_reproduce_small():
+    rows = [Row("denoise", "learned", 0, 60.0), Row("denoise", "score", 0, None)]
+    assert "about 1 min of job time left (rough: from recorded wall times; `make reproduce-small` runs two jobs" \
+        in format_progress(rows, "small")
+    assert format_progress(rows, "tiny").endswith("about 1 min of job time left (rough: from recorded wall times)\n")
+
+
+def test_run_prints_its_plan_then_a_running_count(tmp_path: Path, monkeypatch, capsys):
+    """Before its first variant, `run` says how many it will run and about how long they take (the recorded wall
+    times, as `progress` estimates); then [k/N] as each starts. Records on stdout alone."""
+    from biflow_bench import runner
+    from test_cli import invoke
+
+    spec = get_spec("denoise")
+    for variant, wall in (("learned", 600.0), ("score", 120.0)):
+        write_record(tmp_path, _record("denoise", variant, 0, wall, spec.resolve(variant, "tiny").to_dict()))
+    monkeypatch.setattr(runner, "run_variant", lambda spec, name, *_: tmp_path / f"{name}.json")
+    code, out, err = invoke(["run", "denoise", "--results-dir", str(tmp_path)], monkeypatch, capsys)
+    recorded = [next(tmp_path.glob(f"tiny/denoise/{v}__seed0*.json")) for v in ("learned", "score")]
+    assert code == 0 and out.split() == [str(p) for p in (*recorded, tmp_path / "none.json")]
+    lines = err.splitlines()
+    # none at the median of the recorded rows, 360 s
+    assert lines[0] == ("denoise at scale tiny, seed 0: 1 of 3 variants to run, 2 recorded; about 6 min (rough: "
+                        "from recorded wall times)")
+    assert [line for line in lines if line.startswith("[") and line[1].isdigit()] == [
+        "[1/3] denoise/learned", "[2/3] denoise/score", "[3/3] denoise/none"]
+    # --force runs the recorded ones again, each in its own time; at another seed, in its seed 0's time
+    for seed in (0, 3):
+        opts = runner.RunOptions(results_dir=tmp_path, force=seed == 0)
+        assert run_plan(spec, ["learned", "none"], "tiny", seed, opts).endswith(
+            "2 of 2 variants to run, 0 recorded; about 16 min (rough: from recorded wall times)")
+    assert run_plan(spec, ["none"], "tiny", 0, runner.RunOptions(results_dir=tmp_path / "new")).endswith(
+        "1 of 1 variants to run, 0 recorded; nothing recorded at scale tiny to estimate their time from")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -51,10 +52,17 @@ def _global_options(
                                                          "biflow-bench jobs)")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
+    specs: Annotated[list[Path] | None, typer.Option(
+        "--specs", metavar="PATH", help="your own ablation specs: a TOML file or a folder of them, beside the "
+                                        "built-in ones (repeatable; adds to BIFLOW_SPECS; docs/your-own-ablation.md)")
+                     ] = None,
 ) -> None:
     """Reproducible ablation benchmarks for Bidirectional Normalizing Flow (BiFlow)."""
     from .. import threads as thread_budget
+    from ..ablations import add_spec_paths
 
+    if specs:
+        add_spec_paths(specs)
     if threads is not None:
         positive("--threads", threads)
     try:

@@ -4,6 +4,7 @@ process): encode an image folder, train one variant with DDP, sample it sharded 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -60,6 +61,7 @@ def train_dist(
     from ..ablations import get_spec
     from ..data import load_dataset
     from ..distributed import init_from_env, shutdown
+    from ..latents import latent_inputs
     from ..paths import default_cache_dir
     from ..training.cache import train_stages
 
@@ -68,8 +70,11 @@ def train_dist(
     if micro_batch is not None:
         positive("--micro-batch", micro_batch)
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
-    dataset = load_dataset(cfg.dataset, data_dir).train
     env = init_from_env(device)
+    data_dir, vae, _ = latent_inputs(scale, data_dir, None, None, default_cache_dir(), env)
+    if vae is not None:  # tiny-latent's own VAE for stage 2's perceptual terms (training/stages.py)
+        os.environ["BIFLOW_VAE"] = str(vae)
+    dataset = load_dataset(cfg.dataset, data_dir).train
     summary = train_stages(cfg, seed, dataset, default_cache_dir(), env, micro_batch)[2]
     if env.is_main:
         typer.echo(json.dumps(summary, indent=2))
@@ -98,6 +103,8 @@ def sample_dist(
     rank 0 gathers the images in order, writes --out and, with --ref-stats, prints FID / IS (Inception)."""
     from ..ablations import get_spec
     from ..distributed import init_from_env, shutdown
+    from ..latents import latent_inputs
+    from ..paths import default_cache_dir
     from ..sample import sample_trained
 
     check_scale(scale)
@@ -109,8 +116,49 @@ def sample_dist(
         check_out_file(out, (".npz", ".png"))
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     env = init_from_env(device)
+    if ref_stats is None:  # tiny-latent decodes with its own VAE (latent_inputs) unless told otherwise
+        vae = latent_inputs(scale, None, vae, None, default_cache_dir(), env)[1]
     result = sample_trained(cfg, seed, env, num=num, batch_size=batch_size, vae=vae, ref_stats=ref_stats, out=out,
                             micro_batch=micro_batch)
     if env.is_main:
         typer.echo(json.dumps(result, indent=2))
     shutdown()
+
+
+@dist_app.command()
+def rehearse(
+    scale: Annotated[str, typer.Option(help="latent scale whose real shapes are rehearsed")] = "paper",
+    out: Annotated[Path | None, typer.Option(help="the rehearsal record (.json); default: "
+                                                  "<cache>/rehearsal/<scale>.json")] = None,
+    random_weights: Annotated[str, typer.Option(help="comma-separated networks that get random weights of the real "
+                                                     "architecture here alone: vae, inception (default: none; the "
+                                                     "real weights are then required)")] = "",
+    vae: VaePath = None,
+    num_images: Annotated[int, typer.Option(help="images trained on and sampled by each decoder")] = 4,
+    device: Device = None,
+) -> None:
+    """Rehearse a latent scale's whole path at its real shapes in minutes (run it under torchrun): a few DDP steps of
+    F and G, a few images through every decoder (serial, Jacobi, compiled, score step, G; with CFG), decoded by
+    the VAE and scored by the scale's extractor. Writes a record marked as a rehearsal; its numbers measure the
+    path, not the models."""
+    from ..distributed import init_from_env, shutdown
+    from ..paths import default_cache_dir
+    from ..rehearsal import check_random_weights, rehearsal_config, rehearse as run_rehearsal, write_rehearsal
+
+    check_scale(scale)
+    check_device(device)
+    positive("--num-images", num_images)
+    names = [n.strip() for n in random_weights.split(",") if n.strip()]
+    check_random_weights(names)
+    rehearsal_config(scale)  # a scale without a latent path: one line, before anything starts
+    root = default_cache_dir() / "rehearsal" / scale
+    out = out or root.parent / f"{scale}.json"
+    check_out_file(out, (".json",))
+    env = init_from_env(device)
+    try:
+        record = run_rehearsal(scale, root, env, vae=vae, random_weights=names, num_images=num_images)
+    finally:
+        shutdown()
+    if record is not None:
+        write_rehearsal(record, out)
+        typer.echo(str(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -19,12 +20,16 @@ run_app = typer.Typer()
 
 @run_app.command("list")
 def list_ablations() -> None:
-    """The registered ablations and their variants, with the paper's numbers."""
-    for spec in load_registry().values():
-        typer.echo(f"{spec.name} (v{spec.version}, {spec.kind}): {spec.title} -- {spec.paper_table}")
+    """The registered ablations and their variants, with the paper's numbers (and the file of each of your own)."""
+    registry = load_registry()
+    width = max(len(v) for spec in registry.values() for v in spec.variants)  # one label column for every table
+    for spec in registry.values():
+        mine = "" if spec.builtin else f"  [{spec.path}]"
+        typer.echo(f"{spec.name} (v{spec.version}, {spec.kind}): {spec.title}"
+                   + (f" -- {spec.paper_table}" if spec.paper_table else "") + mine)
         for v in spec.variants.values():
             paper = ", ".join(f"{k}={val}" for k, val in v.paper.items())
-            typer.echo(f"  {v.name:<16} {v.label}" + (f"  [paper: {paper}]" if paper else ""))
+            typer.echo(f"  {v.name:<{width}} {v.label}" + (f"  [paper: {paper}]" if paper else ""))
 
 
 @run_app.command()
@@ -54,6 +59,9 @@ def run(
     from .. import runner
     from ..ablations import get_spec
     from ..distributed import init_from_env, shutdown
+    from ..latents import latent_inputs
+    from ..paths import default_cache_dir
+    from ..progress import run_plan
 
     check_scale(scale)
     check_device(device)
@@ -61,8 +69,6 @@ def run(
     if not latent and (vae is not None or ref_stats is not None):
         raise ConfigError(f"--vae and --ref-stats are for the latent scales (tiny-latent, paper, paper-xl); scale "
                           f"{scale!r} is evaluated against its dataset's held-out images")
-    if vae is not None:  # stage 2's perceptual terms decode with BIFLOW_VAE's VAE (training/stages.py): the same one
-        os.environ["BIFLOW_VAE"] = str(vae)
     spec = get_spec(ablation)
     names = [v.strip() for v in variants.split(",")] if variants is not None else None
     if names is not None and "" in names:
@@ -78,11 +84,17 @@ def run(
         positive("--micro-batch", micro_batch)
     results_dir = results_dir or default_results_dir()
     writable(results_dir)
+    env = init_from_env(device or (None if latent else "cpu"))
+    data_dir, vae, ref_stats = latent_inputs(scale, data_dir, vae, ref_stats, default_cache_dir(), env)
+    if vae is not None:  # stage 2's perceptual terms decode with BIFLOW_VAE's VAE (training/stages.py): the same one
+        os.environ["BIFLOW_VAE"] = str(vae)
     opts = run_options(results_dir, data_dir, force, set_)
     opts.vae, opts.ref_stats = vae, ref_stats
-    opts.micro_batch, opts.env = micro_batch, init_from_env(device or (None if latent else "cpu"))
+    opts.micro_batch, opts.env = micro_batch, env
+    # printed before the first variant: how many, and about how long
+    plan = (lambda: run_plan(spec, names or list(spec.variants), scale, seed, opts)) if spec.kind != "speed" else None
     try:
-        paths = runner.run(ablation, names, scale, seed, opts)
+        paths = runner.run(ablation, names, scale, seed, opts, plan)
     finally:
         shutdown()
     if opts.env.is_main:
@@ -115,14 +127,15 @@ def progress(
 def report(
     results_dir: ResultsDir = None,
     out: Annotated[Path | None, typer.Option(help="report directory (default: reports/ of the checkout; "
-                                                  "runs/reports when --scales names tiny or tiny-latent)")] = None,
+                                                  "runs/reports when it renders tiny or tiny-latent)")] = None,
     scales: Annotated[str | None, typer.Option(help="comma-separated scales to render (default: every scale "
-                                                    "found but the git-ignored tiny and tiny-latent)")] = None,
+                                                    "found; of the checkout's own results/, all but the "
+                                                    "git-ignored tiny and tiny-latent)")] = None,
     include_archive: Annotated[bool, typer.Option(help="also show the superseded records of <results-dir>/archive, "
                                                        "under each table's Other configurations")] = False,
 ) -> None:
     """Regenerate the tables, figures and README.md of a report from the records in results/."""
-    from ..paths import LOCAL_SCALES, default_reports_dir
+    from ..paths import LOCAL_SCALES, default_reports_dir, is_checkout_results
     from ..report.render import render_report
     from ..results import scan_records
 
@@ -133,12 +146,19 @@ def report(
     chosen = [s.strip() for s in scales.split(",")] if scales else None
     for scale in chosen or []:
         check_scale(scale)
+    left_out: list[str] = []
     if chosen is None:
-        found = {rec["scale"] for _, rec in scan_records(results_dir, include_archive)[0]}
-        chosen = sorted(found - set(LOCAL_SCALES))
+        found = Counter(rec["scale"] for _, rec in scan_records(results_dir, include_archive)[0])
+        # the checkout's own results keep their git-ignored smoke scales out of the committed report; any other
+        # directory renders every scale it holds
+        left_out = list(LOCAL_SCALES) if is_checkout_results(results_dir) else []
+        chosen = sorted(set(found) - set(left_out))
     out = out or default_reports_dir(local=bool(set(chosen) & set(LOCAL_SCALES)))
     writable(out, "--out")
-    summary = render_report(results_dir, out, scales=chosen, include_archive=include_archive)
+    summary = render_report(results_dir, out, scales=chosen, include_archive=include_archive, left_out=left_out)
+    for scale in (s for s in left_out if found[s]):
+        typer.echo(f"left out {found[scale]} record(s) of scale {scale} ({results_dir / scale}): --scales {scale} "
+                   "renders them", err=True)
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in summary.separated:

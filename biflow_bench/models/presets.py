@@ -31,12 +31,12 @@ PRESETS: dict[str, tuple[TARFlowConfig, BiFlowConfig]] = {
         BiFlowConfig(in_channels=1, image_size=28, patch_size=4, width=96, num_groups=4, layers_per_group=1,
                      num_heads=4, num_classes=10),
     ),
-    # 16x16x4 latents of a tiny random AutoencoderKL (32x32 RGB images); tests the latent pipeline end to end on CPU
+    # 16x16x4 latents of a tiny random AutoencoderKL (32x32 RGB digits, 10 classes); the latent pipeline end to end
     "tiny-latent": (
         TARFlowConfig(in_channels=4, image_size=16, patch_size=2, channels=64, num_blocks=4, layers_per_block=1,
-                      num_heads=4, num_classes=2, clip=3.0),
+                      num_heads=4, num_classes=10, clip=3.0),
         BiFlowConfig(in_channels=4, image_size=16, patch_size=2, width=64, num_groups=4, layers_per_group=1,
-                     num_heads=4, num_classes=2),
+                     num_heads=4, num_classes=10),
     ),
     # iTARFlow-B/2: 8 flow blocks (BiFlow sec. 1: "8 blocks x 256 tokens") x 2 causal layers, width 768 -> 121.4M
     #   (paper: 120M). BiFlow-B/2: one stage per flow block + the learned-denoising stage = 9 bidirectional blocks,

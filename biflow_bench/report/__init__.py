@@ -1,8 +1,9 @@
 """The report, the pipeline's last step (spec -> config -> train -> cache -> sample -> metrics -> record -> **report**):
 Markdown, CSV and LaTeX tables and PNG figures regenerated from the result records alone.
 
-    <out>/README.md                          index per scale: headline (`main`), each table's lead line and link,
-                                               speed, skipped files
+    <out>/README.md                          on top, one line per scale over every table (stats.overall); then per
+                                               scale: headline (`main`), each table's lead line and link, speed,
+                                               skipped files
     <out>/<scale>/<ablation>.{md,csv,tex,png}  ours (mean ± noise) beside the paper's FID and the judged domain
                                                metrics, Kendall's tau, the table's reading (its COMMENTARY.md, checked
                                                against the records); real-data calibration rows on top

@@ -16,13 +16,14 @@ import pandas as pd
 from ..ablations import AblationSpec, load_registry
 from ..config import ConfigError
 from ..identity import split_configs
+from ..paths import LOCAL_SCALES
 from ..results import results_frame, scan_records, speed_frame
 from .bench_pages import curves_page, is_training, scaling_page, speed_page
 from .figures import speed_quality_figure
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
 from .study import exact_recall, study_page
 from .pages import ablation_page, commentary
-from .stats import verdict
+from .stats import overall, verdict
 from .tables import headline_table, load_calibration, order_scales, scale_label
 from .writer import ReportWriter, sweep_stale
 
@@ -70,13 +71,20 @@ def _load_registry_quietly() -> tuple[dict[str, AblationSpec], str | None]:
         return {}, str(e).splitlines()[0]
 
 
+# The git-ignored scales are the smoke tests: tiny models that check every code path runs, not measurements
+SMOKE = ("a smoke test: tiny models check that every code path runs; its orderings say nothing about the "
+         "paper's")
+
+
 def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence[str] | None = None,
-                  registry: dict[str, AblationSpec] | None = None, include_archive: bool = False) -> ReportSummary:
+                  registry: dict[str, AblationSpec] | None = None, include_archive: bool = False,
+                  left_out: Sequence[str] = ()) -> ReportSummary:
     """Regenerate `out_dir` from the records under `results_dir` (all scales found, or `scales`).
 
     `registry` gives variant order, labels and fallback paper numbers; by default the project's specs are loaded,
     and an empty dict renders from the records alone. `include_archive` adds the superseded records of
-    results_dir/archive under each table's Other configurations."""
+    results_dir/archive under each table's Other configurations. `left_out` names scales left out on purpose (the
+    checkout's git-ignored ones): the README says so and how to render them."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     registry_error = None
     if registry is None:
@@ -97,10 +105,18 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     if registry_error:
         readme.append(f"The ablation specs could not be loaded ({registry_error}); variant order and labels come "
                       "from the records alone.\n")
+    if left_out:
+        folders = ", ".join(f"`{rel_link(results_dir / s, out_dir)}/`" for s in left_out)
+        readme.append(f"Left out on purpose: the smoke-test records of {folders}, which git ignores, so that this "
+                      f"report stays as committed; `biflow-bench report --scales {','.join(left_out)}` renders them "
+                      "(into runs/reports).\n")
     if not chosen:
         readme.append("No records found.\n")
+    overall_lines = []
     for scale in chosen:
         readme.append(f"## Scale `{scale}`\n")
+        if scale in LOCAL_SCALES:
+            readme.append(f"This scale is {SMOKE}.\n")
         sdf, others = split_configs(df[df["scale"] == scale].assign(
             label=lambda d: d["label"].map(lambda x: scale_label(x, scale))), registry)
         for (ablation, variant, label), g in others.groupby(["ablation", "variant", "overrides"], sort=True):
@@ -125,7 +141,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
         readme.append(f"### Headline: {main_spec.title if main_spec else 'main'} (`main`)\n")
         readme.append(_headline_md(headline_table(sdf, main_spec)))
 
-        index_rows, readings = [], []
+        index_rows, readings, tables = [], [], {}
         main_table = None
         calibration_entries = load_calibration(results_dir, scale)
         studies = []
@@ -142,6 +158,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                                                     spec, comment, calibration_entries, others[others["ablation"] == ablation])
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
+            tables[ablation] = table
             if ablation == "main":
                 main_table = table
             run = int((table["seeds"] > 0).sum())
@@ -150,6 +167,11 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                                f"{run}/{len(table)}", DASH if tau is None else f"{tau:.3f}",
                                f"[CSV]({p}.csv) · [LaTeX]({p}.tex) · [figure]({p}.png)"])
             readings.append(f"- [{spec.title if spec else ablation}]({p}.md) (`{ablation}`): {verdict(table)}\n")
+        # a user's table (BIFLOW_SPECS) may include a paper table's rows: counted, they would count twice
+        paper_tables = {name: t for name, t in tables.items() if name not in registry or registry[name].builtin}
+        if line := overall(paper_tables):
+            overall_lines.append(f"**Overall at scale `{scale}`:** {line}"
+                                 + (f" This scale is {SMOKE}." if scale in LOCAL_SCALES else "") + "\n")
         if index_rows:
             readme.append("### Ablations\n")
             readme.append(md_table(["Table", "Ablation", "Variants run", "Kendall τ", "Files"], index_rows, "llrrl"))
@@ -179,6 +201,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     if summary.separated:
         readme.append("## Other configurations\n\nSeeds are averaged within one config only; these records were "
                       "shown apart from their tables:\n\n" + "".join(f"- {n}\n" for n in summary.separated))
+    readme[1:1] = overall_lines  # the one answer per scale, under the title
     readme.append("## Skipped files\n")
     if skipped:
         readme.append("These files under the results directory are not valid records and were left out:\n\n"

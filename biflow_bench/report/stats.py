@@ -1,19 +1,26 @@
 """The report's statistics: the noise rule of a table (std across seeds, floored at the bootstrap std), Kendall's tau
-between our ordering and the paper's, and the verdict sentence on whether the paper's ordering reproduced.
+between our ordering and the paper's, the verdict sentence on whether the paper's ordering reproduced, and the one
+line over every table of a scale.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
 
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that have both our number and the paper's FID: the ones an ordering can be judged on."""
+    return table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
+
+
 def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
     """(tau, pairs, explanation) between our means and the paper's FIDs over variants that have both."""
-    both = table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
+    both = comparable(table)
     n = len(both)
     if n < 2:
         return None, n, f"n/a: {n} variant(s) have both our number and the paper's; need 2"
@@ -24,36 +31,71 @@ def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
     return tau, n, f"{tau:.3f} over {n} variants"
 
 
-def verdict(table: pd.DataFrame, metric: str | None = None, sigmas: float = 2.0) -> str:
-    """One sentence on whether the paper's ordering reproduced in our primary metric (named first, as the sentence
-    judges no other): for every pair of variants the paper separates, do ours order them the same way, and is our
-    gap larger than `sigmas` x the combined noise of the two numbers?"""
-    metric = metric or next((m for m in table.get("metric", ()) if isinstance(m, str) and m), "our metric")
-    both = table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
-    if len(both) < 2:
-        return f"By {metric}: not comparable, fewer than two variants have both our number and the paper's."
-    rows = list(both.sort_values("paper_fid").itertuples())
-    agree, flipped, pairs = [], [], 0
+@dataclass(frozen=True)
+class Pair:
+    better: str  # the paper's better variant of the pair
+    worse: str
+    kept: bool  # ours orders the pair the paper's way
+    resolved: bool  # ... or the other way, by more than `sigmas` x the two numbers' combined noise
+
+
+def paper_pairs(table: pd.DataFrame, sigmas: float = 2.0) -> list[Pair]:
+    """Every pair of variants the paper's FIDs separate, judged in our primary metric."""
+    rows = list(comparable(table).sort_values("paper_fid").itertuples())
+    pairs = []
     for i, better in enumerate(rows):
         for worse in rows[i + 1:]:
             if better.paper_fid == worse.paper_fid:
                 continue
-            pairs += 1
             gap = worse.ours - better.ours
             noise = math.hypot(*(0.0 if math.isnan(x) else x for x in (better.ours_std, worse.ours_std)))
-            resolved = abs(gap) > sigmas * noise
-            (agree if gap > 0 else flipped).append((better.variant, worse.variant, resolved))
+            pairs.append(Pair(better.variant, worse.variant, gap > 0, abs(gap) > sigmas * noise))
+    return pairs
+
+
+def primary_metric(table: pd.DataFrame) -> str:
+    return next((m for m in table.get("metric", ()) if isinstance(m, str) and m), "our metric")
+
+
+def verdict(table: pd.DataFrame, metric: str | None = None, sigmas: float = 2.0) -> str:
+    """One sentence on whether the paper's ordering reproduced in our primary metric (named first, as the sentence
+    judges no other): for every pair of variants the paper separates, do ours order them the same way, and is our
+    gap larger than `sigmas` x the combined noise of the two numbers?"""
+    metric = metric or primary_metric(table)
+    both = comparable(table)
+    if len(both) < 2:
+        return f"By {metric}: not comparable, fewer than two variants have both our number and the paper's."
+    pairs = paper_pairs(both, sigmas)
     if not pairs:
         return f"By {metric}: not comparable, the paper's numbers do not order these variants."
-    best_ours, best_paper = both.loc[both["ours"].astype(float).idxmin(), "variant"], rows[0].variant
+    best_ours = both.loc[both["ours"].astype(float).idxmin(), "variant"]
+    best_paper = both.sort_values("paper_fid")["variant"].iloc[0]
     lead = (f"By {metric}: the paper's best variant (`{best_paper}`) is best here too" if best_ours == best_paper
             else f"By {metric}: the paper's best variant is `{best_paper}`; ours is `{best_ours}`")
-    resolved_agree = sum(r for *_, r in agree)
-    text = f"{lead}; {len(agree)} of {pairs} pairs keep the paper's order ({resolved_agree} beyond {sigmas:g}σ noise)"
-    if flipped:
-        shown = ", ".join(f"`{w}` beats `{b}`" + ("" if r else " (within noise)") for b, w, r in flipped)
-        text += f"; reversed here: {shown}"
+    kept = [p for p in pairs if p.kept]
+    text = (f"{lead}; {len(kept)} of {len(pairs)} pairs keep the paper's order ({sum(p.resolved for p in kept)} "
+            f"beyond {sigmas:g}σ noise)")
+    if flipped := [p for p in pairs if not p.kept]:
+        text += "; reversed here: " + ", ".join(f"`{p.worse}` beats `{p.better}`" + ("" if p.resolved else
+                                                                                    " (within noise)") for p in flipped)
     return text + "."
+
+
+def overall(tables: dict[str, pd.DataFrame], sigmas: float = 2.0) -> str | None:
+    """One sentence over the tables of a scale (ablation -> table): how many of the paper's pairwise orderings hold in
+    ours, summed over the tables' lead lines (`verdict`), and which are reversed; None when no table has a pair."""
+    pairs = {name: paper_pairs(t, sigmas) for name, t in tables.items()}
+    total = sum(map(len, pairs.values()))
+    if not total:
+        return None
+    kept = [p for ps in pairs.values() for p in ps if p.kept]
+    metrics = sorted({primary_metric(t) for name, t in tables.items() if pairs[name]})
+    flipped = [f"`{p.worse}` beats `{p.better}` ({name}" + ("" if p.resolved else ", within noise") + ")"
+               for name, ps in pairs.items() for p in ps if not p.kept]
+    n = sum(map(bool, pairs.values()))
+    return (f"{len(kept)} of the paper's {total} pairwise orderings hold in {' / '.join(metrics)} across {n} "
+            f"table{'s' * (n != 1)}, {sum(p.resolved for p in kept)} of them beyond {sigmas:g}σ noise; "
+            + ("reversed: " + "; ".join(flipped) if flipped else "none reversed") + ".")
 
 
 def table_noise(values: pd.Series, stds: pd.Series) -> float:

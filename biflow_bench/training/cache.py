@@ -17,13 +17,14 @@ home is paths.default_cache_dir (BIFLOW_CACHE, else the project's runs/cache).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import ImageDataset, LatentDataset
 from ..distributed import DistEnv, all_true, barrier
 from ..files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
@@ -173,5 +174,15 @@ def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDatase
 
 def distributed_micro_batch(cfg: RunConfig, env: DistEnv, micro_batch: int | None = None) -> int | None:
     """The micro-batch `train_stages` trains with: the micro-batch size changes the randomness drawn (one stream per
-    micro-batch), so it is part of the key; under DDP it defaults to an even split of stage 1's batch."""
-    return micro_batch or (cfg.stage1.batch_size // env.world_size if env.distributed else None)
+    micro-batch), so it is part of the key. Under DDP it defaults to the largest size that splits both stages'
+    batches evenly over the processes (the tiny scale trains F at 64 and G at 32): one size for every variant, so
+    that they share F. A size that does not split a trained stage's batch is refused before any training."""
+    batches = (cfg.stage1.batch_size, cfg.stage2.batch_size) if cfg.inverse == "learned" else (cfg.stage1.batch_size,)
+    if micro_batch is None and env.distributed:
+        micro_batch = max(1, math.gcd(cfg.stage1.batch_size, cfg.stage2.batch_size) // env.world_size)
+    for batch in batches if micro_batch is not None else ():
+        if batch % micro_batch or (batch // micro_batch) % env.world_size:
+            raise ConfigError(f"a training batch of {batch} does not split into micro-batches of {micro_batch} "
+                              f"shared evenly by {env.world_size} processes: pass --micro-batch M such that "
+                              f"{' and '.join(map(str, batches))} are multiples of {env.world_size} x M")
+    return micro_batch

@@ -86,7 +86,8 @@ class PerceptualDistance(nn.Module):
             # float32 under a bf16 autocast on the CPU: these depthwise-convolution nets train slower in bf16
             # there, and bf16 puts their gradients far off (docs/decisions.md)
             with torch.autocast("cpu", enabled=False):
-                return self.distance(*shared_crops(x.float(), target.float(), self.size, boxes))
+                full = (lambda t: t if t.dtype == torch.float64 else t.float())  # float64 stays (exact tests)
+                return self.distance(*shared_crops(full(x), full(target), self.size, boxes))
         return self.distance(*shared_crops(x, target, self.size, boxes))
 
     def distance(self, x: Tensor, target: Tensor) -> Tensor:
