@@ -2,12 +2,13 @@
 
 A run is fully described by a `RunConfig`; an ablation variant is a delta of dotted keys on a scale preset
 ("backward.denoise" = "score"), applied with `apply_delta`, which checks every key and value type. What names a run
-(artifact keys, record hash) is identity.py's.
+(artifact keys, record hash) is identity.py's, on `config_hash`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import types
@@ -15,7 +16,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .identity import backward_key, config_hash, flow_key  # config_hash: also other modules' hash of a config
 from .models.biflow import BiFlowConfig
 from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
@@ -29,6 +29,20 @@ CFG_DISTRIBUTIONS = ("inverse", "uniform")
 # The network names of each perceptual term, the paper's first (training/perceptual.py builds them)
 PERCEPTUAL_NETWORKS = {"lpips": ("vgg16", "effnet-lite1"), "convnext": ("convnextv2", "effnet-lite2")}
 LPIPS_NETS, CONVNEXT_NETS = PERCEPTUAL_NETWORKS["lpips"], PERCEPTUAL_NETWORKS["convnext"]
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a (nested) config."""
+
+    def plain(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return plain(dataclasses.asdict(o))
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in sorted(o.items())}
+        return o
+
+    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class ConfigError(ValueError):
@@ -104,6 +118,11 @@ class Stage2Config(TrainingConfig):
     cfg_uncond_grad: bool = False
 
 
+# Which sampler reads a sampling setting (its field's metadata), where not every one does: the record hash leaves the
+# others out (identity.read_settings)
+EXACT, JACOBI = {"read_by": "exact"}, {"read_by": "jacobi"}
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     num_samples: int = 1000
@@ -112,15 +131,24 @@ class SampleConfig:
     # A guided row (cfg_scale > 0) is evaluated at every w of this sweep (sampling only) and reported at its best, as
     # the paper's tables are; empty: cfg_scale alone. The exact inverse and G share it (ablations/_base.toml).
     cfg_sweep: tuple[float, ...] = ()
+    # attention-temperature guidance instead of CFG
+    guidance_temperature: float | None = field(default=None, metadata=EXACT)
+    annealed: bool = field(default=False, metadata=EXACT)  # guidance grows linearly over the decoded tokens
+    # "serial" token by token, "jacobi" (parallel fixed-point passes), or "compiled" (serial, each token's step one
+    # torch.compile'd function)
+    decoder: str = field(default="serial", metadata=EXACT)
+    # a group of tokens is done when no value moved more than this in a pass
+    jacobi_tol: float = field(default=1e-3, metadata=JACOBI)
+    # tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
+    jacobi_group: int = field(default=64, metadata=JACOBI)
 
     def __post_init__(self) -> None:  # TOML and JSON give lists
         object.__setattr__(self, "cfg_sweep", tuple(float(w) for w in self.cfg_sweep))
-    guidance_temperature: float | None = None  # exact inverse: attention-temperature guidance instead of CFG
-    annealed: bool = False  # exact inverse: guidance grows linearly over the decoded tokens
-    decoder: str = "serial"  # exact inverse: "serial" token by token, "jacobi" (parallel fixed-point passes), or
-    # "compiled" (serial, each token's step one torch.compile'd function)
-    jacobi_tol: float = 1e-3  # jacobi: a group of tokens is done when no value moved more than this in a pass
-    jacobi_group: int = 64  # jacobi: tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
+
+    @classmethod
+    def read_by(cls, *readers: str) -> tuple[str, ...]:
+        """The settings only the named samplers read ("exact": the exact inverse's decoders; "jacobi": Jacobi's)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("read_by") in readers)
 
 
 @dataclass(frozen=True)
@@ -174,10 +202,6 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return _from_dict(cls, d)
 
-    def stage1_key(self, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """F's artifact key (identity.flow_key)."""
-        return flow_key(self, micro_batch, device)
-
     @property
     def trained_backward(self) -> BiFlowConfig:
         """G's config as stage 2 trains it: denoise 'none' and 'score' train the same G (no denoising stage of its
@@ -185,10 +209,6 @@ class RunConfig:
         if self.backward.denoise == "none":
             return dataclasses.replace(self.backward, denoise="score")
         return self.backward
-
-    def stage2_key(self, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
-        """G's artifact key (identity.backward_key): the run's seed, its config and its F."""
-        return backward_key(self, seed, micro_batch, device)
 
     def effective_micro_batch(self, micro_batch: int | None) -> int | None:
         """`micro_batch` when it splits the training batch of a stage (and so changes the numbers), else None."""

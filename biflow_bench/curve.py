@@ -23,7 +23,8 @@ from .models.biflow import BiFlow
 from .models.tarflow import TARFlow
 from .paths import default_cache_dir
 from .provenance import environment
-from .runner import Trained, evaluate, sample_variant
+from .measure import Trained
+from .runner import evaluate, sample_variant
 from .training.cache import get_backward, get_flow
 from .training.loop import Snapshot, with_ema
 from .training.stages import train_backward, train_flow

@@ -135,9 +135,7 @@ def train_and_score(model: nn.Module, train: ImageDataset, test: ImageDataset, s
         loss = nll_loss(m, x, drop_labels(y, s1.label_drop, num_classes, gen))  # type: ignore[arg-type]
         return loss, {"nll": float(loss.detach())}
 
-    result = fit(model, loss_fn, train, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
-                 weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=seed, desc="flow-reference",
-                 progress=progress, checkpoint_every=s1.steps + 1)
+    result = fit(model, loss_fn, train, s1, seed=seed, desc="flow-reference", progress=progress)
     n = min(EVAL_IMAGES, len(test))
     noisy = add_noise(test.images[:n], SIGMA, torch.Generator().manual_seed(seed))
     bpd = bits_per_dim(model, noisy, test.labels[:n], test.levels)  # type: ignore[arg-type]

@@ -1,52 +1,33 @@
 """A run's identity, in one place: what names a trained model, a result record and a table row.
 
     flow_key / backward_key   the artifact cache keys of F (stage 1) and G (stage 2): everything that determines each
-                              trained model (RunConfig.stage1_key / stage2_key)
+                              trained model
     config_id                 a record's hash: every setting the run reads (`read_settings`), and the micro-batch
                               where it changes the numbers; the seed is not part of it
     config_overrides          how a config differs from its variant's default, as dotted keys: the record's name
                               (readable when none, else hashed) and its label in the report
     RunIdentity               a run's record hash, overrides and micro-batch (`run_identity`)
-    split_configs             the report's split of records into each variant's default config and the rest
 
-This module sits below config.py (it imports nothing of the package at run time) so that RunConfig's key methods can
-use it; the specs and configs it reads are passed in.
+(The report's split of records into each variant's default config and the rest is report/configs.py's.)
+
+It sits above config.py (the configs it names) and below the runner, the cache and the report, which ask it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # annotations only: config.py imports this module
-    import pandas as pd
-
-    from .ablations import AblationSpec
-    from .config import RunConfig
+from .config import RunConfig, SampleConfig, config_hash
 
 # Part of every artifact key: bump it when a code change alters what a config trains (v2: F's and G's class
 # embeddings start at N(0, 0.01^2); stage 2's objective follows eq. 5 and 7), so no cache serves stale weights.
 TRAINING_CODE_VERSION = 2
 # Likewise for the perceptual terms alone, in the keys of Gs trained with them (v2: float32 on the CPU under bf16).
 PERCEPTUAL_CODE_VERSION = 2
-
-
-def config_hash(obj: Any) -> str:
-    """Stable short hash of a (nested) config."""
-
-    def plain(o: Any) -> Any:
-        if dataclasses.is_dataclass(o):
-            return plain(dataclasses.asdict(o))
-        if isinstance(o, dict):
-            return {k: plain(v) for k, v in sorted(o.items())}
-        return o
-
-    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------- artifact keys
@@ -113,8 +94,8 @@ def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[st
 
 # --------------------------------------------------------------------------------------------------- record hash
 
-EXACT_ONLY_SAMPLING = ("guidance_temperature", "annealed", "decoder", "jacobi_tol", "jacobi_group")
-JACOBI_SETTINGS = ("jacobi_tol", "jacobi_group")
+EXACT_ONLY_SAMPLING = SampleConfig.read_by("exact", "jacobi")
+JACOBI_SETTINGS = SampleConfig.read_by("jacobi")
 TRAINING_TIME_CFG = ("cfg_max", "cfg_distribution", "cfg_uncond_grad")  # read only by cfg_mode "training-time"
 
 
@@ -214,74 +195,11 @@ class RunIdentity:
     micro_batch: int | None
 
 
-def run_identity(spec: AblationSpec, variant: str, scale: str, cfg: RunConfig, micro_batch: int | None) -> RunIdentity:
-    """The identity of running `cfg` (the variant resolved with any overrides) trained at `micro_batch` (None: one
-    pass per batch)."""
+def run_identity(cfg: RunConfig, default: RunConfig, micro_batch: int | None) -> RunIdentity:
+    """The identity of running `cfg` (a variant resolved with any overrides; `default`: the same variant without
+    them) trained at `micro_batch` (None: one pass per batch)."""
     micro = cfg.effective_micro_batch(micro_batch)
-    overrides = config_overrides(cfg.to_dict(), spec.resolve(variant, scale).to_dict())
+    overrides = config_overrides(cfg.to_dict(), default.to_dict())
     if micro is not None:
         overrides["micro_batch"] = micro
     return RunIdentity(config_id(cfg.to_dict(), micro), overrides, micro)
-
-
-# ------------------------------------------------------------------------------------------ the report's split
-
-def default_config(registry: Mapping[str, AblationSpec] | None, ablation: str, variant: str,
-                   scale: str) -> dict[str, Any] | None:
-    """The config a run of the variant would record today, or None where the specs do not know it."""
-    spec = (registry or {}).get(ablation)
-    try:
-        return spec.resolve(variant, scale).to_dict() if spec and variant in spec.variants else None
-    except ValueError:  # ConfigError: a scale the spec does not resolve
-        return None
-
-
-SAME_SETTINGS = "an earlier run of the same settings"  # a superseded record that differs in no setting it reads
-
-
-def difference_label(config: Mapping[str, Any], micro_batch: Any, reference: Mapping[str, Any]) -> str:
-    """How a record's config differs from `reference` (today's default, else its row's config), as dotted keys."""
-    overrides = config_overrides(config, reference)
-    if isinstance(micro_batch, (int, float)) and not isinstance(micro_batch, bool) and micro_batch == micro_batch:
-        overrides["micro_batch"] = int(micro_batch)  # a frame column with gaps holds it as a float (NaN: none)
-    return overrides_label(overrides) or SAME_SETTINGS
-
-
-def split_configs(df: pd.DataFrame, registry: Mapping[str, AblationSpec] | None = None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(records of each variant's default config, records of every other config) of one scale (the records frame of
-    results.results_frame).
-
-    A variant's table row averages seeds of one config hash only: of the records without overrides (archived ones
-    never), those of the config a run would record today (the `registry`'s spec), else, when they hold one config
-    only (today's not yet run), that one, else the newest spec version's (then the most seeds). The rest is shown
-    apart, labelled by the dotted keys whose values differ from today's default (else from the row's config)."""
-    import pandas as pd
-
-    df = df.assign(overrides=df["overrides"].fillna("") if "overrides" in df else "")
-    archived = df["archived"].fillna(False).astype(bool) if "archived" in df else pd.Series(False, index=df.index)
-    keep = pd.Series(False, index=df.index)
-    labels = df["overrides"].copy()
-    for (ablation, variant), g in df.groupby(["ablation", "variant"], sort=True):  # a variant name recurs by table
-        reference = default_config(registry, ablation, variant, g["scale"].iloc[0])
-        current = config_id(reference) if reference is not None else None
-        candidates = g[~archived[g.index] & (g["overrides"] == "")]
-        if len(candidates) and current not in set(candidates["config_hash"]):
-            ranked = sorted(candidates.groupby("config_hash"), key=lambda kv: (-_version(kv[1]), -len(kv[1]), kv[0]))
-            current = ranked[0][0]
-        row = candidates[candidates["config_hash"] == current]
-        keep[row.index] = True
-        if reference is None and len(row) and "config" in df:
-            reference = row["config"].iloc[0]
-        for i in g.index.difference(row.index):
-            config = df.at[i, "config"] if "config" in df else None
-            micro = df.at[i, "micro_batch"] if "micro_batch" in df else None
-            if reference is not None and isinstance(config, dict):
-                labels[i] = difference_label(config, micro, reference)
-    df = df.assign(overrides=labels)
-    return df[keep], df[~keep]
-
-
-def _version(g: pd.DataFrame) -> int:
-    versions = [int(v) for v in g["spec_version"] if isinstance(v, (int, float)) and v == v]  # v == v: not NaN
-    return max(versions, default=0)

@@ -19,25 +19,27 @@ Records in the archive (and their grids under archive/<scale>/samples/) are read
 
 A record carries everything a table needs (metric, bootstrap std, NFE, timing, the paper's number, notes, grid).
 Readers never trust a file: a truncated write, a foreign JSON or a record of another schema raises `BadRecord`
-(one line, naming the file), and `load_results` skips such files and says why instead of failing the report.
+(one line, naming the file), and `scan_records` skips such files and says why instead of failing the report
+(report/frames.py reads the records as DataFrames). `write_variant_record` writes a run's record and sample grid.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import math
 import os
+import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from .files import atomic_write_json
-from .identity import earlier_hashes, overrides_label, record_config_hash
+from .ablations import AblationSpec
+from .files import atomic_write_bytes, atomic_write_json
+from .identity import RunIdentity, earlier_hashes, record_config_hash
+from .provenance import environment
 
 RESULT_SCHEMA = 1
-KINDS = ("ablation", "speed")
 IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
 ARCHIVE = "archive"  # results/archive/: superseded records, read only when asked
 CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
@@ -45,21 +47,6 @@ CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "ablation": ("metric", "metrics"), "speed": ("rows",), "curve": ("points",), "scaling": ("rows",)}
 SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
-
-# Columns of `load_results` that exist even when no record was found, so callers can filter an empty frame.
-RESULT_COLUMNS = (
-    "scale", "ablation", "variant", "seed", "kind", "label", "metric", "value", "value_std", "nfe", "nfe_label",
-    "paper_fid", "paper_table", "paper_nfe", "paper_ms_per_image", "ms_per_image", "images_per_s", "params_total",
-    "inverse", "spec_version", "config_hash", "overrides", "samples_png", "notes", "wall_time_s", "best_w",
-    "guidance_curve", "trajectory_rms", "flow_clip", "clip_percentile", "pre_clip_p99", "path", "calibration",
-    "config", "micro_batch", "archived", "sample_batch",
-)
-SPEED_COLUMNS = (
-    "scale", "seed", "order", "sampler", "label", "nfe", "nfe_label", "params", "flops_per_image", "batch_size", "ms_per_image",
-    "images_per_s", "speedup", "peak_fraction", "paper_ms", "paper_speedup", "device", "matmul_peak_flops", "notes",
-    "path",
-)
-
 
 class BadRecord(ValueError):
     """A results file that is not a valid record; `str()` is one line that names the file."""
@@ -94,7 +81,7 @@ def _homes(rec: Mapping[str, Any], results_dir: Path) -> list[Path]:
     return homes
 
 
-def _check_name(value: Any, key: str) -> str | None:
+def check_name(value: Any, key: str) -> str | None:
     """Identity fields become path components, so they must be plain names."""
     if key == "seed":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -105,7 +92,7 @@ def _check_name(value: Any, key: str) -> str | None:
     return None
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
@@ -124,7 +111,7 @@ def validation_error(record: Any) -> str | None:
     if missing:
         return f"missing required key(s) {', '.join(missing)}"
     for key in IDENTITY_KEYS:
-        if err := _check_name(record[key], key):
+        if err := check_name(record[key], key):
             return err
     if kind == "ablation":
         metric, metrics = record["metric"], record["metrics"]
@@ -132,7 +119,7 @@ def validation_error(record: Any) -> str | None:
             return "'metric' must name the primary metric"
         if not isinstance(metrics, dict) or metric not in metrics:
             return f"'metrics' must be an object holding the primary metric {metric!r}"
-        bad = sorted(k for k, v in metrics.items() if not _is_number(v))
+        bad = sorted(k for k, v in metrics.items() if not is_number(v))
         if bad:
             return f"non-numeric metric value(s) for {', '.join(bad)}"
     if kind == "speed":
@@ -142,7 +129,7 @@ def validation_error(record: Any) -> str | None:
         for i, row in enumerate(rows):
             if absent := [k for k in SPEED_ROW_KEYS if k not in row]:
                 return f"rows[{i}] lacks {', '.join(absent)}"
-            if not all(_is_number(row[k]) and row[k] is not None for k in ("batch_size", "ms_per_image")):
+            if not all(is_number(row[k]) and row[k] is not None for k in ("batch_size", "ms_per_image")):
                 return f"rows[{i}]: batch_size and ms_per_image must be numbers"
     for key in ("paper", "timing", "params", "config", "env", "overrides"):
         if record.get(key) is not None and not isinstance(record[key], dict):
@@ -250,7 +237,7 @@ def find_record(results_dir: Path | str, scale: str, ablation: str, variant: str
     return None
 
 
-G_DIAGNOSTICS = ("noise_sensitivity",)  # what a G record measures today (record.diagnostics): older ones aren't shared
+G_DIAGNOSTICS = ("noise_sensitivity",)  # what a G record measures today (measure.diagnostics): older ones aren't shared
 
 
 def measures_today(rec: dict[str, Any]) -> bool:
@@ -332,119 +319,48 @@ def _scan(results_dir: Path, archived: bool) -> tuple[list[tuple[Path, dict[str,
     return records, skipped
 
 
-def _float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return math.nan
-    return float(v)
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def _dict(rec: Mapping[str, Any], key: str) -> dict[str, Any]:
-    v = rec.get(key)
-    return v if isinstance(v, dict) else {}
+def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path, ident: RunIdentity,
+                      source: Path, rec: dict[str, Any]) -> Path:
+    """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
+    and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
+    (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
+    start = time.perf_counter()
+    measured_in = rec.get("measured_in") or source.relative_to(results_dir / scale).as_posix()
+    log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
+        "sharing its measurement")
+    png = (results_dir / scale / rec["samples_png"]).read_bytes()
+    return write_variant_record(spec, variant, scale, seed, results_dir, ident, {**rec, "measured_in": measured_in},
+                                png, start)
 
 
-def _notes(rec: Mapping[str, Any]) -> tuple[str, ...]:
-    """The record's notes, and its guidance sweep's (runner.sweep_guidance: a sweep extended past its edge)."""
-    note = _dict(rec, "guidance").get("note")
-    return tuple(str(n) for n in rec.get("notes") or ()) + ((str(note),) if note else ())
-
-
-def _guidance(rec: Mapping[str, Any], metric: Any) -> dict[str, Any]:
-    """A guided row's best w and its curve [(w, primary metric), ...] when it swept more than one scale."""
-    guidance = _dict(rec, "guidance")
-    curve = [(float(p["w"]), _float(_dict(p, "metrics").get(metric))) for p in guidance.get("curve") or ()
-             if isinstance(p, Mapping) and _is_number(p.get("w"))]
-    if len(curve) < 2:
-        return {"best_w": math.nan, "guidance_curve": ()}
-    return {"best_w": _float(guidance.get("best_w")), "guidance_curve": tuple(curve)}
-
-
-def _flow_norms(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """F's trajectory RMS per state, its clip value, the percentile of |pre-clip parameter| the clip sits at, and
-    the largest per-block 99th percentile of |alpha|, |mu| (metrics/flow_norms.py)."""
-    norms = _dict(rec, "flow_norms")
-    rms = norms.get("trajectory_rms")
-    p99 = [_float(_dict(b, k).get("p99")) for b in norms.get("blocks") or () if isinstance(b, dict)
-           for k in ("alpha", "mu")]
-    return {"trajectory_rms": tuple(_float(v) for v in rms) if isinstance(rms, list) else (),
-            "flow_clip": _float(norms.get("clip")), "clip_percentile": _float(norms.get("clip_percentile")),
-            "pre_clip_p99": max(p99) if p99 else math.nan}
-
-
-def _result_row(path: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
-    metrics, paper, timing = _dict(rec, "metrics"), _dict(rec, "paper"), _dict(rec, "timing")
-    params = [v for v in _dict(rec, "params").values() if _is_number(v) and v is not None]
-    metric = rec.get("metric")
-    nfe = rec.get("nfe")
-    nfe_label = rec.get("nfe_label")
-    row: dict[str, Any] = {
-        "scale": rec["scale"], "ablation": rec["ablation"], "variant": rec["variant"], "seed": rec["seed"],
-        "kind": rec["kind"], "label": rec.get("label") or rec["variant"], "metric": metric,
-        "value": _float(metrics.get(metric)) if metric else math.nan,
-        "value_std": _float(metrics.get(f"{metric}_std")) if metric else math.nan,
-        "nfe": nfe, "nfe_label": str(nfe_label) if nfe_label is not None else (str(nfe) if nfe is not None else None),
-        "paper_fid": _float(paper.get("fid")), "paper_table": paper.get("table"), "paper_nfe": paper.get("nfe"),
-        "paper_ms_per_image": _float(paper.get("ms_per_image")),
-        "ms_per_image": _float(timing.get("ms_per_image")), "images_per_s": _float(timing.get("images_per_s")),
-        "sample_batch": _float(timing.get("sample_batch", _dict(_dict(rec, "config"), "sample").get("batch_size"))),
-        "params_total": float(sum(params)) if params else math.nan,
-        "inverse": _dict(rec, "config").get("inverse"), "spec_version": rec.get("spec_version"),
-        "config_hash": record_config_hash(rec), "overrides": overrides_label(_dict(rec, "overrides")),
-        "samples_png": rec.get("samples_png"), "notes": _notes(rec),
-        "wall_time_s": _float(rec.get("wall_time_s")), **_guidance(rec, metric), **_flow_norms(rec),
-        "path": str(path), "calibration": rec.get("calibration") if isinstance(rec.get("calibration"), str) else None,
-        "config": _dict(rec, "config"), "micro_batch": rec.get("micro_batch"), "archived": rec.get("archived") is True,
+def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path,
+                         ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
+    """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
+    carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
+    home = record_path(results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
+    archive_superseded(home, results_dir, ident.config_hash)  # before its grid's name is taken
+    samples_png = Path("samples") / spec.name / f"{home.stem}.png"
+    atomic_write_bytes(results_dir / scale / samples_png, png)
+    v = spec.variants[variant]
+    own = {
+        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
+        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
+        "overrides": ident.overrides,
     }
-    row.update({f"metric_{k}": _float(v) for k, v in sorted(metrics.items())})
-    row.update({f"diag_{k}": _float(v) for k, v in sorted(_dict(rec, "diagnostics").items())})
-    return row
-
-
-def results_frame(records: Iterable[tuple[Path, Mapping[str, Any]]],
-                  kinds: Iterable[str] = ("ablation",)) -> pd.DataFrame:
-    """One flattened row per record of the given kinds, sorted by (scale, ablation, variant, seed)."""
-    kinds = tuple(kinds)
-    rows = [_result_row(p, r) for p, r in records if r["kind"] in kinds]
-    if not rows:
-        return pd.DataFrame(columns=list(RESULT_COLUMNS))
-    df = pd.DataFrame(rows)
-    metric_cols = sorted(c for c in df.columns if c.startswith(("metric_", "diag_")))  # metrics, then diagnostics
-    df = df[[*RESULT_COLUMNS, *metric_cols]]
-    return df.sort_values(["scale", "ablation", "variant", "seed"], kind="stable").reset_index(drop=True)
-
-
-def speed_frame(records: Iterable[tuple[Path, Mapping[str, Any]]]) -> pd.DataFrame:
-    """One row per timed (sampler, batch size) of every speed record, in the record's own row order."""
-    out = []
-    for path, rec in records:
-        if rec["kind"] != "speed":
-            continue
-        machine = _dict(rec, "machine")
-        for i, row in enumerate(rec["rows"]):
-            out.append({
-                "scale": rec["scale"], "seed": rec["seed"], "order": i, "sampler": str(row["sampler"]),
-                "label": row.get("label") or str(row["sampler"]), "nfe": row.get("nfe"),
-                "nfe_label": str(row.get("nfe_label") or row.get("nfe") or "") or None,
-                **{k: _float(row.get(k)) for k in ("params", "flops_per_image", "batch_size", "ms_per_image",
-                                                   "images_per_s", "speedup", "peak_fraction", "paper_ms",
-                                                   "paper_speedup")},
-                "device": machine.get("device"), "matmul_peak_flops": _float(machine.get("matmul_peak_flops")),
-                "notes": _notes(rec), "path": str(path),
-            })
-    if not out:
-        return pd.DataFrame(columns=list(SPEED_COLUMNS))
-    df = pd.DataFrame(out)[list(SPEED_COLUMNS)]
-    return df.sort_values(["scale", "seed", "order"], kind="stable").reset_index(drop=True)
-
-
-def load_results(results_dir: Path | str, kinds: Iterable[str] = ("ablation",),
-                 include_archive: bool = False) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """(one row per valid record of `kinds`, [(skipped file, reason)]); bad files never make this fail."""
-    records, skipped = scan_records(results_dir, include_archive)
-    return results_frame(records, kinds), skipped
-
-
-def load_speed_records(results_dir: Path | str) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """(one row per timed sampler and batch size of every speed record, [(skipped file, reason)])."""
-    records, skipped = scan_records(results_dir)
-    return speed_frame(records), skipped
+    record = {
+        **own, **measurement, **own,  # own fields at the top, and over any the measurement carries
+        "paper": {**v.paper, "table": spec.paper_table},
+        "samples_png": str(samples_png), "env": environment(),
+        "wall_time_s": time.perf_counter() - start,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    path = write_record(results_dir, record)
+    metric, metrics, guidance = record["metric"], record["metrics"], record["guidance"]
+    at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
+    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} "
+        f"nfe={record['nfe_label']} -> {path}")
+    return path

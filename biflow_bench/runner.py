@@ -6,13 +6,14 @@
     sample      one seed per image, class-balanced labels                               (sample.py)
     evaluate    Frechet distance / IS / precision / recall in the scale's feature space, the domain classifier's
                 acc_cls / conf_cls / fd_cls (evaluation.py), NLL of F; diagnostics (noise left in the samples, for
-                a learned inverse how far G is from F's inverse; record.py); NFE, params, latency; guided rows at
+                a learned inverse how far G is from F's inverse; measure.py); NFE, params, latency; guided rows at
                 every w of the shared sweep, reported at the best. Latent scales decode the samples with the VAE
                 and score them against FID reference statistics instead (latent_eval.py)
     calibrate   pixel scales: the same metrics on real images (evaluation.py: as they are, + training noise, 3x3
                 box blur), once per (dataset, eval config, number of images, noise): results/<scale>/calibration.json
     record      results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json, written atomically under a
-                directory lock (record.py; results.py: the hash names every config but the variant's default)
+                directory lock (measure.py measures, results.py stores: the hash names every config but the
+                variant's default)
 
 A variant already recorded with the same config hash (a valid record) is skipped unless `force`; records of other
 configs stay beside it. A variant whose config hash and seed another table has recorded (every table's baseline is
@@ -35,18 +36,16 @@ import torch
 
 from .ablations import AblationSpec, get_spec
 from .config import ConfigError, RunConfig
-from .data import DataSplits, class_balanced_labels, dataset_splits, image_grid_png
+from .data import class_balanced_labels, dataset_splits, image_grid_png
 from .distributed import DistEnv, barrier, broadcast_object
 from .evaluation import ensure_calibration, image_metrics
 from .files import LockBusy, dir_lock
 from .identity import RunIdentity, run_identity
-from .latent_eval import LatentEval, latent_eval, latent_metrics, unit_range
+from .latent_eval import latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
-from .models.biflow import BiFlow
-from .models.tarflow import TARFlow
+from .measure import Trained, build_measurement, held_out_bpd, primary_metric
 from .paths import default_cache_dir, default_results_dir
-from .record import build_measurement, held_out_bpd, log, primary_metric, share_measurement, write_variant_record
-from .results import _check_name, find_measurement, find_record
+from .results import check_name, find_measurement, find_record, log, share_measurement, write_variant_record
 from .sample import Sampler, generate, guidance_scales
 from .speed.benchmark import record_speed_bench
 from .training.cache import distributed_micro_batch, train_stages
@@ -71,16 +70,6 @@ class RunOptions:
         return self.cache_dir or default_cache_dir()
 
 
-@dataclass
-class Trained:
-    cfg: RunConfig
-    flow: TARFlow
-    g: BiFlow | None
-    splits: DataSplits
-    train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
-    latent: LatentEval | None = None  # latent scales: the VAE that decodes the samples and the reference statistics
-
-
 def preflight(cfg: RunConfig, seed: int) -> None:
     """What would otherwise fail only after training: the seed, the perceptual and feature networks named by the
     config, and their pretrained weights (WeightsError names the file). Raises before any work starts."""
@@ -101,8 +90,7 @@ def preflight(cfg: RunConfig, seed: int) -> None:
 
 
 def train_variant(cfg: RunConfig, seed: int, opts: RunOptions) -> Trained:
-    """F and (for the learned inverse) G for `cfg`, from the artifact cache or trained now."""
-    preflight(cfg, seed)
+    """F and (for the learned inverse) G for `cfg` (checked by `preflight`), from the artifact cache or trained now."""
     splits = dataset_splits(cfg.dataset, str(opts.data_dir) if opts.data_dir else None)
     if cfg.flow.num_classes and splits.train.num_classes > cfg.flow.num_classes:
         raise ConfigError(f"{cfg.scale}: the data has {splits.train.num_classes} classes but the models embed "
@@ -200,17 +188,35 @@ def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None 
     return metrics
 
 
-def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions) -> tuple[RunConfig, RunIdentity]:
-    """The config a run of the variant resolves to under `opts` and its identity (identity.run_identity)."""
-    cfg = spec.resolve(variant, scale, opts.overrides)
-    return cfg, run_identity(spec, variant, scale, cfg, distributed_micro_batch(cfg, opts.env, opts.micro_batch))
+def identity(spec: AblationSpec, variant: str, scale: str, opts: RunOptions,
+             cfg: RunConfig | None = None) -> tuple[RunConfig, RunIdentity]:
+    """The config a run of the variant resolves to under `opts` (`cfg`, when resolved already) and its identity
+    (identity.run_identity)."""
+    cfg = cfg or spec.resolve(variant, scale, opts.overrides)
+    micro = distributed_micro_batch(cfg, opts.env, opts.micro_batch)
+    return cfg, run_identity(cfg, spec.resolve(variant, scale), micro)
 
 
-def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions) -> Path | None:
-    """Train, sample, evaluate and record one variant. Under torchrun every rank trains (DDP) and samples its share;
-    rank 0 alone evaluates and writes, and returns the record's path (the other ranks None)."""
+def resolve_variants(spec: AblationSpec, names: list[str], scale: str, seed: int,
+                     overrides: dict[str, Any]) -> dict[str, RunConfig]:
+    """Each variant's config, resolved once and checked before any work starts (`preflight`, the names its record
+    file takes); the CLI calls it before the process group exists, `run` passes the result down."""
+    configs = {}
+    for name in names:
+        configs[name] = cfg = spec.resolve(name, scale, overrides)
+        preflight(cfg, seed)
+        for key, value in (("ablation", spec.name), ("variant", name)):
+            if err := check_name(value, key):
+                raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")
+    return configs
+
+
+def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions, cfg: RunConfig,
+                ident: RunIdentity) -> Path | None:
+    """Train, sample, evaluate and record one variant of resolved config `cfg` and identity `ident`. Under torchrun
+    every rank trains (DDP) and samples its share; rank 0 alone evaluates and writes, and returns the record's path
+    (the other ranks None)."""
     start = time.perf_counter()
-    cfg, ident = identity(spec, variant, scale, opts)
     shown = ", ".join(f"{k}={v}" for k, v in ident.overrides.items())
     if opts.env.is_main:
         log(f"[{spec.name}/{variant}] scale={scale} seed={seed}"
@@ -227,22 +233,22 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
 
 
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
-        opts: RunOptions | None = None, plan: Callable[[], str] | None = None) -> list[Path]:
+        opts: RunOptions | None = None, plan: Callable[[], str] | None = None,
+        configs: dict[str, RunConfig] | None = None) -> list[Path]:
     """Run (or skip, when a record of the same config hash exists) each variant of an ablation; returns the record
-    paths. `plan` gives the line rank 0 prints once the input is checked, before the first variant (the CLI's: how
-    many variants and about how long, progress.run_plan)."""
+    paths. `configs`: the variants as `resolve_variants` resolved and checked them (else resolved here). `plan` gives
+    the line rank 0 prints once the table is ours, before the first variant (the CLI's: how many variants and about
+    how long, progress.run_plan)."""
     opts = opts or RunOptions()
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
-    for name in names:  # validate everything before any work starts
-        cfg = spec.resolve(name, scale, opts.overrides)
-        preflight(cfg, seed)
-        distributed_micro_batch(cfg, opts.env, opts.micro_batch)  # a batch the processes cannot share: refused now
+    if configs is None:
+        configs = resolve_variants(spec, names, scale, seed, opts.overrides) if spec.kind != "speed" else {}
+    idents = {}
+    for name, cfg in configs.items():  # what needs the processes, checked before any work starts too
+        idents[name] = identity(spec, name, scale, opts, cfg)[1]  # refuses a batch the processes cannot share
         if cfg.dataset == "latents":  # the VAE and the reference statistics (loaded once, kept for the run)
             latent_eval(cfg, opts.vae, opts.ref_stats, opts.env, opts.cache)
-        for key, value in (("ablation", spec.name), ("variant", name)):
-            if err := _check_name(value, key):
-                raise ConfigError(f"{spec.path or spec.name}: {err}: it names the results file")
     env = opts.env
     if spec.kind == "speed":  # timing is one process's business: rank 0 times, the others wait
         paths = [record_speed_bench(opts.results_dir, scale, wait=False, progress=opts.progress)[0]] \
@@ -256,7 +262,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
         for k, name in enumerate(names, 1):
             if env.is_main:  # how far the run has come, against the plan above
                 log(f"[{k}/{len(names)}] {spec.name}/{name}")
-            _, ident = identity(spec, name, scale, opts)
+            ident = idents[name]
             found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) \
                 if env.is_main else None
             found = broadcast_object(found, env)  # rank 0's results directory decides, for every rank
@@ -273,7 +279,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
                     if env.is_main else None
                 paths.append(broadcast_object(path, env))
                 continue
-            path = run_variant(spec, name, scale, seed, opts)
+            path = run_variant(spec, name, scale, seed, opts, configs[name], ident)
             barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
             paths.append(broadcast_object(path, env))
     return paths

@@ -14,7 +14,9 @@ import pytest
 from biflow_bench import runner
 from biflow_bench.ablations import SpecError, load_registry, load_spec
 from biflow_bench.config import RANGES, SCALES, ConfigError, RunConfig, apply_delta
-from biflow_bench.results import is_done, load_results, read_record
+from biflow_bench.identity import backward_key, flow_key
+from biflow_bench.report.frames import load_results
+from biflow_bench.results import is_done, read_record
 
 REGISTRY = load_registry()
 QUICK = {"stage1.steps": 30, "stage1.batch_size": 32, "stage2.steps": 12, "stage2.batch_size": 32,
@@ -87,11 +89,11 @@ def test_recorded_runs_are_skipped_and_results_load(shared):
 
 def test_variants_sharing_f_share_the_artifact(shared):
     cfgs = [REGISTRY["denoise"].resolve(v, "tiny", QUICK) for v in ("learned", "score", "none")]
-    assert len({c.stage1_key() for c in cfgs}) == 1
-    learned, score, none = (c.stage2_key(0) for c in cfgs)
+    assert len({flow_key(c) for c in cfgs}) == 1
+    learned, score, none = (backward_key(c, 0) for c in cfgs)
     assert score == none != learned  # score and none differ only at sampling: one G without a denoising stage
     clip, none = (REGISTRY["norm-control"].resolve(v, "tiny", QUICK) for v in ("clip", "none"))
-    assert clip.stage1_key() != none.stage1_key()  # norm control changes F: its own forward flow
+    assert flow_key(clip) != flow_key(none)  # norm control changes F: its own forward flow
 
 
 @pytest.mark.parametrize("text,message", [

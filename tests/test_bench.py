@@ -18,7 +18,7 @@ from biflow_bench.ablations import get_spec
 from biflow_bench.speed.benchmark import run_speed_bench
 from biflow_bench.speed.flops import count_flops
 from biflow_bench.speed.table import format_speed_table
-from biflow_bench.config import ConfigError, apply_delta, scale_config
+from biflow_bench.config import ConfigError, TrainingConfig, apply_delta, scale_config
 from biflow_bench.models import TARFlow, preset_configs
 from biflow_bench.results import validation_error
 from biflow_bench.sample import Sampler
@@ -320,8 +320,8 @@ def test_fit_precision_and_compile_switches(fast_compile, precision, compile):
     def run(**switches):
         torch.manual_seed(0)
         model = TARFlow(preset_configs("tiny")[0])
-        result = fit(model, loss_fn, data, steps=6, batch_size=16, lr=1e-3, warmup=2, weight_decay=1e-4,
-                     grad_clip=1.0, seed=0, progress=False, **switches)
+        train = TrainingConfig(steps=6, batch_size=16, lr=1e-3, warmup=2, weight_decay=1e-4, **switches)
+        result = fit(model, loss_fn, data, train, seed=0, progress=False)
         return model, result
 
     base, base_result = run()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import FAST, invoke
+
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "biflow_bench", *args], capture_output=True, text=True,
@@ -84,21 +86,6 @@ def test_make_demo_and_reproduce_small_run_every_ablation():
     ignored = subprocess.run(["git", "check-ignore", "runs/demo/reports/README.md", "results/tiny/x.json"], cwd=root,
                              capture_output=True, text=True)
     assert ignored.stdout.split() == ["runs/demo/reports/README.md", "results/tiny/x.json"]
-
-
-def invoke(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """The entry point in-process: (exit code, stdout, stderr)."""
-    from biflow_bench import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["biflow-bench", *args])
-    with pytest.raises(SystemExit) as e:
-        cli_module.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-FAST = ["--set", "stage1.steps=2", "--set", "stage2.steps=2", "--set", "sample.num_samples=20",
-        "--set", "eval.num_real=20", "--set", "eval.nll_samples=20", "--set", "eval.resize=32"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -288,7 +275,7 @@ def test_report_renders_the_committed_scales_unless_asked(tmp_path, monkeypatch,
     for tiny without --out, it writes into runs/reports, not reports/."""
     from biflow_bench import paths
     from biflow_bench.results import write_record
-    from test_results_report import make_record
+    from report_records import make_record
 
     monkeypatch.setattr(paths, "project_root", lambda: tmp_path)
     results = tmp_path / "results"
@@ -311,7 +298,7 @@ def test_report_renders_the_committed_scales_unless_asked(tmp_path, monkeypatch,
 
 def test_report_of_another_results_directory_renders_every_scale_it_holds(tmp_path, monkeypatch, capsys):
     from biflow_bench.results import write_record
-    from test_results_report import make_record
+    from report_records import make_record
 
     results = tmp_path / "elsewhere"  # not the checkout's results/ (conftest: the checkout is tmp_path/checkout)
     write_record(results, make_record("denoise", "none", 0, 10.0, label="none", scale="tiny"))

@@ -17,11 +17,12 @@ import torch
 
 import biflow_bench.training.stages as train_module
 from biflow_bench.ablations import get_spec
-from biflow_bench.training.cache import distributed_micro_batch, load_model
-from biflow_bench.config import ConfigError
+from biflow_bench.config import ConfigError, TrainingConfig
 from biflow_bench.data import load_digits
 from biflow_bench.distributed import DistEnv, collective_timeout, gather_rows, init_from_env
+from biflow_bench.identity import backward_key, flow_key
 from biflow_bench.sample import Sampler, generate, sample_trained
+from biflow_bench.training.cache import distributed_micro_batch, load_model
 from biflow_bench.training.loop import TrainingInterrupted, fit
 from biflow_bench.training.stages import train_backward, train_flow
 
@@ -71,7 +72,7 @@ def trained(tmp_path_factory, cfg):
     (with stage 2) by `train-dist` on 2 processes."""
     tmp = tmp_path_factory.mktemp("dist")
     cache = tmp / "cache"
-    ckpt = cache / "stage1" / cfg.stage1_key(MICRO) / "checkpoint.pt"
+    ckpt = cache / "stage1" / flow_key(cfg, MICRO) / "checkpoint.pt"
     calls = []
 
     def interrupting_nll(model, x, y):
@@ -100,7 +101,7 @@ def test_torchrun_training_resumes_writes_once_and_matches_one_process(trained, 
     assert summary["stage1"]["resumed_from"] == 7 and summary["stage1"]["world_size"] == 2
     assert summary["stage2"]["resumed_from"] == 0 and summary["stage2"]["micro_batch"] == MICRO
     assert writes and {rank for rank, _ in writes} == {"0"}  # rank 1 wrote nothing
-    s1, s2 = cache / "stage1" / cfg.stage1_key(MICRO), cache / "stage2" / cfg.stage2_key(0, MICRO)
+    s1, s2 = cache / "stage1" / flow_key(cfg, MICRO), cache / "stage2" / backward_key(cfg, 0, MICRO)
     written = [p for _, p in writes]
     assert written.count(s2 / "checkpoint.pt") == 1 and written.count(s1 / "checkpoint.pt") == 1  # steps 8, 4
     files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
@@ -130,8 +131,8 @@ def test_samples_do_not_depend_on_processes_or_batch_size(trained, cfg):
     assert np.array_equal(two["arr_0"], one["arr_0"]) and two["labels"].tolist() == [i % 10 for i in range(16)]
 
     # the float samples themselves, per batch size, in one process
-    flow = load_model(cache / "stage1" / cfg.stage1_key(MICRO) / "flow.pt")[0]
-    g = load_model(cache / "stage2" / cfg.stage2_key(0, MICRO) / "backward.pt")[0]
+    flow = load_model(cache / "stage1" / flow_key(cfg, MICRO) / "flow.pt")[0]
+    g = load_model(cache / "stage2" / backward_key(cfg, 0, MICRO) / "backward.pt")[0]
     labels = torch.arange(16) % 10
     by_batch = [generate(Sampler.from_config(cfg), flow, g, labels, range(16), b, 0) for b in (4, 16)]
     assert torch.equal(by_batch[0], by_batch[1])
@@ -184,13 +185,15 @@ def test_default_micro_batch_splits_both_stages_over_the_processes():
 
 def test_global_batch_must_split_evenly():
     model = torch.nn.Linear(2, 1)
+    def train(batch_size):
+        return TrainingConfig(steps=1, batch_size=batch_size, lr=1e-3, warmup=1, weight_decay=0.0)
+
     with pytest.raises(ConfigError, match="does not split into micro-batches of 5"):
-        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, steps=1, batch_size=16, lr=1e-3,
-            warmup=1, weight_decay=0.0, grad_clip=1.0, seed=0, micro_batch=5, progress=False)
+        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, train(16), seed=0, micro_batch=5,
+            progress=False)
     with pytest.raises(ConfigError, match="shared evenly by 2 processes"):
-        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, steps=1, batch_size=24, lr=1e-3,
-            warmup=1, weight_decay=0.0, grad_clip=1.0, seed=0, micro_batch=8, progress=False,
-            env=DistEnv(0, 2))
+        fit(model, lambda m, x, y, g: (m(x).sum(), {}), load_digits().train, train(24), seed=0, micro_batch=8,
+            progress=False, env=DistEnv(0, 2))
 
 
 @pytest.mark.slow
@@ -243,8 +246,8 @@ def test_torchrun_sample_shares_the_sampling_and_rank_0_writes_the_grid(trained,
     out, writes = torchrun(tmp, cache, "sample", "main", "biflow", "--scale", "tiny", *SET, "--num-images", "16",
                            "--out", str(tmp / "grid.png"))
     assert writes == [("0", tmp / "grid.png")] and out.stdout.count("grid.png") == 1
-    flow = load_model(cache / "stage1" / cfg.stage1_key(MICRO) / "flow.pt")[0]
-    g = load_model(cache / "stage2" / cfg.stage2_key(0, MICRO) / "backward.pt")[0]
+    flow = load_model(cache / "stage1" / flow_key(cfg, MICRO) / "flow.pt")[0]
+    g = load_model(cache / "stage2" / backward_key(cfg, 0, MICRO) / "backward.pt")[0]
     images = generate(Sampler.from_config(cfg), flow, g, torch.arange(16) % 10, range(16), 16, 0)
     save_image_grid(images, tmp / "one.png", nrow=4)
     assert np.array_equal(np.asarray(Image.open(tmp / "grid.png")), np.asarray(Image.open(tmp / "one.png")))

@@ -16,9 +16,10 @@ from biflow_bench.metrics.flow_norms import flow_norms
 from biflow_bench.models.layers import guidance_weights
 from biflow_bench.report.figures import guidance_curves
 from biflow_bench.report.render import render_report
-from biflow_bench.results import load_results, write_record
+from biflow_bench.report.frames import load_results
+from biflow_bench.results import write_record
 from biflow_bench.sample import guidance_scales
-from test_results_report import make_record
+from report_records import make_record
 
 
 def test_annealed_guidance_weight_grows_linearly_to_the_last_token():

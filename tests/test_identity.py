@@ -1,5 +1,6 @@
 """A run's identity (identity.py): the record hash covers what a run reads and nothing else, the artifact keys stay
-put, and archived records leave the lookups and the report unless asked for."""
+put and change with what a stage trains with (micro-batch, device, the perceptual code; a seed varies G, not F), and
+archived records leave the lookups and the report unless asked for."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from PIL import Image
 
 from biflow_bench.ablations import get_spec
 from biflow_bench.config import PERCEPTUAL_NETWORKS, SCALES, apply_delta
-from biflow_bench.identity import config_id, config_overrides, split_configs
+from biflow_bench.identity import backward_key, config_id, config_overrides, flow_key
+from biflow_bench.report.configs import split_configs
+from biflow_bench.report.frames import load_results
 from biflow_bench.report.render import render_report
-from biflow_bench.results import (ARCHIVE, RESULT_SCHEMA, find_measurement, find_record, load_results, record_path,
-                                  write_record)
+from biflow_bench.results import ARCHIVE, RESULT_SCHEMA, find_measurement, find_record, record_path, write_record
 
 TINY = SCALES["tiny"]
 GUIDED = {"sample.cfg_scale": 1.0, "sample.cfg_sweep": [0.0, 1.0]}
@@ -64,18 +66,59 @@ def test_artifact_keys_of_the_small_rows_are_unchanged() -> None:
     """Trained models in the cache are stored under these keys: a change retrains every model (on purpose only)."""
     spec = get_spec("denoise")
     learned, score = spec.resolve("learned", "small"), spec.resolve("score", "small")
-    assert (learned.stage1_key(), learned.stage2_key(0), score.stage2_key(1)) == \
+    assert (flow_key(learned), backward_key(learned, 0), backward_key(score, 1)) == \
         ("f7d48c57cc2f1cc7", "081a4dddde16eb2f", "f9c434536e9b9351")  # G: the preset of the G study
     exact = get_spec("main").resolve("itarflow", "small")
-    assert (exact.stage1_key(), exact.stage2_key(0)) == ("f7d48c57cc2f1cc7", "b105378fb22b9bb7")
+    assert (flow_key(exact), backward_key(exact, 0)) == ("f7d48c57cc2f1cc7", "b105378fb22b9bb7")
     # the study pins its centre: the former preset's G keeps its key (and its cached artifact)
-    assert get_spec("g-training").resolve("centre", "small").stage2_key(0) == "5201685739b923af"
+    assert backward_key(get_spec("g-training").resolve("centre", "small"), 0) == "5201685739b923af"
 
 
 def test_perceptual_network_names_match_the_networks_built() -> None:
     from biflow_bench.training.perceptual import NETWORKS
 
     assert {term: tuple(nets) for term, nets in NETWORKS.items()} == PERCEPTUAL_NETWORKS
+
+
+def test_stage_keys_cover_micro_batch_and_device() -> None:
+    cfg = SCALES["small"]  # both stages at batch 128
+    assert flow_key(cfg, cfg.stage1.batch_size) == flow_key(cfg)  # one pass per batch: the same training
+    assert flow_key(cfg, 32) != flow_key(cfg) and backward_key(cfg, 0, 32) != backward_key(cfg, 0)
+    assert flow_key(cfg, device="cuda") != flow_key(cfg)  # bf16 autocast on CUDA
+    assert cfg.effective_micro_batch(cfg.stage1.batch_size) is None and cfg.effective_micro_batch(32) == 32
+
+
+def test_perceptual_code_version_keys_only_the_gs_trained_with_perceptual_terms(monkeypatch) -> None:
+    """A change to the perceptual terms' code retrains the Gs that use them, and no other model."""
+    import biflow_bench.identity as identity
+
+    mse, lpips = SCALES["tiny"], apply_delta(SCALES["tiny"], {"stage2.metric": "mse+lpips"})
+    before = (flow_key(mse), backward_key(mse, 0), backward_key(lpips, 0))
+    monkeypatch.setattr(identity, "PERCEPTUAL_CODE_VERSION", identity.PERCEPTUAL_CODE_VERSION + 1)
+    assert (flow_key(mse), backward_key(mse, 0)) == before[:2] and backward_key(lpips, 0) != before[2]
+
+
+def test_perceptual_settings_a_metric_never_reads_are_not_part_of_a_runs_identity() -> None:
+    """An MSE run is the same run whatever its (unused) perceptual settings: the same record hash and G; an LPIPS
+    run ignores the ConvNeXt term's settings but not the crop size it trains with."""
+    def ids(delta: dict) -> tuple[str, str]:
+        cfg = apply_delta(SCALES["tiny"], delta)
+        return config_id(cfg.to_dict()), backward_key(cfg, 0)
+
+    mse, lpips = {"stage2.metric": "mse"}, {"stage2.metric": "mse+lpips"}
+    assert ids({**mse, "stage2.perceptual_size": 32, "stage2.lpips_net": "vgg16"}) == ids(mse)
+    assert ids({**lpips, "stage2.convnext_net": "convnextv2", "stage2.convnext_weight": 2.0}) == ids(lpips)
+    assert all(a != b for a, b in zip(ids({**lpips, "stage2.perceptual_size": 48}), ids(lpips)))
+    assert config_overrides(apply_delta(SCALES["tiny"], {"stage2.perceptual_batch": 4}).to_dict(),
+                            SCALES["tiny"].to_dict()) == {}
+
+
+def test_seeds_of_g_share_one_f() -> None:
+    """A run's seed varies G (and sampling), not F: F is trained once per F config, its seed is stage1.seed."""
+    cfg = SCALES["tiny"]
+    assert backward_key(cfg, 1) != backward_key(cfg, 0)
+    other_f = apply_delta(cfg, {"stage1.seed": 1})
+    assert flow_key(other_f) != flow_key(cfg) and backward_key(other_f, 0) != backward_key(cfg, 0)
 
 
 # ------------------------------------------------------------------------------------------------------ the archive

@@ -10,7 +10,6 @@ import pandas as pd
 
 from biflow_bench.report.render import ReportSummary, render_report
 from biflow_bench.report.stats import overall, verdict
-from test_results_report import rendered  # noqa: F401 (the fixture: one render of hand-made tiny records)
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERALL = re.compile(r"^\*\*Overall at scale `(\S+)`:\*\* .*", re.M)
@@ -46,7 +45,7 @@ def test_overall_sums_the_tables_pairs_and_names_the_reversed_ones() -> None:
 
 
 def test_report_opens_with_the_overall_line_and_calls_tiny_a_smoke_test(
-        rendered: tuple[Path, Path, ReportSummary]) -> None:  # noqa: F811
+        rendered: tuple[Path, Path, ReportSummary]) -> None:
     _, out, _ = rendered
     readme = (out / "README.md").read_text()
     title, first, *_ = readme.split("\n\n")

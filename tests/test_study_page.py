@@ -66,7 +66,7 @@ def test_a_study_spec_gets_its_own_page_and_an_index_line(tmp_path):
     from biflow_bench.ablations import AblationSpec, Variant
     from biflow_bench.report.render import render_report
     from biflow_bench.results import write_record
-    from test_results_report import make_record
+    from report_records import make_record
 
     spec = AblationSpec(name="g-training", version=1, title="Which knob", paper_table="", baseline={}, kind="study",
                         variants={"centre": Variant("centre", {}), "lr-3e-3": Variant("lr-3e-3", {"stage2.lr": 3e-3})})

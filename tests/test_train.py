@@ -11,8 +11,9 @@ import signal
 import pytest
 import torch
 
-from biflow_bench.config import scale_config
+from biflow_bench.config import TrainingConfig, scale_config
 from biflow_bench.data import load_digits
+from biflow_bench.identity import backward_key, flow_key
 from biflow_bench.metrics.likelihood import bits_per_dim
 from biflow_bench.models import TARFlow
 from biflow_bench.training.losses import nll_loss
@@ -36,9 +37,10 @@ def test_stage1_lowers_bits_per_dim():
     assert result.steps == 60 and result.skipped_steps == 0
 
 
-def _fit(model, loss_fn, checkpoint, steps=12, **kw):
-    return fit(model, loss_fn, load_digits().train, steps=steps, batch_size=16, lr=1e-3, warmup=2, weight_decay=0.0,
-               grad_clip=1.0, seed=0, checkpoint=checkpoint, checkpoint_every=4, progress=False, **kw)
+def _fit(model, loss_fn, checkpoint, steps=12, max_bad_steps=20, **kw):
+    train = TrainingConfig(steps=steps, batch_size=16, lr=1e-3, warmup=2, weight_decay=0.0, checkpoint_every=4,
+                           max_bad_steps=max_bad_steps)
+    return fit(model, loss_fn, load_digits().train, train, seed=0, checkpoint=checkpoint, progress=False, **kw)
 
 
 def _flow_loss(model, x, y, gen):
@@ -123,8 +125,8 @@ def test_a_constant_schedule_is_part_of_the_keys_and_the_default_is_not():
 
     cfg = apply_delta(SCALES["small"], {"stage2.schedule": "cosine"})
     constant = apply_delta(cfg, {"stage2.schedule": "constant"})
-    assert constant.stage2_key(0) != cfg.stage2_key(0)  # the default's keys: pinned in tests/test_identity.py
-    assert constant.stage1_key() == cfg.stage1_key()
+    assert backward_key(constant, 0) != backward_key(cfg, 0)  # the default's keys: pinned in tests/test_identity.py
+    assert flow_key(constant) == flow_key(cfg)
     assert config_id(constant.to_dict()) != config_id(cfg.to_dict())
     with pytest.raises(ValueError, match="stage2.schedule='linear' is not one of cosine, constant"):
         apply_delta(cfg, {"stage2.schedule": "linear"})
@@ -148,8 +150,8 @@ def test_progress_without_a_terminal_is_a_line_per_stage_and_periodic_lines(tmp_
 
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
     cfg = _tiny(4)
-    fit(TARFlow(cfg.flow), _flow_loss, load_digits().train, steps=4, batch_size=16, lr=1e-3, warmup=2,
-        weight_decay=0.0, grad_clip=1.0, seed=0, progress=True)
+    fit(TARFlow(cfg.flow), _flow_loss, load_digits().train,
+        TrainingConfig(steps=4, batch_size=16, lr=1e-3, warmup=2, weight_decay=0.0), seed=0, progress=True)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == "train: step 0/4"
     assert [line.split(" (")[0] for line in lines[1:-1]] == [f"train: step {k}/4" for k in range(1, 5)]

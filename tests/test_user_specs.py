@@ -135,7 +135,7 @@ def test_a_broken_user_spec_is_one_line_and_exit_2(case, command, tmp_path, monk
 
 def test_report_renders_despite_a_broken_user_spec(tmp_path, monkeypatch, capsys):
     from biflow_bench.results import write_record
-    from test_results_report import make_record
+    from report_records import make_record
 
     _write(tmp_path / "mine", {"m.toml": HEAD + "[variants.a"})
     monkeypatch.setenv("BIFLOW_SPECS", str(tmp_path / "mine"))

@@ -77,9 +77,9 @@ def run(
     if spec.kind == "speed" and (variants or set_):
         raise ConfigError(f"{ablation} is the speed benchmark: it takes no --variants or --set (it times every "
                           "sampler); use `biflow-bench bench speed` for its options")
-    if spec.kind != "speed":  # an unknown variant or a bad override: one line, before anything is written
-        for name in names or spec.variants:
-            spec.resolve(name, scale, parse_overrides(set_))
+    configs = None
+    if spec.kind != "speed":  # an unknown variant, a bad override, missing weights: one line, before anything starts
+        configs = runner.resolve_variants(spec, names or list(spec.variants), scale, seed, parse_overrides(set_))
     if micro_batch is not None:
         positive("--micro-batch", micro_batch)
     results_dir = results_dir or default_results_dir()
@@ -94,7 +94,7 @@ def run(
     # printed before the first variant: how many, and about how long
     plan = (lambda: run_plan(spec, names or list(spec.variants), scale, seed, opts)) if spec.kind != "speed" else None
     try:
-        paths = runner.run(ablation, names, scale, seed, opts, plan)
+        paths = runner.run(ablation, names, scale, seed, opts, plan, configs)
     finally:
         shutdown()
     if opts.env.is_main:

@@ -30,6 +30,7 @@ def _trained(ablation: str, variant: str, scale: str, seed: int, data_dir: Path 
                           "NPZ` makes a table's records, `train-dist` and `sample-dist` train and sample one variant")
     opts = run_options(default_results_dir(), data_dir, False, overrides)
     cfg = get_spec(ablation).resolve(variant, scale, opts.overrides)
+    runner.preflight(cfg, seed)
     opts.env = init_from_env("cpu")
     return runner, opts.env, runner.train_variant(cfg, seed, opts)
 

@@ -32,4 +32,5 @@ Every file is written atomically; files a previous render wrote that this one no
     bench_pages.py  the benchmark pages: speed, quality against training time, speed-up against sequence length
     render.py   `render_report`: every page of every scale and the index README
     writer.py   atomic writes under the output directory and the manifest-based stale-file sweep
+    doc_tables.py  the tables of docs/ pages (docs/g-study.md) rendered from the records they quote
 """

@@ -5,6 +5,7 @@ Kendall's tau, calibration rows, the hand-written reading, other configurations,
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,10 @@ def norms_section(records: pd.DataFrame) -> str | None:
 def commentary(results_dir: Path, scale: str, ablation: str) -> str | None:
     """The hand-written reading of a table, `results/<scale>/<ablation>/COMMENTARY.md`, kept with the records it
     explains (written by whoever ran them; the report never invents one) and rendered once, on the table's page:
-    about five sentences on what reproduced and the measurement that explains it; history goes to docs/history.md."""
+    about five sentences on what reproduced and the measurement that explains it; history goes to docs/history.md.
+    Lines are joined; a blank line starts a new paragraph (a page's paragraphs stay short enough to read)."""
     path = results_dir / scale / ablation / COMMENTARY
-    return " ".join(path.read_text(encoding="utf-8").split()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    return "\n\n".join(p for p in paragraphs if p) or None

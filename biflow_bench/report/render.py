@@ -15,11 +15,12 @@ import pandas as pd
 
 from ..ablations import AblationSpec, load_registry
 from ..config import ConfigError
-from ..identity import split_configs
 from ..paths import LOCAL_SCALES
-from ..results import results_frame, scan_records, speed_frame
+from ..results import scan_records
 from .bench_pages import curves_page, is_training, scaling_page, speed_page
+from .configs import split_configs
 from .figures import speed_quality_figure
+from .frames import results_frame, speed_frame
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
 from .study import exact_recall, study_page
 from .pages import ablation_page, commentary

@@ -1,11 +1,12 @@
 """A study's page (a spec of kind "study", e.g. ablations/g-training.toml): per point, how well G learned F's inverse
-(record.diagnostics), its samples' quality and its cost, the best point of each axis against the centre, a figure.
+(measure.diagnostics), its samples' quality and its cost, the best point of each axis against the centre, a figure.
 
 A point's axis is its variant name up to the first "-" ("lr-3e-3" -> "lr"); "centre" is the point every axis starts
 from. Points are read straight from their records, seeds averaged."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +28,8 @@ CENTRE = "centre"
 COLUMNS = (("diag.inverse_mse_clean", "inverse MSE ↓"), ("sigma2", "= σ² x"), ("diag.noise_sensitivity", "noise sens. ↑"),
            ("metric.recall_effnet", "recall ↑"), ("recall_ratio", "recall / exact's"),
            ("metric.precision_effnet", "precision ↑"), ("metric.fd_effnet", "fd_effnet ↓"),
-           ("metric.fd_cls", "fd_cls ↓"), ("metric.acc_cls", "acc_cls ↑"), ("train_min", "G training (min)"),
-           ("g_ms", "G ms (batch 1)"))
+           ("metric.fd_cls", "fd_cls ↓"), ("metric.acc_cls", "acc_cls ↑"),
+           ("train_min", "G training (min, in-run)"), ("g_ms", "G ms (batch 1, in-run)"))
 
 
 # what an axis can be judged by (ablations.STUDY_JUDGES; lower is better): the point's key and the measure's name
@@ -47,7 +48,7 @@ def _mean(values: Sequence[Any]) -> float:
 
 def exact_recall(df: pd.DataFrame) -> float:
     """The unguided exact inverse's recall at a scale (inverse-strategy's `exact` row, seeds averaged): the yardstick
-    of G's recall. `df`: one scale's records frame (results.results_frame)."""
+    of G's recall. `df`: one scale's records frame (frames.results_frame)."""
     rows = df[(df["ablation"] == "inverse-strategy") & (df["variant"] == "exact")]
     col = "metric_recall_effnet"
     return float(rows[col].astype(float).mean()) if col in rows and len(rows) else float("nan")
@@ -110,6 +111,20 @@ def axis_summary(points: Sequence[dict[str, Any]], judge: dict[str, str] | None 
     return rows
 
 
+def timing_spread(records: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
+    """The widest range of `timing.g_ms_batch1` among records of one G architecture (the same `config.backward`):
+    how far a timing taken inside a run, on a shared machine, moves when nothing it times has changed. None where no
+    architecture has two timed records."""
+    by_arch: dict[str, list[float]] = {}
+    for rec in records:
+        ms = rec.get("timing", {}).get("g_ms_batch1")
+        if isinstance(ms, (int, float)) and math.isfinite(ms):
+            arch = json.dumps(rec.get("config", {}).get("backward"), sort_keys=True)
+            by_arch.setdefault(arch, []).append(float(ms))
+    spans = [(min(v), max(v)) for v in by_arch.values() if len(v) > 1]
+    return max(spans, key=lambda s: s[1] / s[0] if s[0] > 0 else math.inf) if spans else None
+
+
 def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) -> bytes:
     labels = [p["label"] for p in points][::-1]
     y = np.arange(len(points))
@@ -131,6 +146,16 @@ def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) ->
     fig.suptitle(title)
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def timing_note(records: Sequence[dict[str, Any]]) -> str:
+    """What the in-run minutes and milliseconds are worth, with the spread the records themselves show."""
+    spread = timing_spread(records)
+    seen = (f": one G architecture's batch-1 pass spans {fmt_num(spread[0])} to {fmt_num(spread[1])} ms across these "
+            "records" if spread and spread[1] > spread[0] else "")
+    return ("Minutes and milliseconds were timed inside each run, on a machine other jobs shared, and are indicative "
+            f"only{seen}. Draw no conclusion from them; the speed page (`bench speed`) times samplers interleaved "
+            "and warm.")
 
 
 def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, records: Sequence[dict[str, Any]],
@@ -160,8 +185,7 @@ def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, record
               f"exact inverse on held-out pairs, per value (σ² = {fmt_num(sigma2, 4)}, the training noise). Noise "
               "sensitivity: the per-pixel spread of G's samples over its noise, over that of F's exact inverse from "
               "the same noises (1 = as varied). Recall / exact's: against the unguided exact inverse's recall "
-              f"({fmt_num(exact_recall, 3)}). Unguided samples. Minutes and milliseconds as each run measured them, on one "
-              "thread of a machine other jobs shared: they compare to within tens of percent.\n\n"
+              f"({fmt_num(exact_recall, 3)}). Unguided samples. {timing_note(records)}\n\n"
               + md_table(["Point", "Seeds", *[h for _, h in COLUMNS]], cells, "lr" + "r" * len(COLUMNS)))
     md.append(f"![{title}]({name}.png)\n")
     grids = [f"- {r.get('label') or r['variant']}, seed {r['seed']}:\n\n"

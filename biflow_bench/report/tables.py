@@ -1,5 +1,5 @@
-"""The report's tables as DataFrames, built from the records frame (results.results_frame): one row per variant of an
-ablation (seeds averaged within one config hash), records of other configs apart (split by identity.split_configs),
+"""The report's tables as DataFrames, built from the records frame (frames.results_frame): one row per variant of an
+ablation (seeds averaged within one config hash), records of other configs apart (split by configs.split_configs),
 the headline (`main`) table, and the calibration / extra metric columns.
 """
 
@@ -30,7 +30,7 @@ def variant_order(df: pd.DataFrame, spec: AblationSpec | None = None) -> list[st
 
 
 def other_configs_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.DataFrame:
-    """One row per (variant, config label) of the records identity.split_configs set apart: mean over its seeds and
+    """One row per (variant, config label) of the records configs.split_configs set apart: mean over its seeds and
     noise."""
     rows = []
     for v in variant_order(df, spec):

@@ -3,7 +3,7 @@ that determines them, and the orchestration of the two training stages around it
 both in `train_stages`), one code path for one process and for every rank of a torchrun job.
 
     <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree (and
-                                        micro-batch / device, where they change the weights: config.stage1_key)
+                                        micro-batch / device, where they change the weights: identity.flow_key)
     <cache>/stage2/<key>/backward.pt    G, keyed by its own config and the key of the F it was trained against
     <cache>/*/<key>/checkpoint.pt       the in-progress training state (resumed after a kill, removed when done)
 
@@ -28,6 +28,7 @@ from ..config import ConfigError, RunConfig
 from ..data import ImageDataset, LatentDataset
 from ..distributed import DistEnv, all_true, barrier
 from ..files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
+from ..identity import backward_key, flow_key
 from ..models.biflow import BiFlow, BiFlowConfig
 from ..models.tarflow import TARFlow, TARFlowConfig
 from .loop import FitResult
@@ -36,13 +37,13 @@ from .stages import train_backward, train_flow
 
 def stage1_dir(cache_dir: Path, cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> Path:
     """Where F of `cfg` lives: <cache>/stage1/<key>/ (flow.pt, and checkpoint.pt while it trains)."""
-    return cache_dir / "stage1" / cfg.stage1_key(micro_batch, device)
+    return cache_dir / "stage1" / flow_key(cfg, micro_batch, device)
 
 
 def stage2_dir(cache_dir: Path, cfg: RunConfig, seed: int, micro_batch: int | None = None,
                device: str = "cpu") -> Path:
     """Where G of `cfg` and `seed` lives: <cache>/stage2/<key>/ (backward.pt, and checkpoint.pt while it trains)."""
-    return cache_dir / "stage2" / cfg.stage2_key(seed, micro_batch, device)
+    return cache_dir / "stage2" / backward_key(cfg, seed, micro_batch, device)
 
 
 @dataclass

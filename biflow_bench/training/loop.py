@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..config import ConfigError, TrainingConfig
 from ..data import ImageDataset, LatentDataset, batch_indices, data_generator, get_batch
 from ..distributed import DistEnv, all_true, any_true, mean_over_ranks
 from ..files import CorruptArtifact, atomic_torch_save, remove_artifact, verified_torch_load
@@ -196,32 +196,22 @@ def fit(
     model: nn.Module,
     loss_fn: LossFn,
     dataset: ImageDataset | LatentDataset,
+    train: TrainingConfig,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup: int,
-    weight_decay: float,
-    grad_clip: float,
     seed: int,
     checkpoint: Path | None = None,
-    checkpoint_every: int = 500,
-    max_bad_steps: int = 20,
     ema_decay: float | None = None,
     desc: str = "train",
     progress: bool = True,
     postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
     micro_batch: int | None = None,
     env: DistEnv | None = None,
-    bf16: bool = True,
-    precision: str = "fp32",
-    compile: bool = False,
     snapshot: Snapshot | None = None,
-    schedule: str = "cosine",
 ) -> FitResult:
-    """`batch_size` is the global batch; `micro_batch` (default batch_size / world size) the rows per forward pass.
-    `precision` "bf16" runs the forward under bfloat16 autocast on any device (`bf16`: on CUDA regardless);
-    `compile` compiles the model's forward (TrainingConfig.precision / .compile)."""
+    """Train `model` on `loss_fn` by the stage's `train` settings (steps, global batch, optimiser, schedule,
+    checkpoints, precision: bfloat16 autocast when "bf16", on CUDA always; `compile`). `micro_batch` (default
+    batch_size / world size) is the rows per forward pass."""
+    steps, batch_size, lr = train.steps, train.batch_size, train.lr
     env = env or DistEnv()
     micro = micro_batch or batch_size // env.world_size
     chunks = batch_size // max(1, micro)
@@ -232,7 +222,7 @@ def fit(
         raise ConfigError(f"{desc}: {len(dataset)} examples are fewer than one global batch of {batch_size}")
     accum, device = chunks // env.world_size, env.device
     model.to(device)
-    opt = build_optimizer(model, lr, weight_decay)
+    opt = build_optimizer(model, lr, train.weight_decay)
     ema = [p.detach().clone() for p in model.parameters()] if ema_decay else None
     start, skipped, bad_in_row, elapsed = 0, 0, 0, 0.0
     recent: dict[str, list[float]] = {}  # the last 50 steps' loss terms: the progress bar and the record
@@ -255,12 +245,12 @@ def fit(
             )
 
     model.train()
-    if compile:
+    if train.compile:
         compile_in_place(model)
     loss_module: nn.Module = _Loss(model, loss_fn)
     if env.distributed:
         loss_module = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
-    autocast = autocast_context(device, precision, bf16)
+    autocast = autocast_context(device, train.precision)
     indices = batch_indices(len(dataset), batch_size, seed, start)
     t0 = time.perf_counter()
     terminal = sys.stderr.isatty()  # a bar on a terminal; without one (logs, nohup), a line every PROGRESS_EVERY_S
@@ -276,7 +266,7 @@ def fit(
                 raise TrainingInterrupted(f"{desc} interrupted at step {step}/{steps}; {where}; re-run the same command to resume")
             idx = next(indices)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup, schedule)
+                group["lr"] = lr_at(step, steps, lr, train.warmup, train.schedule)
             opt.zero_grad(set_to_none=True)
             finite, step_terms = True, {}
             for k in range(accum):  # this rank's micro-batches of the global batch
@@ -294,11 +284,11 @@ def fit(
                     step_terms[key] = step_terms.get(key, 0.0) + v / accum
             finite = all_true(finite, env)
             if finite:
-                finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
+                finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)))
             if not finite:  # skip the update, count it, stop after too many in a row
                 opt.zero_grad(set_to_none=True)
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                if bad_in_row >= max_bad_steps:
+                if bad_in_row >= train.max_bad_steps:
                     last_ck = f"last good checkpoint: {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint yet"
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in step_terms.items())
                     raise TrainingDiverged(f"{desc}: {bad_in_row} non-finite losses in a row at step {step} ({shown}); {last_ck}")
@@ -315,7 +305,7 @@ def fit(
                 if ema is not None:  # the weights a run ends with: the EMA's
                     weights = with_ema(model, weights, [e.clone() for e in ema])
                 snapshot.call(step + 1, weights)
-            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            if (step + 1) % train.checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
             bar.update(1)
             if progress and env.is_main and (step % 10 == 0 or lines is not None):
@@ -332,7 +322,7 @@ def fit(
         with torch.no_grad():
             for p, e in zip(model.parameters(), ema, strict=True):
                 p.copy_(e)
-    if compile:  # hand back a plain module: sampling shapes would only recompile it
+    if train.compile:  # hand back a plain module: sampling shapes would only recompile it
         model._compiled_call_impl = None  # what nn.Module.compile set
     model.eval()
     avg = mean_over_ranks({k: sum(v) / len(v) for k, v in recent.items()}, env)

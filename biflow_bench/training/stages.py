@@ -39,13 +39,8 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint
     def postfix(avg: dict[str, float]) -> dict[str, str]:
         return {"bits/dim": f"{(avg.get('nll', float('nan')) + levels_offset) / math.log(2):.3f}"}
 
-    result = fit(
-        flow, loss_fn, dataset, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr, warmup=s1.warmup,
-        weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, seed=s1.seed, checkpoint=checkpoint,
-        checkpoint_every=s1.checkpoint_every, max_bad_steps=s1.max_bad_steps, desc="stage 1 (F)",
-        progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, precision=s1.precision,
-        compile=s1.compile, snapshot=snapshot, schedule=s1.schedule,
-    )
+    result = fit(flow, loss_fn, dataset, s1, seed=s1.seed, checkpoint=checkpoint, desc="stage 1 (F)",
+                 progress=progress, postfix=postfix, env=env, micro_batch=micro_batch, snapshot=snapshot)
     return flow, result
 
 
@@ -67,12 +62,7 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
         return stage2_loss(model, flow, x, y if cfg.backward.num_classes else None, s2,  # type: ignore[arg-type]
                            sigma=cfg.stage1.noise_sigma, perceptual=perceptual, generator=gen, decode=decode)
 
-    result = fit(
-        g, loss_fn, dataset, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr, warmup=s2.warmup,
-        weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, seed=seed, checkpoint=checkpoint,
-        checkpoint_every=s2.checkpoint_every, max_bad_steps=s2.max_bad_steps, ema_decay=s2.ema_decay,
-        desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, precision=s2.precision,
-        compile=s2.compile, snapshot=snapshot, schedule=s2.schedule,
-    )
+    result = fit(g, loss_fn, dataset, s2, seed=seed, checkpoint=checkpoint, ema_decay=s2.ema_decay,
+                 desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
     return g, result
 

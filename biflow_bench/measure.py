@@ -1,47 +1,44 @@
-"""The record step of the runner (runner.py): what one run of a variant measured, as the dict its record holds, and
-the record's files.
+"""What one run of a variant measured, as the dict its record holds (the runner's measure step, runner.py; the
+record's storage is results.py's):
 
+    Trained                the trained variant a run measures: its config, F, G, data and training summary
     build_measurement      the metrics at the guidance sweep's best w, F's held-out NLL, NFE, parameters, timing,
                            diagnostics (noise left in real images; for a learned inverse how far G is from F's inverse
                            and its noise sensitivity), F's norms, the training summary and the notes (`notes_for`)
-    write_variant_record   results/<scale>/<ablation>/<variant>__seed<N>[__<config hash>].json and its sample grid,
-                           written atomically (results.py: the hash names every config but the variant's default)
-    share_measurement      a variant whose config hash and seed another table has recorded: that record's
-                           measurement, naming it in `measured_in`
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import sys
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .ablations import AblationSpec
 from .config import RunConfig
-from .files import atomic_write_bytes
+from .data import DataSplits
 from .identity import RunIdentity
+from .latent_eval import LatentEval
 from .metrics.flow_norms import flow_norms
 from .metrics.images import residual_noise
 from .metrics.inverse import inverse_gaps, measure_noise_sensitivity, ms_per_image_batch1
 from .metrics.likelihood import bits_per_dim, count_params
-from .provenance import environment
-from .results import RESULT_SCHEMA, archive_superseded, record_path, write_record
+from .models.biflow import BiFlow
+from .models.tarflow import TARFlow
 from .sample import Sampler, guidance_scales
 from .training.perceptual import describe, perceptual_networks
-
-if TYPE_CHECKING:  # annotations only: runner.py imports this module
-    from .runner import Trained
 
 INVERSE_PAIRS = 256  # held-out images on which G is compared with F's inverse
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+@dataclass
+class Trained:
+    cfg: RunConfig
+    flow: TARFlow
+    g: BiFlow | None
+    splits: DataSplits
+    train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
+    latent: LatentEval | None = None  # latent scales: the VAE that decodes the samples and the reference statistics
 
 
 def build_measurement(t: Trained, seed: int, ident: RunIdentity, guidance: dict[str, Any],
@@ -131,46 +128,3 @@ def notes_for(cfg: RunConfig) -> list[str]:
         notes.append("guided row: reported at its best w of the sweep " +
                      ", ".join(f"{w:g}" for w in cfg.sample.cfg_sweep) + " (selected by the primary metric)")
     return notes
-
-
-def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path, ident: RunIdentity,
-                      source: Path, rec: dict[str, Any]) -> Path:
-    """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
-    and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
-    (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
-    start = time.perf_counter()
-    measured_in = rec.get("measured_in") or source.relative_to(results_dir / scale).as_posix()
-    log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
-        "sharing its measurement")
-    png = (results_dir / scale / rec["samples_png"]).read_bytes()
-    return write_variant_record(spec, variant, scale, seed, results_dir, ident, {**rec, "measured_in": measured_in},
-                                png, start)
-
-
-def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path,
-                         ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
-    """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
-    carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
-    home = record_path(results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
-    archive_superseded(home, results_dir, ident.config_hash)  # before its grid's name is taken
-    samples_png = Path("samples") / spec.name / f"{home.stem}.png"
-    atomic_write_bytes(results_dir / scale / samples_png, png)
-    v = spec.variants[variant]
-    own = {
-        "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,
-        "label": v.label or variant, "scale": scale, "seed": seed, "spec_version": spec.version,
-        "overrides": ident.overrides,
-    }
-    record = {
-        **own, **measurement, **own,  # own fields at the top, and over any the measurement carries
-        "paper": {**v.paper, "table": spec.paper_table},
-        "samples_png": str(samples_png), "env": environment(),
-        "wall_time_s": time.perf_counter() - start,
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    path = write_record(results_dir, record)
-    metric, metrics, guidance = record["metric"], record["metrics"], record["guidance"]
-    at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
-    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} "
-        f"nfe={record['nfe_label']} -> {path}")
-    return path
