@@ -181,6 +181,47 @@ def guidance_weights(guidance: float, n: int, annealed: bool) -> list[float]:
 def timestep_embedding(w: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
     """Sinusoidal embedding of a scalar per sample (G's guidance-scale condition)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=w.device, dtype=torch.float32) / half)
-    args = w.float()[:, None] * freqs[None] * 10.0
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # at least float32 (under bf16 autocast)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=w.device, dtype=dtype) / half)
+    args = w.to(dtype)[:, None] * freqs[None] * 10.0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype if w.is_floating_point() else torch.float32)
+
+
+class ConditionedTransformer(nn.Module):
+    """G's backbone as a field network (the 1-NFE peers): patch embedding + positions, `depth` bidirectional AdaLN
+    blocks modulated by one condition vector (class, with a null class for CFG, plus each named scalar condition
+    through its own sinusoidal embedding and MLP), and a read-out to tokens, zero-initialised so the field starts at 0."""
+
+    def __init__(self, tokens: ImageTokens, width: int, depth: int, num_heads: int, mlp_ratio: float,
+                 num_classes: int, scalars: tuple[str, ...]):
+        super().__init__()
+        self.tokens, self.width, self.num_classes = tokens, width, num_classes
+        self.embed = nn.Linear(tokens.token_dim, width)
+        self.pos = nn.Parameter(torch.randn(tokens.num_tokens, width) * 0.02)
+        self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+        if self.class_embed is not None:  # small, as G's and F's class embeddings
+            nn.init.normal_(self.class_embed.weight, std=0.01)
+        self.scalar_embed = nn.ModuleDict(
+            {name: nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) for name in scalars})
+        self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.RMSNorm(width)
+        self.readout = nn.Linear(width, tokens.token_dim)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+
+    def forward(self, x: Tensor, y: Tensor | None, **scalars: Tensor) -> Tensor:
+        """x (B, C, H, W) -> a field of the same shape; `y` None or the null class (num_classes): unconditional;
+        `scalars`: each named condition as a (B,) tensor."""
+        t = self.tokens
+        b = x.shape[0]
+        cond = sum((mlp(timestep_embedding(scalars[name], self.width).to(x.dtype))
+                    for name, mlp in self.scalar_embed.items()), torch.zeros(b, self.width, device=x.device,
+                                                                               dtype=x.dtype))
+        if self.class_embed is not None:
+            labels = y if y is not None else torch.full((b,), self.num_classes, device=x.device)
+            cond = cond + self.class_embed(labels)
+        cond = F.silu(cond)
+        h = self.embed(patchify(x, t.patch_size)) + self.pos
+        for block in self.blocks:
+            h = block(h, cond)
+        return unpatchify(self.readout(self.norm(h)), t.patch_size, t.in_channels, t.image_size, t.image_size)
