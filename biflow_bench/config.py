@@ -123,6 +123,37 @@ class Stage2Config(TrainingConfig):
 EXACT, JACOBI = {"read_by": "exact"}, {"read_by": "jacobi"}
 
 
+PEERS = ("meanflow", "flow-matching")  # the 1-NFE comparison's generators trained directly on the data (issue 42)
+
+
+@dataclass(frozen=True)
+class PeerConfig(TrainingConfig):
+    """A peer generator on G's backbone at G's size (models/meanflow.py, models/flow_matching.py) and its training.
+    MeanFlow's objective settings follow its paper (Geng et al. 2025): (r, t) logit-normal(-0.4, 1), 25% of pairs
+    with r != t, adaptive weighting with p = 1, c = 1e-3; training-time CFG as G's (omega ~ 1 / omega on
+    [1, 1 + cfg_max], labels dropped with probability label_drop)."""
+
+    kind: str = "meanflow"
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    interval_share: float = 0.25
+    adaptive_c: float = 1e-3
+    adaptive_p: float = 1.0
+    cfg_max: float = 7.0
+    cfg_distribution: str = "inverse"
+    ema_decay: float = 0.999
+    seed: int = 0  # the peer's own seed (initialisation and data order), as stage1.seed is F's
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (("kind", self.kind, PEERS), ("cfg_distribution", self.cfg_distribution,
+                                                                 CFG_DISTRIBUTIONS), ("precision", self.precision,
+                                                                                      PRECISIONS),
+                                   ("schedule", self.schedule, SCHEDULES)):
+            if value not in valid:
+                raise ConfigError(f"peer.{name}={value!r} is not one of {', '.join(valid)}")
+        check_ranges(self, "peer.")
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     num_samples: int = 1000
@@ -229,6 +260,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     **dict.fromkeys(("num_classes", "warmup", "weight_decay", "noise_sigma", "seed", "lpips_weight", "convnext_weight",
                      "adaptive_p", "hidden_weight", "cfg_max", "cfg_scale", "cfg_sweep", "jacobi_tol"), _AT_LEAST_0),
     "label_drop": (0, 1, True, True),
+    "interval_share": (0, 1, True, True),
+    "time_mean": (-math.inf, math.inf, False, False),
+    "time_std": _ABOVE_0,
     "perceptual_crop_min": (0, 1, False, True),
     "ema_decay": (0, 1, True, False),  # 0: no EMA
 }

@@ -1,7 +1,7 @@
 """A run's identity, in one place: what names a trained model, a result record and a table row.
 
     flow_key / backward_key   the artifact cache keys of F (stage 1) and G (stage 2): everything that determines each
-                              trained model
+                              trained model (peer_key: a 1-NFE peer's)
     config_id                 a record's hash: every setting the run reads (`read_settings`), and the micro-batch
                               where it changes the numbers; the seed is not part of it
     config_overrides          how a config differs from its variant's default, as dotted keys: the record's name
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig, SampleConfig, config_hash
+from .config import PeerConfig, RunConfig, SampleConfig, config_hash
 
 # Part of every artifact key: bump it when a code change alters what a config trains (v2: F's and G's class
 # embeddings start at N(0, 0.01^2); stage 2's objective follows eq. 5 and 7), so no cache serves stale weights.
@@ -47,6 +47,13 @@ def backward_key(cfg: RunConfig, seed: int, micro_batch: int | None = None, devi
     return config_hash({"stage1": flow_key(cfg, micro_batch, device), "backward": cfg.trained_backward,
                         "stage2": without_unused_settings(_stage_settings(cfg.stage2)), "seed": seed, **perceptual,
                         **_split_key(micro_batch, cfg.stage2.batch_size, device)})
+
+
+def peer_key(cfg: RunConfig, peer: PeerConfig, micro_batch: int | None = None, device: str = "cpu") -> str:
+    """Hash of everything that determines a 1-NFE peer: the data, G's backbone it is sized by, and its training
+    (its seed is peer.seed)."""
+    return config_hash({"dataset": cfg.dataset, "backbone": cfg.trained_backward, "peer": _stage_settings(peer),
+                        "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, peer.batch_size, device)})
 
 
 # The settings each perceptual term reads, and those every term reads (Stage2Config)

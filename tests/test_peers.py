@@ -165,3 +165,31 @@ def test_peers_sit_at_gs_parameter_count(scale):
     g = count_params(BiFlow(b))
     for peer in (MeanFlow(MeanFlowConfig(**shape)), FlowMatching(FlowMatchingConfig(**shape))):
         assert abs(count_params(peer) / g - 1) < 0.10, (type(peer).__name__, count_params(peer), g)
+
+
+def test_a_peer_trains_through_the_cache_and_is_keyed_by_its_settings(tmp_path):
+    """A peer is a cached stage like F and G: trained on a miss (a few tiny steps), loaded on a hit as its own class,
+    keyed by its kind and training but not by `compile` (same math)."""
+    import dataclasses
+
+    from biflow_bench.config import PeerConfig
+    from biflow_bench.data import load_digits
+    from biflow_bench.identity import peer_key
+    from biflow_bench.training.cache import get_peer, load_model
+
+    cfg, data = SCALES["tiny"], load_digits().train
+    for kind, cls in (("meanflow", MeanFlow), ("flow-matching", FlowMatching)):
+        peer = PeerConfig(kind=kind, steps=3, batch_size=16, warmup=1, checkpoint_every=2)
+        model, art = get_peer(cfg, peer, data, tmp_path, progress=False)
+        assert isinstance(model, cls) and not art.cached and art.meta["steps"] == 3
+        again, hit = get_peer(cfg, peer, data, tmp_path, progress=False)
+        assert hit.cached and type(again) is cls and art.path.parent.parent.name == "peer"
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+        assert type(load_model(art.path)[0]) is cls
+        z, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+        out = again.sample(z, y, steps=1) if kind == "meanflow" else again.sample(z, y, steps=2, solver="heun")
+        assert out.shape == z.shape and torch.isfinite(out).all()
+    base = PeerConfig()
+    assert len({peer_key(cfg, dataclasses.replace(base, **d)) for d in ({}, {"kind": "flow-matching"}, {"lr": 3e-3},
+                                                                         {"seed": 1})}) == 4
+    assert peer_key(cfg, dataclasses.replace(base, compile=True)) == peer_key(cfg, base)

@@ -5,6 +5,7 @@ both in `train_stages`), one code path for one process and for every rank of a t
     <cache>/stage1/<key>/flow.pt        F, shared by every variant whose data, flow and stage-1 config agree (and
                                         micro-batch / device, where they change the weights: identity.flow_key)
     <cache>/stage2/<key>/backward.pt    G, keyed by its own config and the key of the F it was trained against
+    <cache>/peer/<key>/peer.pt          a 1-NFE peer (MeanFlow, flow matching), keyed by its data, backbone and training
     <cache>/*/<key>/checkpoint.pt       the in-progress training state (resumed after a kill, removed when done)
 
 Every file has a .sha256 sidecar; a corrupted or truncated artifact, or one that holds another model than its key
@@ -24,15 +25,19 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..config import ConfigError, RunConfig
+from torch import nn
+
+from ..config import ConfigError, PeerConfig, RunConfig
 from ..data import ImageDataset, LatentDataset
 from ..distributed import DistEnv, all_true, barrier
 from ..files import CorruptArtifact, LockBusy, atomic_torch_save, dir_lock, remove_artifact, verified_torch_load
-from ..identity import backward_key, flow_key
+from ..identity import backward_key, flow_key, peer_key
 from ..models.biflow import BiFlow, BiFlowConfig
+from ..models.flow_matching import FlowMatching, FlowMatchingConfig
+from ..models.meanflow import MeanFlow, MeanFlowConfig
 from ..models.tarflow import TARFlow, TARFlowConfig
 from .loop import FitResult
-from .stages import train_backward, train_flow
+from .stages import build_peer, train_backward, train_flow, train_peer
 
 
 def stage1_dir(cache_dir: Path, cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu") -> Path:
@@ -53,16 +58,23 @@ class Artifact:
     meta: dict[str, Any]
 
 
-def save_model(model: TARFlow | BiFlow, path: Path, meta: dict[str, Any]) -> None:
-    atomic_torch_save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "meta": meta}, path)
+# Every model the cache holds, by the name its artifact stores (artifacts from before the name: F or G by config)
+MODELS = {cls.__name__: (cls, config) for cls, config in ((TARFlow, TARFlowConfig), (BiFlow, BiFlowConfig),
+                                                          (MeanFlow, MeanFlowConfig), (FlowMatching, FlowMatchingConfig))}
 
 
-def load_model(path: Path) -> tuple[TARFlow | BiFlow, dict[str, Any]]:
-    """Rebuild F or G from an artifact alone (the config travels inside it)."""
+def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    atomic_torch_save({"model": type(model).__name__, "config": model.config.to_dict(),
+                       "state_dict": model.state_dict(), "meta": meta}, path)
+
+
+def load_model(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Rebuild a model (F, G or a peer) from an artifact alone (the config travels inside it)."""
     blob = verified_torch_load(path)
     try:  # a checksummed file that is not a model artifact of this version (foreign, or another architecture)
         cfg = blob["config"]
-        model: TARFlow | BiFlow = BiFlow(BiFlowConfig(**cfg)) if "strategy" in cfg else TARFlow(TARFlowConfig(**cfg))
+        cls, config = MODELS[blob.get("model") or ("BiFlow" if "strategy" in cfg else "TARFlow")]
+        model = cls(config(**cfg))
         model.load_state_dict(blob["state_dict"])
         meta = dict(blob["meta"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -71,7 +83,7 @@ def load_model(path: Path) -> tuple[TARFlow | BiFlow, dict[str, Any]]:
     return model.eval(), meta
 
 
-def _cached(path: Path, expected: TARFlowConfig | BiFlowConfig, remove: bool = True) -> tuple[Any, dict[str, Any]] | None:
+def _cached(path: Path, expected: Any, remove: bool = True) -> tuple[Any, dict[str, Any]] | None:
     """The artifact at `path` when it is readable and holds a model of `expected`'s config; else None, and
     (`remove`: the process that writes) the bad file is deleted so the stage is rebuilt."""
     if not path.exists():
@@ -105,7 +117,7 @@ def _store(model: TARFlow | BiFlow, directory: Path, name: str, meta: dict[str, 
     return path
 
 
-def _stage(directory: Path, name: str, expected: TARFlowConfig | BiFlowConfig,
+def _stage(directory: Path, name: str, expected: Any,
            train: Callable[[Path], tuple[Any, FitResult]], env: DistEnv) -> tuple[Any, Artifact]:
     """One stage through the cache, on one process or every rank of a torchrun job alike: the artifact when every
     rank can read it, else trained (DDP across the ranks), written by rank 0 alone, then shared."""
@@ -153,6 +165,23 @@ def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset
     return _stage(stage2_dir(cache_dir, cfg, seed, micro_batch, env.device.type), "backward.pt", cfg.trained_backward,
                   lambda ck: train_backward(cfg, flow, dataset, seed, ck, progress and env.is_main, env=env,
                                             micro_batch=micro_batch), env)
+
+
+def peer_dir(cache_dir: Path, cfg: RunConfig, peer: PeerConfig, micro_batch: int | None = None,
+             device: str = "cpu") -> Path:
+    """Where a 1-NFE peer of `cfg`'s data and backbone lives: <cache>/peer/<key>/ (peer.pt, checkpoint.pt)."""
+    return cache_dir / "peer" / peer_key(cfg, peer, micro_batch, device)
+
+
+def get_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset, cache_dir: Path,
+             progress: bool = True, micro_batch: int | None = None,
+             env: DistEnv | None = None) -> tuple[MeanFlow | FlowMatching, Artifact]:
+    """A 1-NFE peer from the cache, trained on a miss, like F and G."""
+    env = env or DistEnv()
+    return _stage(peer_dir(cache_dir, cfg, peer, micro_batch, env.device.type), "peer.pt",
+                  build_peer(cfg, peer).config,
+                  lambda ck: train_peer(cfg, peer, dataset, ck, progress and env.is_main, env=env,
+                                        micro_batch=micro_batch), env)
 
 
 def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path,

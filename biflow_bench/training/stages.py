@@ -10,14 +10,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
+from ..config import PeerConfig, RunConfig
 from ..data import ImageDataset, LatentDataset, add_noise, drop_labels
 from ..distributed import DistEnv
 from ..latents import differentiable_decoder, load_vae
 from ..models.biflow import BiFlow
+from ..models.flow_matching import FlowMatching, FlowMatchingConfig
+from ..models.meanflow import MeanFlow, MeanFlowConfig
 from ..models.tarflow import TARFlow
 from .loop import FitResult, Snapshot, fit
 from .losses import build_perceptual_terms, nll_loss, stage2_loss
+from .peer_losses import flow_matching_loss, meanflow_loss
 
 
 def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint: Path | None = None,
@@ -66,3 +69,39 @@ def train_backward(cfg: RunConfig, flow: TARFlow, dataset: ImageDataset | Latent
                  desc="stage 2 (G)", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
     return g, result
 
+
+def build_peer(cfg: RunConfig, peer: PeerConfig) -> MeanFlow | FlowMatching:
+    """The peer on G's backbone: G's width, heads and classes, one block per block of G's stages (its size within a
+    few percent of G's, tests/test_peers.py); MeanFlow with training-time CFG when the data has classes."""
+    b = cfg.trained_backward
+    shape = dict(in_channels=b.in_channels, image_size=b.image_size, patch_size=b.patch_size, width=b.width,
+                 depth=b.num_stages * b.layers_per_group, num_heads=b.num_heads, mlp_ratio=b.mlp_ratio,
+                 num_classes=b.num_classes)
+    if peer.kind == "meanflow":
+        return MeanFlow(MeanFlowConfig(**shape, guidance=bool(b.num_classes)))
+    return FlowMatching(FlowMatchingConfig(**shape))
+
+
+def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset,
+               checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
+               micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[nn.Module, FitResult]:
+    """A 1-NFE peer trained directly on the data (issue 42), by its own objective (training/peer_losses.py), on
+    the same data and pixel range as F and G; seeded by peer.seed."""
+    torch.manual_seed(peer.seed)
+    model = build_peer(cfg, peer)
+    classes = cfg.backward.num_classes
+
+    def loss_fn(m: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        labels = y if classes else None
+        if peer.kind == "meanflow":
+            loss = meanflow_loss(m, x, labels, gen, time_mean=peer.time_mean, time_std=peer.time_std,  # type: ignore[arg-type]
+                                 interval_share=peer.interval_share, label_drop=peer.label_drop, cfg_max=peer.cfg_max,
+                                 cfg_distribution=peer.cfg_distribution, adaptive_c=peer.adaptive_c,
+                                 adaptive_p=peer.adaptive_p)
+        else:
+            loss = flow_matching_loss(m, x, labels, gen, peer.label_drop)  # type: ignore[arg-type]
+        return loss, {peer.kind: float(loss.detach())}
+
+    result = fit(model, loss_fn, dataset, peer, seed=peer.seed, checkpoint=checkpoint, ema_decay=peer.ema_decay,
+                 desc=f"peer ({peer.kind})", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
+    return model, result
