@@ -193,3 +193,28 @@ def test_a_peer_trains_through_the_cache_and_is_keyed_by_its_settings(tmp_path):
     assert len({peer_key(cfg, dataclasses.replace(base, **d)) for d in ({}, {"kind": "flow-matching"}, {"lr": 3e-3},
                                                                          {"seed": 1})}) == 4
     assert peer_key(cfg, dataclasses.replace(base, compile=True)) == peer_key(cfg, base)
+
+
+def test_equal_compute_gives_each_peer_bi_flows_training_flops():
+    """BiFlow's budget is F's steps x its step's FLOPs + G's likewise; a peer's steps spend it, rounded down. G's step
+    runs F forward (and the perceptual networks of its metric) besides itself; MeanFlow's step pays its JVP and the
+    guidance pass over flow matching's plain regression."""
+    from biflow_bench.ablations import get_spec
+    from biflow_bench.config import PeerConfig
+    from biflow_bench.speed.budget import equal_compute, step_flops
+    from biflow_bench.speed.flops import count_flops
+    from biflow_bench.models.tarflow import TARFlow
+
+    cfg = get_spec("main").resolve("biflow-mse", "tiny", {"stage2.steps": 100})  # the stages' steps differ
+    peers = (PeerConfig(kind="meanflow", batch_size=32), PeerConfig(kind="flow-matching", batch_size=32))
+    budget = equal_compute(cfg, peers)
+    f = budget["flops_per_step"]
+    assert budget["biflow_flops"] == cfg.stage1.steps * f["flow"] + cfg.stage2.steps * f["backward"]
+    for peer in peers:
+        steps = budget["peer_steps"][peer.kind]
+        assert steps * f[peer.kind] <= budget["biflow_flops"] < (steps + 1) * f[peer.kind]
+    x = torch.zeros(cfg.stage2.batch_size, 1, 8, 8)
+    assert f["backward"] > count_flops(lambda: TARFlow(cfg.flow)(x, torch.zeros(len(x), dtype=torch.long)))
+    assert f["meanflow"] > 2 * f["flow-matching"]
+    lpips = step_flops(get_spec("distance-metric").resolve("mse+lpips", "tiny"))
+    assert lpips["backward"] > step_flops(get_spec("distance-metric").resolve("mse", "tiny"))["backward"]

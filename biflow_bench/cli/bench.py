@@ -1,5 +1,5 @@
 """`biflow-bench bench ...`: the speed of every sampler, F beside a reference TARFlow, quality against training
-time, and how the exact inverse's cost grows with the sequence length.
+time, how the exact inverse's cost grows with the sequence length, and the 1-NFE peers' equal-compute budget.
 """
 
 from __future__ import annotations
@@ -272,3 +272,30 @@ def bench_scaling(
     with dir_lock(results_dir / "paper", wait=True, timeout=600):
         path = write_record(results_dir, scaling_record(rows))
     typer.echo(f"record: {path}", err=True)
+
+
+@bench_app.command("budget")
+def bench_budget(
+    ablation: Annotated[str, typer.Option(help="the spec whose variant sets BiFlow's training")] = "main",
+    variant: Annotated[str, typer.Option(help="the variant of --ablation (a learned inverse)")] = "biflow-mse",
+    scale: Scale = "small",
+    overrides: Overrides = None,
+) -> None:
+    """Equal training compute for the 1-NFE comparison: FLOPs per training step of F, G and each peer (MeanFlow, flow
+    matching on G's backbone), BiFlow's budget (F's steps + G's) and the peer steps that spend the same."""
+    from ..ablations import get_spec
+    from ..config import PEERS, PeerConfig
+    from ..speed.budget import equal_compute
+
+    check_scale(scale)
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))
+    if cfg.inverse != "learned":
+        raise ConfigError(f"{ablation}/{variant} has no learned inverse: BiFlow's budget is F's training plus G's")
+    peers = tuple(PeerConfig(kind=kind, batch_size=cfg.stage2.batch_size) for kind in PEERS)
+    budget = equal_compute(cfg, peers)
+    flops = budget["flops_per_step"]
+    typer.echo(f"{ablation}/{variant} at scale {scale}: F {cfg.stage1.steps} steps x {flops['flow'] / 1e9:.2f} GFLOP "
+               f"+ G {cfg.stage2.steps} x {flops['backward'] / 1e9:.2f} = {budget['biflow_flops'] / 1e12:.1f} TFLOP")
+    for peer in peers:
+        typer.echo(f"  {peer.kind:<14} {flops[peer.kind] / 1e9:8.2f} GFLOP per step (batch {peer.batch_size}): "
+                   f"{budget['peer_steps'][peer.kind]} steps")

@@ -82,6 +82,20 @@ def build_peer(cfg: RunConfig, peer: PeerConfig) -> MeanFlow | FlowMatching:
     return FlowMatching(FlowMatchingConfig(**shape))
 
 
+def train_peer_loss(cfg: RunConfig, peer: PeerConfig, model: nn.Module, x: Tensor, y: Tensor | None,
+                    generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """A peer's objective on one batch (training/peer_losses.py) with the stage's settings."""
+    labels = y if cfg.backward.num_classes else None
+    if peer.kind == "meanflow":
+        loss = meanflow_loss(model, x, labels, generator, time_mean=peer.time_mean,  # type: ignore[arg-type]
+                             time_std=peer.time_std, interval_share=peer.interval_share, label_drop=peer.label_drop,
+                             cfg_max=peer.cfg_max, cfg_distribution=peer.cfg_distribution,
+                             adaptive_c=peer.adaptive_c, adaptive_p=peer.adaptive_p)
+    else:
+        loss = flow_matching_loss(model, x, labels, generator, peer.label_drop)  # type: ignore[arg-type]
+    return loss, {peer.kind: float(loss.detach())}
+
+
 def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset,
                checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
                micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[nn.Module, FitResult]:
@@ -89,18 +103,9 @@ def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentD
     the same data and pixel range as F and G; seeded by peer.seed."""
     torch.manual_seed(peer.seed)
     model = build_peer(cfg, peer)
-    classes = cfg.backward.num_classes
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        labels = y if classes else None
-        if peer.kind == "meanflow":
-            loss = meanflow_loss(m, x, labels, gen, time_mean=peer.time_mean, time_std=peer.time_std,  # type: ignore[arg-type]
-                                 interval_share=peer.interval_share, label_drop=peer.label_drop, cfg_max=peer.cfg_max,
-                                 cfg_distribution=peer.cfg_distribution, adaptive_c=peer.adaptive_c,
-                                 adaptive_p=peer.adaptive_p)
-        else:
-            loss = flow_matching_loss(m, x, labels, gen, peer.label_drop)  # type: ignore[arg-type]
-        return loss, {peer.kind: float(loss.detach())}
+        return train_peer_loss(cfg, peer, m, x, y, gen)
 
     result = fit(model, loss_fn, dataset, peer, seed=peer.seed, checkpoint=checkpoint, ema_decay=peer.ema_decay,
                  desc=f"peer ({peer.kind})", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
