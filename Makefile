@@ -11,9 +11,10 @@ REPORT_ARGS ?=
 RESULTS ?= results
 
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
-             ablation-training-cfg
+             ablation-training-cfg ablation-one-nfe
 
-.PHONY: setup test test-fast demo report reproduce-small clean bench-speed g-study rehearse-paper $(ABLATIONS)
+.PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe clean bench-speed g-study rehearse-paper \
+        $(ABLATIONS)
 
 setup: .venv/.installed
 
@@ -88,6 +89,11 @@ REHEARSE_NPROC ?= 2
 rehearse-paper: setup
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(REHEARSE_NPROC) -m biflow_bench \
 	  rehearse --scale paper --random-weights vae,inception --out $(RESULTS)/rehearsal/paper.json
+
+# the 1-NFE comparison (ablations/one-nfe.toml) at the small scale, both seeds, apart from reproduce-small: its
+# BiFlow rows are main's (shared records), its peers train for BiFlow's FLOPs (`biflow-bench bench budget`)
+reproduce-one-nfe: setup
+	$(foreach s,$(SEEDS),$(BENCH) run one-nfe --scale small --seed $(s) --results-dir $(RESULTS) &&) true
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

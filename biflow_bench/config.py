@@ -20,7 +20,7 @@ from .models.biflow import BiFlowConfig
 from .models.presets import PRESETS
 from .models.tarflow import TARFlowConfig
 
-INVERSES = ("learned", "exact")
+INVERSES = ("learned", "exact", "peer")  # how samples are made: G, F's exact inverse, or a 1-NFE peer (no F)
 DECODERS = ("serial", "jacobi", "compiled")  # how the exact inverse is solved (sample.decoder)
 PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 SCHEDULES = ("cosine", "constant")  # stage1/stage2.schedule
@@ -120,7 +120,8 @@ class Stage2Config(TrainingConfig):
 
 # Which sampler reads a sampling setting (its field's metadata), where not every one does: the record hash leaves the
 # others out (identity.read_settings)
-EXACT, JACOBI = {"read_by": "exact"}, {"read_by": "jacobi"}
+EXACT, JACOBI, PEER = {"read_by": "exact"}, {"read_by": "jacobi"}, {"read_by": "peer"}
+SOLVERS = ("euler", "heun")  # flow matching's (models/flow_matching.py)
 
 
 PEERS = ("meanflow", "flow-matching")  # the 1-NFE comparison's generators trained directly on the data (issue 42)
@@ -134,6 +135,8 @@ class PeerConfig(TrainingConfig):
     [1, 1 + cfg_max], labels dropped with probability label_drop)."""
 
     kind: str = "meanflow"
+    # the same training FLOPs as the run's BiFlow (stage 1 + stage 2, speed/budget.py): `steps` set at run time
+    equal_compute: bool = True
     time_mean: float = -0.4
     time_std: float = 1.0
     interval_share: float = 0.25
@@ -142,7 +145,6 @@ class PeerConfig(TrainingConfig):
     cfg_max: float = 7.0
     cfg_distribution: str = "inverse"
     ema_decay: float = 0.999
-    seed: int = 0  # the peer's own seed (initialisation and data order), as stage1.seed is F's
 
     def __post_init__(self) -> None:
         for name, value, valid in (("kind", self.kind, PEERS), ("cfg_distribution", self.cfg_distribution,
@@ -172,6 +174,8 @@ class SampleConfig:
     jacobi_tol: float = field(default=1e-3, metadata=JACOBI)
     # tokens updated together (1: the serial decoder; >= tokens: plain Jacobi)
     jacobi_group: int = field(default=64, metadata=JACOBI)
+    steps: int = field(default=1, metadata=PEER)  # a peer's steps from noise (MeanFlow's jumps, flow matching's)
+    solver: str = field(default="euler", metadata=PEER)  # flow matching's: euler or heun
 
     def __post_init__(self) -> None:  # TOML and JSON give lists
         object.__setattr__(self, "cfg_sweep", tuple(float(w) for w in self.cfg_sweep))
@@ -201,6 +205,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)  # inverse = "peer": the 1-NFE comparison's generator
 
     def __post_init__(self) -> None:
         if self.inverse not in INVERSES:
@@ -212,6 +217,8 @@ class RunConfig:
                 if getattr(getattr(self, section), name) not in valid:
                     raise ConfigError(f"{section}.{name}={getattr(getattr(self, section), name)!r} is not one of "
                                       f"{', '.join(valid)}")
+        if self.sample.solver not in SOLVERS:
+            raise ConfigError(f"sample.solver={self.sample.solver!r} is not one of {', '.join(SOLVERS)}")
         if self.sample.decoder not in DECODERS:
             raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
         if self.stage2.metric not in METRICS:
@@ -311,6 +318,7 @@ SCALES: dict[str, RunConfig] = {
                             **{**OFFLINE_PERCEPTUAL, "perceptual_size": 32}, perceptual_batch=4),
         sample=SampleConfig(num_samples=200, batch_size=100),
         eval=EvalConfig(resize=32, num_real=200, nll_samples=200),
+        peer=PeerConfig(batch_size=32, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=100),
     ),
     "small": RunConfig(
         scale="small",
@@ -327,6 +335,8 @@ SCALES: dict[str, RunConfig] = {
                             checkpoint_every=200, precision="bf16", compile=True, **OFFLINE_PERCEPTUAL),
         sample=SampleConfig(num_samples=2000, batch_size=500),
         eval=EvalConfig(resize=96, num_real=2000, nll_samples=1000),
+        # the peers at G's batch; their learning rate is for their own search to set (issue 42)
+        peer=PeerConfig(batch_size=128, lr=1e-3, ema_decay=0.999, checkpoint_every=500),
     ),
     # the latent pipeline in miniature: 32x32 images of an image folder -> 16x16x4 latents of a tiny random
     # AutoencoderKL (latents.make_tiny_vae); --data-dir is the prepared latent directory. Tests and smoke runs.

@@ -49,11 +49,12 @@ def backward_key(cfg: RunConfig, seed: int, micro_batch: int | None = None, devi
                         **_split_key(micro_batch, cfg.stage2.batch_size, device)})
 
 
-def peer_key(cfg: RunConfig, peer: PeerConfig, micro_batch: int | None = None, device: str = "cpu") -> str:
-    """Hash of everything that determines a 1-NFE peer: the data, G's backbone it is sized by, and its training
-    (its seed is peer.seed)."""
+def peer_key(cfg: RunConfig, peer: PeerConfig, seed: int, micro_batch: int | None = None, device: str = "cpu") -> str:
+    """Hash of everything that determines a 1-NFE peer: the data, G's backbone it is sized by, its training and the
+    run's seed (a peer's seeds are the table's, as G's)."""
     return config_hash({"dataset": cfg.dataset, "backbone": cfg.trained_backward, "peer": _stage_settings(peer),
-                        "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, peer.batch_size, device)})
+                        "seed": seed, "code": TRAINING_CODE_VERSION,
+                        **_split_key(micro_batch, peer.batch_size, device)})
 
 
 # The settings each perceptual term reads, and those every term reads (Stage2Config)
@@ -102,6 +103,7 @@ def _split_key(micro_batch: int | None, batch_size: int, device: str) -> dict[st
 # --------------------------------------------------------------------------------------------------- record hash
 
 EXACT_ONLY_SAMPLING = SampleConfig.read_by("exact", "jacobi")
+PEER_SAMPLING = SampleConfig.read_by("peer")
 JACOBI_SETTINGS = SampleConfig.read_by("jacobi")
 TRAINING_TIME_CFG = ("cfg_max", "cfg_distribution", "cfg_uncond_grad")  # read only by cfg_mode "training-time"
 
@@ -115,9 +117,16 @@ def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
       decoder reads jacobi_*;
     - an unguided row (cfg_scale 0) is sampled at w = 0 alone, never at the sweep's scales;
     - a G trains the perceptual settings of its metric's terms only, the CFG-scale draw only with training-time CFG
-      and drops labels only with some CFG."""
+      and drops labels only with some CFG;
+    - only a peer (inverse "peer") reads peer.* and the peers' sampling steps and solver, and a peer trained at equal
+      compute not its own peer.steps (F's and G's training set them)."""
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
     exact, backward = out.get("inverse") == "exact", out.get("backward", {})
+    peer = out.get("inverse") == "peer"
+    if not peer:
+        out.pop("peer", None)
+    elif out.get("peer", {}).get("equal_compute"):  # its steps are set by F's and G's training (speed/budget.py)
+        out["peer"] = {k: v for k, v in out["peer"].items() if k != "steps"}
     if exact:
         out.pop("stage2", None)
         if "backward" in out:
@@ -136,6 +145,7 @@ def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         sample = out["sample"]
         jacobi = sample.get("decoder") == "jacobi"
         unread = [k for k in EXACT_ONLY_SAMPLING if not exact or (k in JACOBI_SETTINGS and not jacobi)]
+        unread += [k for k in PEER_SAMPLING if not peer]
         if not sample.get("cfg_scale"):
             unread.append("cfg_sweep")
         out["sample"] = {k: v for k, v in sample.items() if k not in unread}

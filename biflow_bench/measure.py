@@ -24,6 +24,8 @@ from .metrics.images import residual_noise
 from .metrics.inverse import inverse_gaps, measure_noise_sensitivity, ms_per_image_batch1
 from .metrics.likelihood import bits_per_dim, count_params
 from .models.biflow import BiFlow
+from .models.flow_matching import FlowMatching
+from .models.meanflow import MeanFlow
 from .models.tarflow import TARFlow
 from .sample import Sampler, guidance_scales
 from .training.perceptual import describe, perceptual_networks
@@ -34,8 +36,8 @@ INVERSE_PAIRS = 256  # held-out images on which G is compared with F's inverse
 @dataclass
 class Trained:
     cfg: RunConfig
-    flow: TARFlow
-    g: BiFlow | None
+    flow: TARFlow | None  # None for a peer
+    g: BiFlow | MeanFlow | FlowMatching | None  # G, or a peer in its place
     splits: DataSplits
     train: dict[str, Any]  # per stage: seconds, final loss terms, skipped steps, cached or not
     latent: LatentEval | None = None  # latent scales: the VAE that decodes the samples and the reference statistics
@@ -48,7 +50,8 @@ def build_measurement(t: Trained, seed: int, ident: RunIdentity, guidance: dict[
     cfg = t.cfg
     best = next(point for point in guidance["curve"] if point["w"] == guidance["best_w"])
     metrics, ms_per_image = dict(best["metrics"]), best["ms_per_image"]
-    metrics["bpd"] = held_out_bpd(t, seed)
+    if t.flow is not None:  # a peer has no likelihood
+        metrics["bpd"] = held_out_bpd(t, seed)
     sampler = dataclasses.replace(Sampler.from_config(cfg), cfg_scale=guidance["best_w"])
     nfe, nfe_label = sampler.nfe(t.flow, t.g)
     metric = primary_metric(metrics)
@@ -56,13 +59,15 @@ def build_measurement(t: Trained, seed: int, ident: RunIdentity, guidance: dict[
         "config": cfg.to_dict(), "config_hash": ident.config_hash, "micro_batch": ident.micro_batch,
         "metric": metric, "metrics": metrics, "nfe": nfe, "nfe_label": nfe_label, "guidance": guidance,
         "diagnostics": diagnostics(t, seed), "calibration": calibration,
-        "params": {"flow": count_params(t.flow), "backward": count_params(t.g) if t.g is not None else 0},
+        "params": {"flow": count_params(t.flow) if t.flow is not None else 0,
+                   "backward": count_params(t.g) if t.g is not None else 0},
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
-                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if t.g is not None else {}),
+                   **({"g_ms_batch1": ms_per_image_batch1(t.g)} if cfg.inverse == "learned" else {}),
                    **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
-        "notes": notes_for(cfg),
-        "flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples))),
+        "notes": notes_for(cfg, t.train),
+        **({"flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples)))}
+           if t.flow is not None else {}),
         "train": t.train,
         **({"latent": t.latent.source} if t.latent is not None else {}),
     }
@@ -92,6 +97,8 @@ def diagnostics(t: Trained, seed: int) -> dict[str, float]:
     cfg, test = t.cfg, t.splits.test
     n = min(INVERSE_PAIRS, len(test))
     out = {} if t.latent is not None else {"noise_residual_real": residual_noise(test.images[: cfg.sample.num_samples])}
+    if cfg.inverse == "peer":  # no F: nothing to compare with F's inverse
+        return out
     out["noise_sigma_sq"] = cfg.stage1.noise_sigma**2
     if t.g is not None:
         labels = test.labels[:n] if cfg.flow.num_classes else None
@@ -107,8 +114,13 @@ def primary_metric(metrics: dict[str, float]) -> str:
     return next(k for k in ("fid", "fd_effnet") if k in metrics)
 
 
-def notes_for(cfg: RunConfig) -> list[str]:
+def notes_for(cfg: RunConfig, train: dict[str, Any] | None = None) -> list[str]:
     notes = []
+    if cfg.inverse == "peer":
+        steps = (train or {}).get("peer", {}).get("steps")
+        notes.append(f"1-NFE peer: {cfg.peer.kind} on G's backbone, trained directly on the data"
+                     + (f" for {steps} steps" if steps else "")
+                     + (" (BiFlow's training FLOPs: F's steps + G's)" if cfg.peer.equal_compute else ""))
     if cfg.eval.extractor != "inception-v3-compat":
         notes.append(f"fd_effnet / is_effnet: Frechet distance and Inception Score in {cfg.eval.extractor} features "
                      f"(ImageNet weights) on {cfg.sample.num_samples} samples; not comparable to FID in absolute terms")

@@ -361,6 +361,6 @@ def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int
     path = write_record(results_dir, record)
     metric, metrics, guidance = record["metric"], record["metrics"], record["guidance"]
     at_w = f" (best w={guidance['best_w']:g})" if len(guidance["scales"]) > 1 else ""
-    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w} bpd={metrics['bpd']:.3f} "
-        f"nfe={record['nfe_label']} -> {path}")
+    bpd = f" bpd={metrics['bpd']:.3f}" if "bpd" in metrics else ""
+    log(f"[{spec.name}/{variant}] {metric}={metrics[metric]:.3f}{at_w}{bpd} nfe={record['nfe_label']} -> {path}")
     return path

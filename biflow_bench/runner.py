@@ -126,6 +126,8 @@ def guidance_cap(cfg: RunConfig) -> float:
     """The largest w a sweep extends to: GUIDANCE_CAP, or the largest w a training-time-CFG G was trained on."""
     if cfg.inverse == "learned" and cfg.backward.cfg_mode == "training-time":
         return min(GUIDANCE_CAP, cfg.stage2.cfg_max)
+    if cfg.inverse == "peer" and cfg.peer.kind == "meanflow":  # trained with w as a condition, as G
+        return min(GUIDANCE_CAP, cfg.peer.cfg_max)
     return GUIDANCE_CAP
 
 
@@ -183,7 +185,7 @@ def evaluate(t: Trained, images: torch.Tensor, seed: int, data_dir: Path | None 
     labels = class_balanced_labels(images.shape[0], cfg.flow.num_classes) if cfg.flow.num_classes else None
     metrics = image_metrics(cfg, images, labels, data_dir, cache_dir) if t.latent is None else \
         latent_metrics(cfg, images, t.latent)
-    if nll:
+    if nll and t.flow is not None:  # a peer has no likelihood
         metrics["bpd"] = held_out_bpd(t, seed)
     return metrics
 

@@ -44,12 +44,16 @@ class Sampler:
     decoder: str = "serial"  # exact inverse: "serial", "jacobi" (TARFlow.reverse_jacobi) or "compiled"
     jacobi_tol: float = 1e-3
     jacobi_group: int = 64
+    peer: str = ""  # inverse "peer": "meanflow" or "flow-matching", in G's place (no F: no score step)
+    steps: int = 1  # a peer's steps from noise
+    solver: str = "euler"  # flow matching's
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Sampler:
-        s = cfg.sample
-        return cls(cfg.inverse, cfg.backward.denoise, s.cfg_scale, cfg.stage1.noise_sigma, s.guidance_temperature,
-                   s.annealed, s.decoder, s.jacobi_tol, s.jacobi_group)
+        s, peer = cfg.sample, cfg.peer.kind if cfg.inverse == "peer" else ""
+        return cls(cfg.inverse, "none" if peer else cfg.backward.denoise, s.cfg_scale, cfg.stage1.noise_sigma,
+                   s.guidance_temperature, s.annealed, s.decoder, s.jacobi_tol, s.jacobi_group, peer, s.steps,
+                   s.solver)
 
     @property
     def jacobi(self) -> bool:
@@ -69,6 +73,9 @@ class Sampler:
         elif self.inverse == "exact":
             x = flow.reverse(z, y, guidance=self.cfg_scale, guidance_temperature=self.guidance_temperature,
                              annealed=self.annealed, compiled=self.decoder == "compiled")
+        elif self.peer:
+            solver = {"solver": self.solver} if self.peer == "flow-matching" else {}
+            x = g.sample(z, y, steps=self.steps, cfg_scale=self.cfg_scale, **solver)  # type: ignore[union-attr]
         else:
             assert g is not None, "the learned inverse needs a backward model"
             x = g.sample(z, y, cfg_scale=self.cfg_scale)
@@ -81,8 +88,8 @@ class Sampler:
 
         Jacobi decoding's count depends on the data: the passes of a measured call (`jacobi_iterations`, from
         `__call__`'s stats), else the bound, one pass per token and block, which it never exceeds."""
-        bound = flow.num_serial_steps()
         if self.jacobi:
+            bound = flow.num_serial_steps()
             steps = sum(jacobi_iterations) if jacobi_iterations is not None else bound
             label = f"{steps} Jacobi passes" if jacobi_iterations is not None else f"<= {bound} Jacobi passes"
             label += f" (group {self.jacobi_group}, tol {self.jacobi_tol:g})"
@@ -91,6 +98,12 @@ class Sampler:
             steps = flow.num_serial_steps()
             label = f"{flow.config.num_blocks}x{flow.config.num_tokens - 1} serial"
             label += " x2 (CFG)" if self.cfg_scale else ""
+        elif self.peer == "flow-matching":
+            steps = g.nfe(self.steps, self.solver, self.cfg_scale)  # type: ignore[union-attr]
+            label = f"{steps} ({self.steps} {self.solver} steps" + (", CFG x2)" if self.cfg_scale else ")")
+        elif self.peer:
+            steps = g.nfe(self.steps)  # type: ignore[union-attr]
+            label = str(steps)
         else:
             assert g is not None
             steps = g.nfe(self.cfg_scale)
@@ -115,8 +128,9 @@ def generate(sampler: Sampler, flow: TARFlow, g: BiFlow | None, labels: Tensor |
     (the other ranks None): the result is the same for any W and any batch size. Runs on the flow's device."""
     env = env or DistEnv()
     postprocess = postprocess or (lambda x: x.clamp(-1, 1))
-    device = next(flow.parameters()).device
-    shape = (flow.config.in_channels, flow.config.image_size, flow.config.image_size)
+    model = flow if flow is not None else g  # a peer has no F
+    device = next(model.parameters()).device  # type: ignore[union-attr]
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)  # type: ignore[union-attr]
     mine = range(env.rank, len(seeds), env.world_size)
     out = []
     for i in range(0, len(mine), batch_size):

@@ -52,6 +52,10 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     score_step = cfg.backward.denoise == "score"  # one more pass, through F
     if cfg.inverse == "exact":  # serial: one evaluation per decoded token per block
         assert record["nfe"] == 4 * 15 + score_step and record["params"]["backward"] == 0
+    elif cfg.inverse == "peer":  # its steps (Heun: two evaluations each; flow matching's CFG: two branches)
+        branches = 2 if cfg.peer.kind == "flow-matching" and record["guidance"]["best_w"] else 1
+        evaluations = 2 if cfg.sample.solver == "heun" and cfg.peer.kind == "flow-matching" else 1
+        assert record["nfe"] == cfg.sample.steps * evaluations * branches and record["params"]["flow"] == 0
     else:
         two_branch = cfg.backward.cfg_mode == "inference" and record["guidance"]["best_w"]
         assert record["nfe"] == (2 if two_branch else 1) + score_step and record["params"]["backward"] > 0

@@ -4,6 +4,8 @@ target field, the identity's target through a JVP, its loss and its 1- and 2-ste
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -180,9 +182,9 @@ def test_a_peer_trains_through_the_cache_and_is_keyed_by_its_settings(tmp_path):
     cfg, data = SCALES["tiny"], load_digits().train
     for kind, cls in (("meanflow", MeanFlow), ("flow-matching", FlowMatching)):
         peer = PeerConfig(kind=kind, steps=3, batch_size=16, warmup=1, checkpoint_every=2)
-        model, art = get_peer(cfg, peer, data, tmp_path, progress=False)
+        model, art = get_peer(cfg, peer, 0, data, tmp_path, progress=False)
         assert isinstance(model, cls) and not art.cached and art.meta["steps"] == 3
-        again, hit = get_peer(cfg, peer, data, tmp_path, progress=False)
+        again, hit = get_peer(cfg, peer, 0, data, tmp_path, progress=False)
         assert hit.cached and type(again) is cls and art.path.parent.parent.name == "peer"
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
         assert type(load_model(art.path)[0]) is cls
@@ -190,9 +192,9 @@ def test_a_peer_trains_through_the_cache_and_is_keyed_by_its_settings(tmp_path):
         out = again.sample(z, y, steps=1) if kind == "meanflow" else again.sample(z, y, steps=2, solver="heun")
         assert out.shape == z.shape and torch.isfinite(out).all()
     base = PeerConfig()
-    assert len({peer_key(cfg, dataclasses.replace(base, **d)) for d in ({}, {"kind": "flow-matching"}, {"lr": 3e-3},
-                                                                         {"seed": 1})}) == 4
-    assert peer_key(cfg, dataclasses.replace(base, compile=True)) == peer_key(cfg, base)
+    keys = {peer_key(cfg, dataclasses.replace(base, **d), 0) for d in ({}, {"kind": "flow-matching"}, {"lr": 3e-3})}
+    assert len(keys | {peer_key(cfg, base, 1)}) == 4  # the run's seed too
+    assert peer_key(cfg, dataclasses.replace(base, compile=True), 0) == peer_key(cfg, base, 0)
 
 
 def test_equal_compute_gives_each_peer_bi_flows_training_flops():
@@ -201,7 +203,7 @@ def test_equal_compute_gives_each_peer_bi_flows_training_flops():
     guidance pass over flow matching's plain regression."""
     from biflow_bench.ablations import get_spec
     from biflow_bench.config import PeerConfig
-    from biflow_bench.speed.budget import equal_compute, step_flops
+    from biflow_bench.training.budget import equal_compute, step_flops
     from biflow_bench.speed.flops import count_flops
     from biflow_bench.models.tarflow import TARFlow
 
@@ -218,3 +220,40 @@ def test_equal_compute_gives_each_peer_bi_flows_training_flops():
     assert f["meanflow"] > 2 * f["flow-matching"]
     lpips = step_flops(get_spec("distance-metric").resolve("mse+lpips", "tiny"))
     assert lpips["backward"] > step_flops(get_spec("distance-metric").resolve("mse", "tiny"))["backward"]
+
+
+@pytest.mark.slow
+def test_one_nfe_table_runs_its_peers_at_the_tiny_scale(tmp_path, monkeypatch, capsys):
+    """`run one-nfe --scale tiny`: each peer row trains its peer (here a few steps, not BiFlow's budget), samples in
+    its steps (MeanFlow's jumps, flow matching's solver) and records NFE and G-sized parameters, with no F."""
+    import json
+
+    from cli_helpers import invoke
+
+    monkeypatch.setenv("BIFLOW_CACHE", str(tmp_path / "cache"))
+    sets = {"peer.equal_compute": "false", "peer.steps": 6, "sample.num_samples": 40, "eval.num_real": 40,
+            "sample.cfg_sweep": "[0.0, 1.0]"}
+    code, out, err = invoke(["run", "one-nfe", "--scale", "tiny", "--variants", "meanflow-2,flow-matching-32",
+                             "--results-dir", str(tmp_path / "results"),
+                             *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]], monkeypatch, capsys)
+    assert code == 0, err
+    mf, fm = (json.loads(Path(p).read_text()) for p in out.split())
+    guided = 2 if fm["guidance"]["best_w"] else 1  # a guided step evaluates both branches
+    assert mf["nfe"] == 2 and fm["nfe"] == 64 * guided and fm["nfe_label"].startswith(f"{64 * guided} (32 heun steps")
+    for rec in (mf, fm):
+        assert rec["train"]["peer"]["steps"] == 6 and rec["params"]["flow"] == 0 and "bpd" not in rec["metrics"]
+        assert rec["metric"] == "fd_effnet" and rec["metrics"]["acc_cls"] >= 0 and rec["notes"][0].startswith("1-NFE")
+
+
+@pytest.mark.parametrize("option, message", [
+    ("sample.steps=0", "sample.steps=0 is out of range: it must be >= 1"),
+    ("sample.solver=rk4", "sample.solver='rk4' is not one of euler, heun"),
+    ("peer.kind=gan", "peer.kind='gan' is not one of meanflow, flow-matching"),
+])
+def test_bad_peer_options_are_one_line(option, message, tmp_path, monkeypatch, capsys):
+    from cli_helpers import invoke
+
+    code, _, err = invoke(["run", "one-nfe", "--scale", "tiny", "--variants", "meanflow-1", "--set", option,
+                           "--results-dir", str(tmp_path / "r")], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "r").exists()

@@ -285,7 +285,7 @@ def bench_budget(
     matching on G's backbone), BiFlow's budget (F's steps + G's) and the peer steps that spend the same."""
     from ..ablations import get_spec
     from ..config import PEERS, PeerConfig
-    from ..speed.budget import equal_compute
+    from ..training.budget import equal_compute
 
     check_scale(scale)
     cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(overrides))

@@ -37,6 +37,7 @@ from ..models.flow_matching import FlowMatching, FlowMatchingConfig
 from ..models.meanflow import MeanFlow, MeanFlowConfig
 from ..models.tarflow import TARFlow, TARFlowConfig
 from .loop import FitResult
+from .budget import resolved_peer
 from .stages import build_peer, train_backward, train_flow, train_peer
 
 
@@ -167,32 +168,36 @@ def get_backward(cfg: RunConfig, seed: int, flow: TARFlow, dataset: ImageDataset
                                             micro_batch=micro_batch), env)
 
 
-def peer_dir(cache_dir: Path, cfg: RunConfig, peer: PeerConfig, micro_batch: int | None = None,
+def peer_dir(cache_dir: Path, cfg: RunConfig, peer: PeerConfig, seed: int, micro_batch: int | None = None,
              device: str = "cpu") -> Path:
     """Where a 1-NFE peer of `cfg`'s data and backbone lives: <cache>/peer/<key>/ (peer.pt, checkpoint.pt)."""
-    return cache_dir / "peer" / peer_key(cfg, peer, micro_batch, device)
+    return cache_dir / "peer" / peer_key(cfg, peer, seed, micro_batch, device)
 
 
-def get_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset, cache_dir: Path,
+def get_peer(cfg: RunConfig, peer: PeerConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path,
              progress: bool = True, micro_batch: int | None = None,
              env: DistEnv | None = None) -> tuple[MeanFlow | FlowMatching, Artifact]:
     """A 1-NFE peer from the cache, trained on a miss, like F and G."""
     env = env or DistEnv()
-    return _stage(peer_dir(cache_dir, cfg, peer, micro_batch, env.device.type), "peer.pt",
+    return _stage(peer_dir(cache_dir, cfg, peer, seed, micro_batch, env.device.type), "peer.pt",
                   build_peer(cfg, peer).config,
-                  lambda ck: train_peer(cfg, peer, dataset, ck, progress and env.is_main, env=env,
+                  lambda ck: train_peer(cfg, peer, dataset, seed, ck, progress and env.is_main, env=env,
                                         micro_batch=micro_batch), env)
 
 
 def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDataset, cache_dir: Path,
                  env: DistEnv | None = None, micro_batch: int | None = None,
-                 progress: bool = True) -> tuple[TARFlow, BiFlow | None, dict[str, Any]]:
+                 progress: bool = True) -> tuple[TARFlow | None, nn.Module | None, dict[str, Any]]:
     """F (stage 1) and, for the learned inverse, G (stage 2) of `cfg`, each from the cache or trained, on one
     process or every rank of a torchrun job (the micro-batch defaults to an even split of the batch over the
     ranks, `distributed_micro_batch`). Returns F, G (None for the exact inverse) and the per-stage summary a
-    record's `train` section holds."""
+    record's `train` section holds; for a peer (inverse "peer"): no F, the peer in G's place, trained at its
+    resolved steps (training/budget.py), the run's seed its own."""
     env = env or DistEnv()
     micro_batch = distributed_micro_batch(cfg, env, micro_batch)
+    if cfg.inverse == "peer":
+        model, art = get_peer(cfg, resolved_peer(cfg), seed, dataset, cache_dir, progress, micro_batch, env)
+        return None, model, {"peer": {**art.meta, "cached": art.cached, "key": art.path.parent.name}}
     flow, art = get_flow(cfg, dataset, cache_dir, progress, micro_batch, env)
     summary = {"stage1": {**art.meta, "cached": art.cached, "key": art.path.parent.name}}
     g = None
@@ -207,9 +212,11 @@ def distributed_micro_batch(cfg: RunConfig, env: DistEnv, micro_batch: int | Non
     micro-batch), so it is part of the key. Under DDP it defaults to the largest size that splits both stages'
     batches evenly over the processes (the tiny scale trains F at 64 and G at 32): one size for every variant, so
     that they share F. A size that does not split a trained stage's batch is refused before any training."""
-    batches = (cfg.stage1.batch_size, cfg.stage2.batch_size) if cfg.inverse == "learned" else (cfg.stage1.batch_size,)
+    batches = {"learned": (cfg.stage1.batch_size, cfg.stage2.batch_size), "exact": (cfg.stage1.batch_size,),
+               "peer": (cfg.peer.batch_size,)}[cfg.inverse]
     if micro_batch is None and env.distributed:
-        micro_batch = max(1, math.gcd(cfg.stage1.batch_size, cfg.stage2.batch_size) // env.world_size)
+        common = math.gcd(cfg.stage1.batch_size, cfg.stage2.batch_size, cfg.peer.batch_size)
+        micro_batch = max(1, common // env.world_size)
     for batch in batches if micro_batch is not None else ():
         if batch % micro_batch or (batch // micro_batch) % env.world_size:
             raise ConfigError(f"a training batch of {batch} does not split into micro-batches of {micro_batch} "

@@ -96,17 +96,17 @@ def train_peer_loss(cfg: RunConfig, peer: PeerConfig, model: nn.Module, x: Tenso
     return loss, {peer.kind: float(loss.detach())}
 
 
-def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset,
+def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset, seed: int,
                checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
                micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[nn.Module, FitResult]:
     """A 1-NFE peer trained directly on the data (issue 42), by its own objective (training/peer_losses.py), on
-    the same data and pixel range as F and G; seeded by peer.seed."""
-    torch.manual_seed(peer.seed)
+    the same data and pixel range as F and G; seeded by the run's seed, as G."""
+    torch.manual_seed(seed + 2)
     model = build_peer(cfg, peer)
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         return train_peer_loss(cfg, peer, m, x, y, gen)
 
-    result = fit(model, loss_fn, dataset, peer, seed=peer.seed, checkpoint=checkpoint, ema_decay=peer.ema_decay,
+    result = fit(model, loss_fn, dataset, peer, seed=seed, checkpoint=checkpoint, ema_decay=peer.ema_decay,
                  desc=f"peer ({peer.kind})", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
     return model, result

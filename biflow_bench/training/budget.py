@@ -5,6 +5,7 @@ data gets the same FLOPs, so its step count is that budget over its own FLOPs pe
     step_flops(cfg, peers)        FLOPs of one training step (forward + backward, torch.utils.flop_counter's
                                   formulas) of F, G and each peer, at the stages' batch sizes
     equal_compute(cfg, peers)     BiFlow's budget and each peer's steps within it
+    resolved_peer(cfg)            the run's peer with its steps (at equal compute: from the budget)
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from ..config import PeerConfig, RunConfig
 from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
-from ..training.losses import build_perceptual_terms, nll_loss, stage2_loss
-from ..training.stages import build_peer, train_peer_loss
-from .flops import count_flops
+from ..speed.flops import count_flops
+from .losses import build_perceptual_terms, nll_loss, stage2_loss
+from .stages import build_peer, train_peer_loss
 
 
 def _batch(cfg: RunConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,3 +59,12 @@ def equal_compute(cfg: RunConfig, peers: tuple[PeerConfig, ...], seed: int = 0) 
     budget = cfg.stage1.steps * flops["flow"] + cfg.stage2.steps * flops["backward"]
     return {"flops_per_step": flops, "biflow_flops": budget,
             "peer_steps": {p.kind: budget // flops[p.kind] for p in peers}}
+
+
+def resolved_peer(cfg: RunConfig) -> PeerConfig:
+    """cfg.peer as it trains: at equal compute (peer.equal_compute) its steps those of BiFlow's budget with the
+    run's F and G settings, else its own."""
+    if not cfg.peer.equal_compute:
+        return cfg.peer
+    steps = equal_compute(cfg, (cfg.peer,))["peer_steps"][cfg.peer.kind]
+    return dataclasses.replace(cfg.peer, steps=max(1, int(steps)), equal_compute=False)
