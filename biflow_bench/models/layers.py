@@ -1,7 +1,8 @@
 """Transformer parts shared by the forward flow F and the backward model G.
 
-Pure torch. Attention runs through scaled_dot_product_attention (SDPA) and supports a preallocated KV cache that is
-written in place, which the exact serial inverse of F uses to decode one token at a time.
+Pure torch. Attention runs through scaled_dot_product_attention (SDPA). A causal block also decodes: its step
+(`CausalBlock.decode`) runs new tokens against a preallocated KV cache written in place (`DecodeCache`), the one step
+of F's exact inverse in every decoder (tarflow.FlowBlock: serial, compiled, Jacobi).
 """
 
 from __future__ import annotations
@@ -61,22 +62,6 @@ def unpatchify(x: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
     return x.reshape(b, c, h, w)
 
 
-class KVCache:
-    """Keys and values of one attention layer, preallocated for the whole sequence and filled in place."""
-
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: Tensor):
-        self.k = like.new_empty(batch, heads, length, head_dim)
-        self.v = like.new_empty(batch, heads, length, head_dim)
-        self.pos = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n = k.shape[2]
-        self.k[:, :, self.pos : self.pos + n] = k
-        self.v[:, :, self.pos : self.pos + n] = v
-        self.pos += n
-        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, causal: bool, qk_norm: bool = False):
         super().__init__()
@@ -87,28 +72,21 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: Tensor | float = 1.0) -> Tensor:
+    def forward(self, x: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
         """`temperature` > 1 flattens attention (TARFlow sec. 2.6, attention-temperature guidance); a (B, 1, 1, 1)
-        tensor gives each sample its own. With a cache, new tokens attend to every cached token."""
+        tensor gives each sample its own."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if not (isinstance(temperature, float) and temperature == 1.0):
             q = q / temperature
-        mask, causal = None, self.causal
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.append(k, v)
-            if start > 0:  # causal among the new tokens, full view of the cached ones
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start) if causal and t > 1 else None
-                causal = False
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # bf16 autocast on the CPU: attention in float32 (autocast off: it would cast SDPA back to bf16), whose
             # flash-attention backward is far faster than bf16's there (docs/decisions.md); the matmuls keep bf16
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -147,9 +125,94 @@ class CausalBlock(nn.Module):
         self.attn = Attention(dim, heads, causal=True)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: Tensor | float = 1.0) -> Tensor:
-        x = x + self.attn(self.norm1(x), cache, temperature)
+    def forward(self, x: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
+        x = x + self.attn(self.norm1(x), temperature)
         return x + self.mlp(self.norm2(x))
+
+    def decode_cache(self, rows: int, length: int, like: Tensor, row_scale: Tensor | None = None,
+                     bmm: bool = False, masked: bool = False) -> DecodeCache:
+        """The state `decode` carries from token to token over a sequence of `length` (see DecodeCache)."""
+        return DecodeCache(self, rows, length, like, row_scale, bmm, masked)
+
+    def decode(self, h: Tensor, cache: DecodeCache, start: int | Tensor) -> Tensor:
+        """`forward` on t new tokens at positions [start, start + t) of a sequence being decoded, given the keys and
+        values of the tokens before them in `cache`, into which it writes the new tokens' own: h (rows * t, width),
+        each row's tokens in order, -> the same. An int `start` attends to the cache's prefix, causally among the
+        new tokens (eager decoders); a tensor (one token: the compiled decoder) to all N slots with those after it
+        masked, so that one graph serves every position. One token at an int position runs through the cache's
+        preallocated buffers (the serial decoder's hot loop)."""
+        c = cache
+        rows, width = c.rows, c.width
+        t = h.shape[0] // rows
+        x = F.layer_norm(h, (width,), *c.ln1)
+        if t == 1 and isinstance(start, int):
+            torch.addmm(c.b_qkv, x, c.w_qkv, out=c.qkv)  # q and the new keys and values are views of c.qkv
+            c.slots[start].copy_(c.kv_new)
+            q = c.q
+        else:
+            qkv = torch.addmm(c.b_qkv, x, c.w_qkv).view(rows, t, 3, c.heads, c.head_dim)
+            q, kv_new = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+            if isinstance(start, int):
+                c.kv[:, :, :, start : start + t] = kv_new
+            else:
+                c.kv.index_copy_(3, start.view(1), kv_new)
+        if c.row_scale is not None:
+            q = q * c.row_scale
+        att = c.attend(q, start, t)
+        h = h + torch.addmm(c.b_proj, att.view(rows, width) if t == 1 else att.transpose(1, 2).reshape(-1, width),
+                            c.w_proj)
+        u = F.gelu(torch.addmm(c.b_1, F.layer_norm(h, (width,), *c.ln2), c.w_1))
+        return h + torch.addmm(c.b_2, u, c.w_2)
+
+
+class DecodeCache:
+    """What a CausalBlock's `decode` carries from token to token, made once per decode: the keys [0] and values [1]
+    of the whole sequence, (2, rows, heads, N, head_dim), preallocated and written in place; the block's weights as
+    the step takes them, read from its modules here (transposed for addmm, the softmax scale folded into the query
+    rows) because per token the module look-ups and the folding would cost small batches more than the math;
+    each row's 1 / attention temperature (`row_scale` (rows, 1, 1, 1), None when all are 1: TARFlow's
+    attention-temperature guidance); which kernel attends one query (`bmm`: batched matmuls, else SDPA); and, unless
+    `masked` (the compiled decoder, whose cache must start at zero: its masked slots are read, and 0 x NaN would leak
+    through the softmax), one token's qkv buffer with its q and new keys and values as views."""
+
+    def __init__(self, block: CausalBlock, rows: int, length: int, like: Tensor, row_scale: Tensor | None,
+                 bmm: bool, masked: bool):
+        attn, mlp = block.attn, block.mlp
+        heads, head_dim = attn.heads, attn.head_dim
+        width = heads * head_dim
+        self.rows, self.heads, self.head_dim, self.width = rows, heads, head_dim, width
+        self.row_scale, self.bmm = row_scale, bmm
+        self.kv = (like.new_zeros if masked else like.new_empty)(2, rows, heads, length, head_dim)
+        if not masked:
+            qkv = like.new_empty(rows, 3, heads, head_dim)
+            self.qkv, self.q = qkv.view(rows, 3 * width), qkv[:, 0].unsqueeze(2)
+            self.kv_new = qkv[:, 1:].transpose(0, 1)
+            self.slots = self.kv.unbind(3)  # each position's keys and values
+        scale = like.new_ones(3 * width)
+        scale[:width] = head_dim**-0.5
+        self.ln1 = (block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        self.w_qkv, self.b_qkv = (attn.qkv.weight * scale[:, None]).t(), attn.qkv.bias * scale
+        self.w_proj, self.b_proj = attn.proj.weight.t(), attn.proj.bias
+        self.ln2 = (block.norm2.weight, block.norm2.bias, block.norm2.eps)
+        self.w_1, self.b_1, self.w_2, self.b_2 = mlp.fc1.weight.t(), mlp.fc1.bias, mlp.fc2.weight.t(), mlp.fc2.bias
+
+    def attend(self, q: Tensor, start: int | Tensor, t: int) -> Tensor:
+        """Attention of the t new tokens' queries q (rows, heads, t, head_dim), already scaled, over the cache, whose
+        slots [start, start + t) hold their keys and values: (rows, heads, t, head_dim), or (rows * heads, 1,
+        head_dim) from the batched matmuls."""
+        if not isinstance(start, int):  # every slot, those after the new token masked
+            hidden = torch.arange(self.kv.shape[3], device=q.device) > start
+            return (q @ self.kv[0].transpose(2, 3)).masked_fill(hidden, float("-inf")).softmax(-1) @ self.kv[1]
+        keys, values = self.kv[:, :, :, : start + t]  # (rows, heads, start + t, head_dim) views of the cache
+        if self.bmm and t == 1:
+            # one query against a short cache: batched matmuls beat SDPA's CPU kernel once there are many (row,
+            # head) pairs; for a handful SDPA is fewer calls
+            pairs, head_dim = self.rows * self.heads, self.head_dim
+            s = torch.bmm(q.reshape(pairs, 1, head_dim), keys.reshape(pairs, start + 1, head_dim).transpose(1, 2))
+            return torch.bmm(s.softmax(-1), values.reshape(pairs, start + 1, head_dim))
+        mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(start) if start and t > 1 else None
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=t > 1 and not start,
+                                              scale=1.0)
 
 
 class AdaLNBlock(nn.Module):

@@ -7,7 +7,14 @@ update of token i (TARFlow eq. 4):
     z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),     log|det dz/dx| = -sum_i sum_j alpha_ij     (eq. 5)
 
 Token 0 passes unchanged. The inverse is exact and serial: token i needs x_<i, so decoding runs token by token,
-block by block (with a preallocated KV cache, see FlowBlock._reverse_cached). Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
+block by block. Norm control (BiFlow sec. 3.3) bounds alpha and mu to (-c, c).
+
+The fast decoders share one step: `FlowBlock._encode` embeds the decoded tokens and runs each layer's
+`CausalBlock.decode` against that layer's preallocated KV cache, `FlowBlock._update` reads out alpha, mu, applies
+guidance and the affine update. The serial decoder (`FlowBlock._reverse_cached`) takes it eagerly, one token at a time
+through buffers and views made once; the compiled one (`compiled=True`) under torch.compile, one graph for every
+position (compiled_decoder.py); Jacobi a group of tokens at a time. `_reverse_reference` re-runs the modules on the
+whole prefix at every step: the tests' plain reference.
 
 The same inverse can be solved in parallel (`TARFlow.reverse_jacobi`): x = mu(x) + z exp(alpha(x)) is a fixed point
 of one causal pass over a whole group of tokens, and Jacobi iteration from the guess x = z reaches it exactly in at
@@ -26,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compiled_decoder import reverse_compiled
-from .layers import CausalBlock, ImageTokens, KVCache, guidance_weights, patchify, unpatchify
+from . import layers
+from .compiled_decoder import compiled_step
+from .layers import CausalBlock, ImageTokens, guidance_weights, patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -125,14 +133,13 @@ class FlowBlock(nn.Module):
         attention temperature `temperature`) run as one batch of 2B and mu, alpha are extrapolated (TARFlow sec. 2.6):
         p~ = (1 + w) p(. | y) - w p(. | y_uncond).
 
-        kv_cache=True is the fast decoder (`_reverse_cached`; with `compiled`, its token step under torch.compile,
-        compiled_decoder.reverse_compiled); kv_cache=False is the plain reference that re-runs the whole prefix through the
-        modules at every step (the tests check that all agree)."""
+        kv_cache=True is the fast decoder (`_reverse_cached`; with `compiled`, each token's step under
+        torch.compile); kv_cache=False is the plain reference that re-runs the whole prefix through the modules at
+        every step (the tests check that all agree)."""
         z = self._order(z)
-        if compiled and kv_cache:
-            return self._order(reverse_compiled(self, z, y, y_uncond, guidance, temperature, annealed))
-        decode = self._reverse_cached if kv_cache else self._reverse_reference
-        return self._order(decode(z, y, y_uncond, guidance, temperature, annealed))
+        if kv_cache:
+            return self._order(self._reverse_cached(z, y, y_uncond, guidance, temperature, annealed, compiled))
+        return self._order(self._reverse_reference(z, y, y_uncond, guidance, temperature, annealed))
 
     def _reverse_reference(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
                            temperature: float, annealed: bool) -> Tensor:
@@ -152,7 +159,7 @@ class FlowBlock(nn.Module):
                 inp = torch.cat([inp, inp])
             h = self._embed(inp, 0, ys)
             for layer in self.layers:
-                h = layer(h, None, temp)
+                h = layer(h, temp)
             alpha, mu = self._params(h[:, -1])
             if guided:
                 w = weights[i]
@@ -161,115 +168,63 @@ class FlowBlock(nn.Module):
             x[:, i + 1] = z[:, i + 1] * torch.exp(alpha) + mu
         return x
 
-    def _decode_weights(self, b: int, y: Tensor | None, y_uncond: Tensor | None, guided: bool,
-                        dtype: torch.dtype) -> tuple[Tensor, Tensor, list[tuple], tuple]:
-        """What the fast decoders hoist out of their token loop: proj_in's bias + positional (+ class) embedding as
-        one (rows, N, width) table (rows = 2B with guidance: the conditional rows, then the guiding ones),
-        proj_in's transposed weight, and per layer its transposed weights with the softmax scale folded into the
-        query rows; the read-out with the clip's 1/c folded in."""
-        cfg = self.cfg
-        width, head_dim = cfg.channels, cfg.channels // cfg.num_heads
-        pos = self.pos.flip(0) if self.flip else self.pos
-        table = (pos + self.proj_in.bias).to(dtype)
-        if self.class_embed is not None:
-            ys = torch.cat([y, y_uncond]) if guided else y  # type: ignore[list-item]
-            table = table[None] + self.class_embed(ys)[:, None].to(dtype)
-        else:
-            table = table[None].expand(2 * b if guided else b, -1, -1)
-        layers = []
-        for layer in self.layers:
-            attn, mlp = layer.attn, layer.mlp
-            scale = torch.ones(3 * width, device=table.device, dtype=dtype)
-            scale[:width] = head_dim**-0.5
-            layers.append((
-                (layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), (attn.qkv.weight * scale[:, None]).t(),
-                attn.qkv.bias * scale, attn.proj.weight.t(), attn.proj.bias,
-                (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps), mlp.fc1.weight.t(), mlp.fc1.bias,
-                mlp.fc2.weight.t(), mlp.fc2.bias,
-            ))
-        w_out, b_out = self.proj_out.weight, self.proj_out.bias
-        if cfg.clip is not None:  # c * tanh(p / c) with 1/c folded into the read-out
-            w_out, b_out = w_out / cfg.clip, b_out / cfg.clip
-        norm = (self.norm_out.weight, self.norm_out.bias, self.norm_out.eps)
-        return table, self.proj_in.weight.t(), layers, (norm, w_out.t(), b_out)
+    # the decoding step, shared by the serial, compiled and Jacobi decoders: `_encode` runs decoded tokens through
+    # the layers (writing their keys and values into the caches), `_update` turns the result into the next tokens
 
-    def _row_scale(self, b: int, guided: bool, temperature: float, like: Tensor) -> Tensor | None:
-        """1 / temperature of each of the 2B rows (TARFlow's attention-temperature guidance), None when all are 1."""
-        if not guided or temperature == 1.0:
-            return None
-        return torch.cat([like.new_ones(b, 1, 1), like.new_full((b, 1, 1), 1.0 / temperature)])
+    def _encode(self, dec: _Decoding, x: Tensor, table: Tensor, start: int | Tensor) -> Tensor:
+        """The causal Transformer on t decoded tokens at positions [start, start + t): x (B * t, D) and their rows of
+        dec.table, (2, B * t, width) with guidance, else (B * t, width) -> h (rows * t, width)."""
+        if dec.guided:  # one input projection, shared by the conditional and the guiding rows
+            h = (table + torch.mm(x, dec.w_in)).view(-1, dec.width)
+        else:
+            h = torch.addmm(table, x, dec.w_in)
+        for layer, cache in dec.layers:
+            h = layer.decode(h, cache, start)
+        return h
+
+    def _update(self, dec: _Decoding, h: Tensor, z_next: Tensor, w: float | Tensor,
+                out: Tensor | None = None) -> Tensor:
+        """The tokens that h (rows * t, width) predicts, x = mu + z exp(alpha) (B * t, D) from their noise z_next;
+        with guidance the extrapolation (1 + w) p_c - w p_u = lerp(p_u, p_c, 1 + w) of alpha and mu at once (w: a
+        float, or one per row of the conditional half). The serial decoder writes into dec's buffers and `out`."""
+        p = torch.addmm(dec.b_out, F.layer_norm(h, (dec.width,), *dec.norm), dec.w_out, out=dec.p)
+        if self.cfg.clip is not None:  # c * tanh(p / c), the 1/c folded into the read-out
+            p.tanh_().mul_(self.cfg.clip)
+        if dec.guided:
+            p_cond, p_unc = dec.halves or p.chunk(2)
+            p = torch.lerp(p_unc, p_cond, 1.0 + w, out=dec.p_guided)
+        alpha, mu = dec.alpha_mu or p.chunk(2, dim=-1)
+        if self.cfg.nvp:
+            return torch.addcmul(mu, z_next, alpha.exp(), out=out)
+        return torch.add(mu, z_next, out=out)
 
     def _reverse_cached(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
-                        temperature: float, annealed: bool) -> Tensor:
-        """Fast exact inverse on the ordered sequence: one token per step through a preallocated KV cache.
-
-        The math of `forward` / `CausalBlock` in functional form, with everything that does not depend on the
-        decoded token hoisted out of the loop (`_decode_weights`). Per token and layer: layer norm, one qkv matmul
-        whose k and v go into the cache in one in-place copy, attention of the new query over the cache prefix (no
-        mask: the cache holds only earlier tokens), output projection, MLP. With guidance the 2B rows share one
-        input projection, the guiding rows' attention temperature scales their queries, and the extrapolation
-        (1 + w) p_c - w p_u is one lerp."""
-        cfg = self.cfg
-        b, n, d = z.shape
-        guided = guidance > 0
-        rows = 2 * b if guided else b
-        width, heads = cfg.channels, cfg.num_heads
-        head_dim = width // heads
+                        temperature: float, annealed: bool, compiled: bool) -> Tensor:
+        """Fast exact inverse on the ordered sequence: one token per step, its keys and values kept in the layers'
+        preallocated caches. Eagerly, the step writes into buffers and per-position views taken once; `compiled`,
+        it is one torch.compile'd function (`_token_step`) of the same shapes at every position (the cache masked
+        past the new token), so one graph serves every position, block and call at a batch size."""
+        b, n, _ = z.shape
         x = z.clone()
         if n == 1:
             return x
-        table, w_in, layers, ((norm_w, norm_b, norm_eps), w_out, b_out) = self._decode_weights(
-            b, y, y_uncond, guided, z.dtype)
-        row_scale = self._row_scale(b, guided, temperature, z)
-        # one query against a short cache: batched matmuls beat SDPA's CPU kernel once there are many (row, head)
-        # pairs; for a handful SDPA is fewer calls
-        use_bmm = rows * heads > _SDPA_MAX_PAIRS
-        buffers = []
-        for _ in layers:
-            qkv = z.new_empty(rows, 3, heads, head_dim)  # written by every step's qkv matmul (out=)
-            kv = z.new_empty(2, rows, heads, n, head_dim)  # the KV cache: keys [0], values [1], filled in place
-            buffers.append((qkv.view(rows, 3 * width), qkv[:, 0], qkv[:, 1:].transpose(0, 1), kv, kv.unbind(3)))
-        clip = cfg.clip
-        layer_norm, sdpa, gelu, addmm, bmm = F.layer_norm, F.scaled_dot_product_attention, F.gelu, torch.addmm, torch.bmm
-        pairs = rows * heads
-        # per-position views, taken once
-        xs, zs = x.unbind(1), z.unbind(1)
-        tables = table.view(2, b, n, width).unbind(2) if guided else table.unbind(1)
-        p_all = z.new_empty(rows, 2 * d)  # the read-out (alpha, mu) of every row, then of each sample
-        p_cond, p_unc = p_all[:b], p_all[b:]
-        p_guided = z.new_empty(b, 2 * d) if guided else p_all
-        alpha, mu = p_guided[:, :d], p_guided[:, d:]
+        dec = _Decoding(self, z, y, y_uncond, guidance, temperature, "compiled" if compiled else "serial")
         weights = guidance_weights(guidance, n, annealed)
-
+        if compiled:
+            step, weights_t = compiled_step(FlowBlock._token_step, layers.COMPILE_BACKEND), z.new_tensor(weights)
+            for i, pos in enumerate(torch.arange(n - 1, device=z.device).unbind()):
+                x[:, i + 1] = step(self, dec, x, z, pos, weights_t)
+            return x
+        xs, zs, tables = x.unbind(1), z.unbind(1), dec.table.unbind(-2)  # per-position views, taken once
         for i in range(n - 1):
-            if guided:  # one (b, width) projection, shared by both passes
-                h = (tables[i] + torch.mm(xs[i], w_in)).view(rows, width)
-            else:
-                h = addmm(tables[i], xs[i], w_in)
-            for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_1, b_1, w_2, b_2), (qkv, q, kv_new, kv, slots) \
-                    in zip(layers, buffers):
-                addmm(b_qkv, layer_norm(h, (width,), *ln1), w_qkv, out=qkv)
-                slots[i].copy_(kv_new)
-                qi = q if row_scale is None else q * row_scale
-                keys, values = kv[:, :, :, : i + 1]  # (rows, heads, i + 1, head_dim) views of the cache
-                if use_bmm:
-                    s = bmm(qi.reshape(pairs, 1, head_dim), keys.reshape(pairs, i + 1, head_dim).transpose(1, 2))
-                    att = bmm(s.softmax(-1), values.reshape(pairs, i + 1, head_dim))
-                else:
-                    att = sdpa(qi.unsqueeze(2), keys, values, scale=1.0)
-                h = h + addmm(b_proj, att.view(rows, width), w_proj)
-                u = gelu(addmm(b_1, layer_norm(h, (width,), *ln2), w_1))
-                h = h + addmm(b_2, u, w_2)
-            addmm(b_out, layer_norm(h, (width,), norm_w, norm_b, norm_eps), w_out, out=p_all)
-            if clip is not None:
-                p_all.tanh_().mul_(clip)
-            if guided:  # (1 + w) p_c - w p_u = lerp(p_u, p_c, 1 + w), alpha and mu at once
-                torch.lerp(p_unc, p_cond, 1.0 + weights[i], out=p_guided)
-            if cfg.nvp:
-                torch.addcmul(mu, zs[i + 1], alpha.exp(), out=xs[i + 1])
-            else:
-                torch.add(mu, zs[i + 1], out=xs[i + 1])
+            self._update(dec, self._encode(dec, xs[i], tables[i], i), zs[i + 1], weights[i], out=xs[i + 1])
         return x
+
+    def _token_step(self, dec: _Decoding, x: Tensor, z: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
+        """The compiled decoder's step: token pos + 1 of the ordered sequence from token `pos` (a 0-d tensor)."""
+        index = pos.view(1)
+        h = self._encode(dec, x.index_select(1, index)[:, 0], dec.table.index_select(-2, index).squeeze(-2), pos)
+        return self._update(dec, h, z.index_select(1, index + 1)[:, 0], weights[pos])
 
     @torch.no_grad()
     def reverse_jacobi(self, z: Tensor, y: Tensor | None, y_uncond: Tensor | None = None, guidance: float = 0.0,
@@ -278,7 +233,7 @@ class FlowBlock(nn.Module):
         """Inverse of `forward` by (Gauss-Seidel-)Jacobi iteration; returns it and the number of parallel passes.
 
         Tokens 1..N-1 are cut into groups of `group`, decoded one group after the other. Within a group every pass
-        runs the causal Transformer over the group's inputs (the tokens before it come from a KV cache) and
+        runs the causal Transformer over the group's inputs (the tokens before it come from the KV caches) and
         updates all of its tokens at once, x_i <- mu_i(x_<i) + z_i exp(alpha_i(x_<i)), starting from x = z; the
         group stops when no value changed by more than `tol` in the last pass, and after at most as many passes
         as it has tokens, where it equals the serial inverse (tol = 0: up to float rounding). The next group's
@@ -287,37 +242,24 @@ class FlowBlock(nn.Module):
         The convergence test is over the whole batch. Guidance as in `reverse`: the 2B rows are one batch and
         alpha, mu are extrapolated per token."""
         z = self._order(z)
-        b, n, _ = z.shape
+        b, n, d = z.shape
         x = z.clone()
-        guided = guidance > 0
-        ys: Tensor | None = y
-        temp: Tensor | float = 1.0
-        if guided:
-            ys = None if y is None else torch.cat([y, y_uncond])  # type: ignore[list-item]
-            temp = torch.ones(2 * b, 1, 1, 1, device=z.device, dtype=z.dtype)
-            temp[b:] = temperature
-        rows, heads = (2 * b if guided else b), self.cfg.num_heads
-        caches = [KVCache(rows, heads, n, self.cfg.channels // heads, z) for _ in self.layers]
+        dec = _Decoding(self, z, y, y_uncond, guidance, temperature, "jacobi")
         weights = z.new_tensor(guidance_weights(guidance, n, annealed))  # of each decoded token 1..N-1
         passes, valid = 0, 0  # the caches' keys and values at positions < valid are those of the final tokens
         for start in range(1, n, group):
             end = min(start + group, n)
-            for _ in range(end - start):
+            m = end - start
+            z_next, w = z[:, start:end].reshape(b * m, d), weights[start - 1 : end - 1].repeat(b)[:, None]
+            for _ in range(m):
                 # position j predicts token j + 1; the pass re-encodes from the first stale cache position (the
                 # previous group's tokens moved in its last pass) and rewrites the group's own keys and values
                 lo = min(valid, start - 1)
-                inp = x[:, lo : end - 1]
-                for cache in caches:
-                    cache.pos = lo
-                h = self._embed(torch.cat([inp, inp]) if guided else inp, lo, ys)
-                for layer, cache in zip(self.layers, caches, strict=True):
-                    h = layer(h, cache, temp)
-                alpha, mu = self._params(h[:, start - 1 - lo :])
-                if guided:
-                    w = weights[start - 1 : end - 1].view(1, -1, 1)
-                    alpha = (1 + w) * alpha[:b] - w * alpha[b:]
-                    mu = (1 + w) * mu[:b] - w * mu[b:]
-                new = z[:, start:end] * torch.exp(alpha) + mu
+                t = end - 1 - lo
+                h = self._encode(dec, x[:, lo : end - 1].reshape(b * t, d),
+                                 dec.table[..., lo : end - 1, :].flatten(-3, -2), lo)
+                h = h.view(-1, t, dec.width)[:, t - m :].reshape(-1, dec.width)  # the positions of the group's tokens
+                new = self._update(dec, h, z_next, w).view(b, m, d)
                 change = (new - x[:, start:end]).abs().max()
                 x[:, start:end] = new
                 passes += 1
@@ -327,7 +269,49 @@ class FlowBlock(nn.Module):
         return self._order(x), passes
 
 
-# exact decoding's attention: SDPA up to this many (row, head) pairs, batched matmuls above
+class _Decoding:
+    """What a FlowBlock's decoding step carries from token to token, made once per decode from the block's
+    modules: the input embedding before the input projection (proj_in's bias + positions (+ class)) as one table
+    (B, N, width), or with guidance (2, B, N, width): the conditional rows, then the guiding ones (rows = 2B);
+    proj_in's transposed weight; the read-out's, with the clip's 1/c folded in; each layer with its DecodeCache
+    (`decoder`: "serial", "compiled" or "jacobi"); and for the serial decoder the read-out's buffers, written in
+    place: (alpha, mu) of every row, then of each sample, and their views."""
+
+    def __init__(self, block: FlowBlock, z: Tensor, y: Tensor | None, y_uncond: Tensor | None, guidance: float,
+                 temperature: float, decoder: str):
+        cfg = block.cfg
+        b, n, d = z.shape
+        self.guided = guided = guidance > 0
+        rows = 2 * b if guided else b
+        self.width = cfg.channels
+        pos = block.pos.flip(0) if block.flip else block.pos
+        table = (pos + block.proj_in.bias).to(z.dtype)
+        if block.class_embed is not None:
+            ys = torch.cat([y, y_uncond]) if guided else y  # type: ignore[list-item]
+            table = table[None] + block.class_embed(ys)[:, None].to(z.dtype)
+        else:
+            table = table[None].expand(rows, -1, -1)
+        self.table = table.view(2, b, n, self.width) if guided else table
+        self.w_in = block.proj_in.weight.t()
+        w_out, b_out = block.proj_out.weight, block.proj_out.bias
+        if cfg.clip is not None:
+            w_out, b_out = w_out / cfg.clip, b_out / cfg.clip
+        self.w_out, self.b_out = w_out.t(), b_out
+        self.norm = (block.norm_out.weight, block.norm_out.bias, block.norm_out.eps)
+        row_scale = None
+        if guided and temperature != 1.0:  # the guiding rows' queries / temperature
+            row_scale = torch.cat([z.new_ones(b, 1, 1, 1), z.new_full((b, 1, 1, 1), 1.0 / temperature)])
+        bmm = rows * cfg.num_heads > _SDPA_MAX_PAIRS
+        masked = decoder == "compiled"
+        self.layers = [(layer, layer.decode_cache(rows, n, z, row_scale, bmm, masked)) for layer in block.layers]
+        self.p = self.p_guided = self.halves = self.alpha_mu = None
+        if decoder == "serial":
+            self.p = z.new_empty(rows, 2 * d)
+            self.p_guided = z.new_empty(b, 2 * d) if guided else self.p
+            self.halves, self.alpha_mu = (self.p[:b], self.p[b:]), (self.p_guided[:, :d], self.p_guided[:, d:])
+
+
+# exact decoding's attention of one query: SDPA up to this many (row, head) pairs, batched matmuls above
 _SDPA_MAX_PAIRS = 16
 
 
@@ -382,7 +366,7 @@ class TARFlow(nn.Module):
         compiled: bool = False,
     ) -> Tensor:
         """Exact inverse x = F^-1(z): num_blocks x (N - 1) serial decoding steps (`compiled`: each step one
-        torch.compile'd function, see compiled_decoder.reverse_compiled).
+        torch.compile'd function, see FlowBlock._reverse_cached).
 
         guidance > 0 with guidance_temperature None: classifier-free guidance against the null class; with a
         temperature: TARFlow's attention-temperature guidance (the guiding pass keeps the class, attention flattened).
