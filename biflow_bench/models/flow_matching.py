@@ -13,29 +13,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import ConditionedTransformer, ImageTokens
+from .layers import BackboneConfig, ConditionedTransformer
 
 SOLVERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
-class FlowMatchingConfig(ImageTokens):
-    in_channels: int = 1
-    image_size: int = 8
-    patch_size: int = 2
-    width: int = 64
-    depth: int = 5  # bidirectional blocks (G's stages x layers per stage, for G's parameter count)
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 0
+class FlowMatchingConfig(BackboneConfig):
+    pass
 
 
 class FlowMatching(nn.Module):
     def __init__(self, cfg: FlowMatchingConfig):
         super().__init__()
         self.config = cfg
-        self.net = ConditionedTransformer(cfg, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.num_classes,
-                                          scalars=("t",))
+        self.net = ConditionedTransformer(cfg, scalars=("t",))
 
     def forward(self, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The velocity v(z_t, t, y); t (B,)."""

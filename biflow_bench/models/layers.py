@@ -8,7 +8,7 @@ of F's exact inverse in every decoder (tarflow.FlowBlock: serial, compiled, Jaco
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -250,38 +250,50 @@ def timestep_embedding(w: Tensor, dim: int, max_period: float = 100.0) -> Tensor
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(w.dtype if w.is_floating_point() else torch.float32)
 
 
+@dataclass(frozen=True)
+class BackboneConfig(ImageTokens):
+    """The 1-NFE peers' shape (ConditionedTransformer): G's width, heads and classes, `depth` blocks."""
+
+    in_channels: int = 1
+    image_size: int = 8
+    patch_size: int = 2
+    width: int = 64
+    depth: int = 5  # bidirectional blocks (G's stages x layers per stage, for G's parameter count)
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+
+
 class ConditionedTransformer(nn.Module):
     """G's backbone as a field network (the 1-NFE peers): patch embedding + positions, `depth` bidirectional AdaLN
     blocks modulated by one condition vector (class, with a null class for CFG, plus each named scalar condition
-    through its own sinusoidal embedding and MLP), and a read-out to tokens, zero-initialised so the field starts at 0."""
+    through its own sinusoidal embedding and MLP), and a read-out to tokens, zero-initialised: the field starts at 0."""
 
-    def __init__(self, tokens: ImageTokens, width: int, depth: int, num_heads: int, mlp_ratio: float,
-                 num_classes: int, scalars: tuple[str, ...]):
+    def __init__(self, cfg: BackboneConfig, scalars: tuple[str, ...]):
         super().__init__()
-        self.tokens, self.width, self.num_classes = tokens, width, num_classes
-        self.embed = nn.Linear(tokens.token_dim, width)
-        self.pos = nn.Parameter(torch.randn(tokens.num_tokens, width) * 0.02)
-        self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.cfg, width = cfg, cfg.width
+        self.embed = nn.Linear(cfg.token_dim, width)
+        self.pos = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
         if self.class_embed is not None:  # small, as G's and F's class embeddings
             nn.init.normal_(self.class_embed.weight, std=0.01)
         self.scalar_embed = nn.ModuleDict(
             {name: nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) for name in scalars})
-        self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(AdaLNBlock(width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(width)
-        self.readout = nn.Linear(width, tokens.token_dim)
+        self.readout = nn.Linear(width, cfg.token_dim)
         nn.init.zeros_(self.readout.weight)
         nn.init.zeros_(self.readout.bias)
 
     def forward(self, x: Tensor, y: Tensor | None, **scalars: Tensor) -> Tensor:
         """x (B, C, H, W) -> a field of the same shape; `y` None or the null class (num_classes): unconditional;
         `scalars`: each named condition as a (B,) tensor."""
-        t = self.tokens
-        b = x.shape[0]
-        cond = sum((mlp(timestep_embedding(scalars[name], self.width).to(x.dtype))
-                    for name, mlp in self.scalar_embed.items()), torch.zeros(b, self.width, device=x.device,
-                                                                               dtype=x.dtype))
+        t, b = self.cfg, x.shape[0]
+        cond = torch.zeros(b, t.width, device=x.device, dtype=x.dtype)
+        for name, mlp in self.scalar_embed.items():
+            cond = cond + mlp(timestep_embedding(scalars[name], t.width).to(x.dtype))
         if self.class_embed is not None:
-            labels = y if y is not None else torch.full((b,), self.num_classes, device=x.device)
+            labels = y if y is not None else torch.full((b,), t.num_classes, device=x.device)
             cond = cond + self.class_embed(labels)
         cond = F.silu(cond)
         h = self.embed(patchify(x, t.patch_size)) + self.pos

@@ -15,19 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import ConditionedTransformer, ImageTokens
+from .layers import BackboneConfig, ConditionedTransformer
 
 
 @dataclass(frozen=True)
-class MeanFlowConfig(ImageTokens):
-    in_channels: int = 1
-    image_size: int = 8
-    patch_size: int = 2
-    width: int = 64
-    depth: int = 5  # bidirectional blocks (G's stages x layers per stage, for G's parameter count)
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 0
+class MeanFlowConfig(BackboneConfig):
     guidance: bool = True  # training-time CFG: w is a condition (needs classes)
 
     def __post_init__(self) -> None:
@@ -40,8 +32,7 @@ class MeanFlow(nn.Module):
         super().__init__()
         self.config = cfg
         scalars = ("t", "interval") + (("w",) if cfg.guidance else ())
-        self.net = ConditionedTransformer(cfg, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.num_classes,
-                                          scalars=scalars)
+        self.net = ConditionedTransformer(cfg, scalars=scalars)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         """The average velocity u(z_t, r, t | y, w); r, t, w (B,) (w: 0 when None, ignored without guidance)."""
