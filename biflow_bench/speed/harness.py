@@ -17,6 +17,7 @@ from ..models.biflow import BiFlow
 from ..models.tarflow import TARFlow
 from ..sample import Sampler, image_noise
 from ..training.loop import autocast_context, build_optimizer, compile_in_place
+from ..training.budget import random_batch
 from ..training.losses import nll_loss, stage2_loss
 
 
@@ -103,11 +104,7 @@ def training_calls(cfg: RunConfig, device: torch.device, batch: int, seed: int, 
     precision, compile = parse_train_setting(setting)
     flow, g = build_variant_models(cfg, device, seed)
     assert g is not None
-    shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(batch, *shape, generator=gen) * 2 - 1).to(device)
-    y = torch.randint(0, max(cfg.flow.num_classes, 1), (batch,), generator=gen).to(device) \
-        if cfg.flow.num_classes else None
+    x, y = (t.to(device) if t is not None else None for t in random_batch(cfg, batch, seed))
     flow.train()
     s1 = cfg.stage1
     frozen = TARFlow(cfg.flow).to(device).eval().requires_grad_(False)  # stage 2 trains G against a frozen F

@@ -23,7 +23,8 @@ from .losses import build_perceptual_terms, nll_loss, stage2_loss
 from .stages import build_peer, train_peer_loss
 
 
-def _batch(cfg: RunConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def random_batch(cfg: RunConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A seeded stand-in for a training batch of `cfg`'s data: pixels uniform in [-1, 1], random labels."""
     gen = torch.Generator().manual_seed(seed)
     shape = (cfg.flow.in_channels, cfg.flow.image_size, cfg.flow.image_size)
     x = torch.rand(batch, *shape, generator=gen) * 2 - 1
@@ -36,18 +37,18 @@ def step_flops(cfg: RunConfig, peers: tuple[PeerConfig, ...] = (), seed: int = 0
     included), peer.kind: each peer's step} in FLOPs, each at its own batch size."""
     torch.manual_seed(seed)
     flow, g = TARFlow(cfg.flow), BiFlow(cfg.trained_backward)
-    x, y = _batch(cfg, cfg.stage1.batch_size, seed)
+    x, y = random_batch(cfg, cfg.stage1.batch_size, seed)
     out = {"flow": count_flops(lambda: nll_loss(flow, x + cfg.stage1.noise_sigma * torch.randn_like(x), y).backward())}
     flow.requires_grad_(False)
     perceptual = build_perceptual_terms(dataclasses.replace(cfg.stage2, perceptual_weights="random"))
-    x, y = _batch(cfg, cfg.stage2.batch_size, seed)
+    x, y = random_batch(cfg, cfg.stage2.batch_size, seed)
     gen = torch.Generator().manual_seed(seed)
     out["backward"] = count_flops(lambda: stage2_loss(
         g, flow, x, y if cfg.backward.num_classes else None, cfg.stage2, sigma=cfg.stage1.noise_sigma,
         perceptual=perceptual, generator=gen)[0].backward())
     for peer in peers:
         model = build_peer(cfg, peer)
-        xp, yp = _batch(cfg, peer.batch_size, seed)
+        xp, yp = random_batch(cfg, peer.batch_size, seed)
         out[peer.kind] = count_flops(lambda: train_peer_loss(cfg, peer, model, xp, yp, gen)[0].backward())
     return out
 
