@@ -11,9 +11,11 @@ REPORT_ARGS ?=
 RESULTS ?= results
 
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
-             ablation-training-cfg ablation-one-nfe
+             ablation-training-cfg ablation-one-nfe ablation-tarflow-vp ablation-tarflow-noise ablation-tarflow-depth \
+             ablation-tarflow-guidance
 
-.PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe clean bench-speed g-study rehearse-paper \
+.PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe reproduce-tarflow clean bench-speed g-study \
+        rehearse-paper \
         $(ABLATIONS)
 
 setup: .venv/.installed
@@ -94,6 +96,22 @@ rehearse-paper: setup
 # BiFlow rows are main's (shared records), its peers train for BiFlow's FLOPs (`biflow-bench bench budget`)
 reproduce-one-nfe: setup
 	$(foreach s,$(SEEDS),$(BENCH) run one-nfe --scale small --seed $(s) --results-dir $(RESULTS) &&) true
+
+# TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
+# of the preset's F schedule (ablations/_tarflow.toml). Two jobs, one thread each: the noise table's six Fs beside the
+# other tables' four, one table after another (an F two tables share is trained once, the other job waiting for it).
+TARFLOW_JOBS := tarflow.noise tarflow.rest
+TARFLOW_RUN = OMP_NUM_THREADS=1 $(BENCH) run $(1) --scale small --seed $(SEED) --results-dir $(RESULTS)
+.PHONY: $(TARFLOW_JOBS)
+reproduce-tarflow: setup
+	$(MAKE) --no-print-directory -j2 $(TARFLOW_JOBS)
+	$(MAKE) --no-print-directory report
+tarflow.noise: setup
+	$(call TARFLOW_RUN,tarflow-noise)
+tarflow.rest: setup
+	$(call TARFLOW_RUN,tarflow-vp)
+	$(call TARFLOW_RUN,tarflow-depth)
+	$(call TARFLOW_RUN,tarflow-guidance)
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

@@ -27,6 +27,7 @@ bases, not ablations.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tomllib
@@ -34,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, apply_delta, did_you_mean, scale_config
+from .config import SCALES, ConfigError, RunConfig, apply_delta, did_you_mean, scale_config
 
-SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "variants", "kind",
-             "judge"}
+SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "at_scale", "variants",
+             "kind", "judge"}
 VARIANT_KEYS = {"set", "paper", "label"}
 PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note"}
 KINDS = ("quality", "speed", "study")  # study: run like a table, outside the paper's tables (make g-study)
@@ -69,13 +70,17 @@ class AblationSpec:
     kind: str = "quality"  # "speed": a timing table, run by the speed benchmark
     path: str = ""
     judge: dict[str, str] = field(default_factory=dict)  # study: axis -> one of STUDY_JUDGES (else the first)
+    # [at_scale.NAME]: the baseline's deltas at one scale only (a table's shorter schedule at the small scale)
+    at_scale: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolve(self, variant: str, scale: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-        """Scale preset + baseline + variant delta (+ user overrides) -> the run's config."""
+        """Scale preset + baseline (+ its deltas at this scale) + variant delta (+ user overrides) -> the run's
+        config."""
         if variant not in self.variants:
             raise SpecError(f"unknown variant {variant!r} of ablation {self.name!r}; valid: {', '.join(self.variants)}"
                             + did_you_mean(variant, self.variants))
         cfg = apply_delta(scale_config(scale), self.baseline, source=f"{self.path} [baseline]")
+        cfg = apply_delta(cfg, self.at_scale.get(scale, {}), source=f"{self.path} [at_scale.{scale}]")
         cfg = apply_delta(cfg, self.variants[variant].delta, source=f"{self.path} [variants.{variant}]")
         return apply_delta(cfg, overrides or {}, source="--set")
 
@@ -155,13 +160,15 @@ def _include_path(spec: Path, include: Any) -> Path:
 
 
 def _read_spec(path: Path, chain: tuple[Path, ...] = (), where: str = ""
-               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Variant]]:
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], dict[str, Variant]]:
     """A spec file with its includes followed: (its own keys, paper_table defaulting to the included one's; the
-    baseline; the variants), the included ones first. `chain`: the including files, to refuse a cycle."""
+    baseline; its deltas per scale; the variants), the included ones first. `chain`: the including files, to refuse
+    a cycle."""
     raw = _read_toml(path, where)
     _check_keys(raw, SPEC_KEYS, str(path))
     chain = (*chain, path.resolve())
     baseline: dict[str, Any] = {}
+    at_scale: dict[str, dict[str, Any]] = {}
     variants: dict[str, Variant] = {}
     origin: dict[str, str] = {}  # variant -> the file that defines it, for the redefinition error
     if "include" in raw:
@@ -169,11 +176,19 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = (), where: str = ""
         if included.resolve() in chain:
             raise SpecError(f"{path}: include {included} is a cycle ({' -> '.join(p.name for p in chain)} -> "
                             f"{included.name})")
-        base_raw, baseline, variants = _read_spec(included, chain, where=f"{path}: include ")
+        base_raw, baseline, at_scale, variants = _read_spec(included, chain, where=f"{path}: include ")
         origin = {name: str(included) for name in variants}
         if "paper_table" in base_raw:  # the included rows' paper numbers come from that table
             raw = {"paper_table": base_raw["paper_table"], **raw}
     baseline.update(_flatten(raw.get("baseline", {}), f"{path}: [baseline]"))
+    scales_raw = raw.get("at_scale", {})
+    if not isinstance(scales_raw, dict) or not all(isinstance(v, dict) for v in scales_raw.values()):
+        raise SpecError(f"{path}: 'at_scale' must be [at_scale.SCALE] tables of dotted keys")
+    for scale, delta in scales_raw.items():
+        if scale not in SCALES:
+            raise SpecError(f"{path}: [at_scale.{scale}]: unknown scale; valid: {', '.join(SCALES)}"
+                            + did_you_mean(scale, SCALES))
+        at_scale[scale] = {**at_scale.get(scale, {}), **_flatten(delta, f"{path}: [at_scale.{scale}]")}
     variants_raw = raw.get("variants", {})
     if not isinstance(variants_raw, dict):
         raise SpecError(f"{path}: 'variants' must be [variants.NAME] tables")
@@ -193,12 +208,12 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = (), where: str = ""
             raise SpecError(f"{where}: 'paper' must be a table with keys among {', '.join(sorted(PAPER_KEYS))}")
         _check_keys(paper, PAPER_KEYS, f"{where}.paper")
         variants[name] = Variant(name, _flatten(v.get("set", {}), f"{where}.set"), dict(paper), str(v.get("label", "")))
-    return raw, baseline, variants
+    return raw, baseline, at_scale, variants
 
 
 def load_spec(path: str | Path) -> AblationSpec:
     path = Path(path)
-    raw, baseline, variants = _read_spec(path)
+    raw, baseline, at_scale, variants = _read_spec(path)
     for key in ("name", "title"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise SpecError(f"{path}: missing or empty string key {key!r}")
@@ -221,11 +236,11 @@ def load_spec(path: str | Path) -> AblationSpec:
     spec = AblationSpec(
         name=raw["name"], version=raw["version"], title=raw["title"], paper_table=raw.get("paper_table", ""),
         baseline=baseline, variants=variants, description=str(raw.get("description", "")), kind=kind, path=str(path),
-        judge=dict(judge),
+        judge=dict(judge), at_scale=at_scale,
     )
-    for name in variants:  # every variant must resolve: catches bad keys and types at load
-        try:
-            spec.resolve(name, "tiny")
+    for name, scale in itertools.product(variants, ("tiny", *at_scale)):  # every variant must resolve: catches bad
+        try:                                                                 # keys and types at load
+            spec.resolve(name, scale)
         except SpecError:
             raise
         except ConfigError as e:

@@ -24,6 +24,7 @@ INVERSES = ("learned", "exact", "peer")  # how samples are made: G, F's exact in
 DECODERS = ("serial", "jacobi", "compiled")  # how the exact inverse is solved (sample.decoder)
 PRECISIONS = ("fp32", "bf16")  # stage1/stage2.precision
 SCHEDULES = ("cosine", "constant")  # stage1/stage2.schedule
+NOISES = ("gaussian", "uniform")  # stage1.noise
 METRICS = ("mse", "mse+lpips", "mse+lpips+convnext")
 CFG_DISTRIBUTIONS = ("inverse", "uniform")
 # The network names of each perceptual term, the paper's first (training/perceptual.py builds them)
@@ -79,7 +80,9 @@ class TrainingConfig:
 class Stage1Config(TrainingConfig):
     """Forward flow F by maximum likelihood (TARFlow sec. 2)."""
 
-    noise_sigma: float = 0.1  # Gaussian noise augmentation (TARFlow sec. 2.4)
+    noise_sigma: float = 0.1  # std of the noise augmentation (TARFlow sec. 2.4)
+    # "gaussian" (TARFlow sec. 2.4) or "uniform" dequantisation noise of the same std (the classic recipe it replaces)
+    noise: str = "gaussian"
     # F's own seed: one F per F config, shared by every seed of G and of sampling (a run's --seed varies G's
     # initialisation, stage 2's data order and the sampled images; set this to vary F itself)
     seed: int = 0
@@ -212,21 +215,15 @@ class RunConfig:
             raise ConfigError(f"inverse={self.inverse!r} is not one of {', '.join(INVERSES)}")
         if self.inverse == "exact" and self.backward.denoise == "learned":
             raise ConfigError("inverse='exact' has no learned denoiser: set backward.denoise to 'score' or 'none'")
-        for section in ("stage1", "stage2"):
-            for name, valid in (("precision", PRECISIONS), ("schedule", SCHEDULES)):
-                if getattr(getattr(self, section), name) not in valid:
-                    raise ConfigError(f"{section}.{name}={getattr(getattr(self, section), name)!r} is not one of "
-                                      f"{', '.join(valid)}")
-        if self.sample.solver not in SOLVERS:
-            raise ConfigError(f"sample.solver={self.sample.solver!r} is not one of {', '.join(SOLVERS)}")
-        if self.sample.decoder not in DECODERS:
-            raise ConfigError(f"sample.decoder={self.sample.decoder!r} is not one of {', '.join(DECODERS)}")
-        if self.stage2.metric not in METRICS:
-            raise ConfigError(f"stage2.metric={self.stage2.metric!r} is not one of {', '.join(METRICS)}")
+        choices = [(f"{stage}.{name}", valid) for stage in ("stage1", "stage2")
+                   for name, valid in (("precision", PRECISIONS), ("schedule", SCHEDULES))]
+        choices += [("stage1.noise", NOISES), ("sample.solver", SOLVERS), ("sample.decoder", DECODERS),
+                    ("stage2.metric", METRICS), ("stage2.cfg_distribution", CFG_DISTRIBUTIONS)]
+        for key, valid in choices:
+            section, name = key.split(".")
+            if (value := getattr(getattr(self, section), name)) not in valid:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
         s2 = self.stage2
-        if s2.cfg_distribution not in CFG_DISTRIBUTIONS:
-            raise ConfigError(f"stage2.cfg_distribution={s2.cfg_distribution!r} is not one of "
-                              f"{', '.join(CFG_DISTRIBUTIONS)}")
         for term, network, valid in (("lpips", s2.lpips_net, LPIPS_NETS), ("convnext", s2.convnext_net, CONVNEXT_NETS)):
             if network not in valid:
                 raise ConfigError(f"stage2.{term}_net={network!r} is not one of {', '.join(valid)}")
@@ -335,8 +332,10 @@ SCALES: dict[str, RunConfig] = {
                             checkpoint_every=200, precision="bf16", compile=True, **OFFLINE_PERCEPTUAL),
         sample=SampleConfig(num_samples=2000, batch_size=500),
         eval=EvalConfig(resize=96, num_real=2000, nll_samples=1000),
-        # the peers at G's batch; their learning rate is for their own search to set (issue 42)
-        peer=PeerConfig(batch_size=128, lr=1e-3, ema_decay=0.999, checkpoint_every=500),
+        # the peers at G's batch and precision, under G's constant schedule (a kept checkpoint is then the same
+        # model as a shorter run's); each peer's learning rate is its own search's (ablations/one-nfe.toml)
+        peer=PeerConfig(batch_size=128, lr=1e-3, ema_decay=0.999, checkpoint_every=500, precision="bf16",
+                        schedule="constant"),
     ),
     # the latent pipeline in miniature: 32x32 images of an image folder -> 16x16x4 latents of a tiny random
     # AutoencoderKL (latents.make_tiny_vae); --data-dir is the prepared latent directory. Tests and smoke runs.

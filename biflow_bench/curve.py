@@ -1,5 +1,6 @@
-"""Quality against training time: one training run of F (stage 1) or G (stage 2) whose weights are evaluated every
-`every` steps by the metrics of the tables, to show where more training stops paying.
+"""Quality against training time: one training run of F (stage 1), G (stage 2) or a 1-NFE peer (inverse "peer")
+whose weights are evaluated every `every` steps by the metrics of the tables, to show where more training stops
+paying; or the checkpoints a run kept (a peer keeps them at a doubling schedule: training/stages.train_peer).
 
 The points are snapshots of one run (the learning rate still decays towards the run's end, as in FID-against-kimg
 curves), at the scale's preset config plus overrides: F by its exact inverse with score denoising at each guidance
@@ -25,17 +26,21 @@ from .paths import default_cache_dir
 from .provenance import environment
 from .measure import Trained
 from .runner import evaluate, sample_variant
-from .training.cache import get_backward, get_flow
+from .training.budget import resolved_peer
+from .training.cache import get_backward, get_flow, get_peer, peer_dir
 from .training.loop import Snapshot, with_ema
-from .training.stages import train_backward, train_flow
+from .training.stages import build_peer, train_backward, train_flow, train_peer
 
-STAGES = ("flow", "backward")
+STAGES = ("flow", "backward", "peer")
 
 
 def curve_config(cfg: RunConfig, stage: str) -> RunConfig:
-    """What a point is evaluated as: F by its exact inverse with score denoising, G as configured."""
+    """What a point is evaluated as: F by its exact inverse with score denoising, G or a peer as configured."""
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if (stage == "peer") != (cfg.inverse == "peer"):
+        raise ConfigError(f"the {stage} curve needs " + ("--set inverse=peer (and peer.kind)" if stage == "peer" else
+                                                         "a config whose inverse is not 'peer' (use stage peer)"))
     return apply_delta(cfg, {"inverse": "exact", "backward.denoise": "score"}) if stage == "flow" else cfg
 
 
@@ -58,6 +63,8 @@ def training_curve(cfg: RunConfig, stage: str, seed: int, every: int, scales: tu
 
     if stage == "flow":
         train_flow(cfg, scorer.splits.train, None, progress, snapshot=Snapshot(every, score))
+    elif stage == "peer":
+        train_peer(cfg, resolved_peer(cfg), scorer.splits.train, seed, None, progress, snapshot=Snapshot(every, score))
     else:
         train_backward(cfg, scorer.flow, scorer.splits.train, seed, None, progress, snapshot=Snapshot(every, score))
     return scorer.body(every=every)
@@ -77,14 +84,29 @@ def checkpoint_curve(cfg: RunConfig, stage: str, seed: int, checkpoints: list[Pa
             raise ConfigError(f"{path}: not a training checkpoint (no step / model / elapsed); pass the "
                               "checkpoint.pt files a stage writes every checkpoint_every steps")
         weights = state["model"]
-        if stage == "backward" and state.get("ema"):  # G's curve scores the EMA's weights, as fit's snapshots do
-            weights = with_ema(BiFlow(cfg.trained_backward), weights, state["ema"])
+        if stage != "flow" and state.get("ema"):  # G's and a peer's curves score the EMA's weights, as fit's snapshots do
+            weights = with_ema(scorer.model(), weights, state["ema"])
         scorer(int(state["step"]), float(state["elapsed"]), weights, source=str(path))
-    model, artifact = (get_flow(cfg, scorer.splits.train, scorer.cache, progress) if stage == "flow" else
-                       get_backward(cfg, seed, scorer.flow, scorer.splits.train, scorer.cache, progress))
-    steps = cfg.stage1.steps if stage == "flow" else cfg.stage2.steps
+    if stage == "flow":
+        (model, artifact), steps = get_flow(cfg, scorer.splits.train, scorer.cache, progress), cfg.stage1.steps
+    elif stage == "peer":
+        peer = resolved_peer(cfg)
+        (model, artifact), steps = get_peer(cfg, peer, seed, scorer.splits.train, scorer.cache, progress), peer.steps
+    else:
+        model, artifact = get_backward(cfg, seed, scorer.flow, scorer.splits.train, scorer.cache, progress)
+        steps = cfg.stage2.steps
     scorer(steps, float(artifact.meta.get("seconds", float("nan"))), model.state_dict(), source=str(artifact.path))
     return scorer.body(checkpoints=len(checkpoints))
+
+
+def kept_checkpoints(cfg: RunConfig, seed: int, cache_dir: Path | None = None) -> list[Path]:
+    """The checkpoints the cached run of `cfg`'s peer kept (training/stages.train_peer's doubling schedule)."""
+    folder = peer_dir(cache_dir or default_cache_dir(), cfg, resolved_peer(cfg), seed)
+    found = sorted(folder.glob("checkpoint-*.pt"))
+    if not found:
+        raise ConfigError(f"no kept checkpoints in {folder}: train the peer first (its table's row, e.g. "
+                          "`biflow-bench run one-nfe --variants meanflow-1`) with the same --set and --seed")
+    return found
 
 
 class _Scorer:
@@ -99,11 +121,17 @@ class _Scorer:
         self.data_dir = data_dir
         self.splits = dataset_splits(cfg.dataset, str(data_dir) if data_dir else None)
         self.cache = cache_dir or default_cache_dir()
-        self.flow = None if stage == "flow" else get_flow(cfg, self.splits.train, self.cache, progress)[0]
+        self.flow = None if stage != "backward" else get_flow(cfg, self.splits.train, self.cache, progress)[0]
         self.points: list[dict[str, Any]] = []
 
+    def model(self) -> torch.nn.Module:
+        """An untrained model of the stage, to load a point's weights into."""
+        if self.stage == "peer":
+            return build_peer(self.cfg, self.cfg.peer)
+        return TARFlow(self.cfg.flow) if self.stage == "flow" else BiFlow(self.cfg.trained_backward)
+
     def __call__(self, step: int, train_s: float, weights: dict[str, torch.Tensor], source: str = "") -> None:
-        model = TARFlow(self.cfg.flow) if self.stage == "flow" else BiFlow(self.cfg.trained_backward)
+        model = self.model()
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
@@ -112,7 +140,7 @@ class _Scorer:
         model.eval()
         t = Trained(self.eval_cfg, model if self.stage == "flow" else self.flow,
                     None if self.stage == "flow" else model, self.splits, {})
-        batch = self.cfg.stage1.batch_size if self.stage == "flow" else self.cfg.stage2.batch_size
+        batch = {"flow": self.cfg.stage1, "backward": self.cfg.stage2, "peer": self.cfg.peer}[self.stage].batch_size
         for w in self.scales:
             images, _ = sample_variant(t, self.seed, cfg_scale=w)
             metrics = evaluate(t, images, self.seed, self.data_dir, self.cache,
@@ -126,9 +154,11 @@ class _Scorer:
 
 
 def curve_record(cfg: RunConfig, seed: int, body: dict[str, Any]) -> dict[str, Any]:
-    """A curve's record: results/<scale>/curve/<stage>__seed<N>.json."""
-    return {"kind": "curve", "scale": cfg.scale, "ablation": "curve", "variant": body["stage"], "seed": seed,
-            "label": {"flow": "F (exact inverse, score denoising)", "backward": "G (one pass)"}[body["stage"]],
+    """A curve's record: results/<scale>/curve/<stage or peer kind>__seed<N>.json."""
+    variant = cfg.peer.kind if body["stage"] == "peer" else body["stage"]  # one curve per peer
+    return {"kind": "curve", "scale": cfg.scale, "ablation": "curve", "variant": variant, "seed": seed,
+            "label": {"flow": "F (exact inverse, score denoising)", "backward": "G (one pass)",
+                      "peer": f"{cfg.peer.kind} ({cfg.sample.steps} steps)"}[body["stage"]],
             "config": cfg.to_dict(), **body, "env": environment(),
             "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 

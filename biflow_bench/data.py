@@ -289,8 +289,13 @@ def batch_iterator(dataset: ImageDataset | LatentDataset, batch_size: int, seed:
         yield get_batch(dataset, idx, data_generator(seed, step))
 
 
-def add_noise(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
-    """Gaussian noise augmentation x~ = x + sigma * eps (TARFlow sec. 2.4)."""
+def add_noise(x: Tensor, sigma: float, generator: torch.Generator, kind: str = "gaussian") -> Tensor:
+    """Noise augmentation of standard deviation sigma: Gaussian, x~ = x + sigma * eps (TARFlow sec. 2.4), or
+    "uniform" on (-sqrt(3) sigma, sqrt(3) sigma), the classic dequantisation TARFlow compares it with (one grey level
+    of [-1, 1] data, 2 / 255 wide, is sigma = 2 / 255 / sqrt(12) = 0.0023)."""
+    if kind == "uniform":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x + (2 * u - 1) * (math.sqrt(3) * sigma)
     return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 

@@ -74,7 +74,7 @@ def without_unused_settings(stage2: Mapping[str, Any]) -> dict[str, Any]:
 
 # Settings added after models and records were keyed, left out of every key and hash at this default value, so the
 # keys of everything run before them stand
-LATER_DEFAULTS = {"precision": "fp32", "schedule": "cosine"}
+LATER_DEFAULTS = {"precision": "fp32", "schedule": "cosine", "noise": "gaussian"}
 
 
 def _stage_settings(stage: Any) -> dict[str, Any]:
@@ -138,9 +138,10 @@ def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             out["stage2"] = {k: v for k, v in without_unused_settings(out["stage2"]).items() if k not in unread}
         if "backward" in out and backward.get("strategy") != "hidden-distill":
             out["backward"].pop("distill_residual", None)  # only hidden-distill's stages read it
-    for stage in ("stage1", "stage2"):  # the record hashes of runs before `schedule` existed stand
-        if stage in out and out[stage].get("schedule") == LATER_DEFAULTS["schedule"]:
-            del out[stage]["schedule"]
+    for stage in ("stage1", "stage2"):  # the record hashes of runs before `schedule` and `noise` existed stand
+        for key in ("schedule", "noise"):
+            if stage in out and key in out[stage] and out[stage][key] == LATER_DEFAULTS[key]:
+                del out[stage][key]
     if "sample" in out:
         sample = out["sample"]
         jacobi = sample.get("decoder") == "jacobi"

@@ -64,7 +64,7 @@ def build_measurement(t: Trained, seed: int, ident: RunIdentity, guidance: dict[
         "timing": {"ms_per_image": ms_per_image, "images_per_s": 1000 / ms_per_image,
                    "sample_batch": cfg.sample.batch_size,
                    **({"g_ms_batch1": ms_per_image_batch1(t.g)} if cfg.inverse == "learned" else {}),
-                   **{f"{k}_s": v["seconds"] for k, v in t.train.items()}},
+                   **{f"{k}_s": v["seconds"] for k, v in t.train.items() if "seconds" in v}},  # not the budget
         "notes": notes_for(cfg, t.train),
         **({"flow_norms": flow_norms(t.flow, *held_out_noisy(t, seed, min(500, cfg.eval.nll_samples)))}
            if t.flow is not None else {}),

@@ -324,17 +324,18 @@ def log(message: str) -> None:
 
 
 def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path, ident: RunIdentity,
-                      source: Path, rec: dict[str, Any]) -> Path:
+                      source: Path, rec: dict[str, Any], config: dict[str, Any] | None = None) -> Path:
     """Record `variant` from `rec`, another table's record of the same config hash and seed: the same models, samples
     and metrics (see results.find_measurement), so nothing is trained or evaluated again; the table's own fields
-    (label, the paper's numbers) are this variant's, and `measured_in` names the record the numbers come from."""
+    (label, the paper's numbers, and `config`: its resolved config, which may differ from the source's in settings
+    the run never reads) are this variant's, and `measured_in` names the record the numbers come from."""
     start = time.perf_counter()
     measured_in = rec.get("measured_in") or source.relative_to(results_dir / scale).as_posix()
     log(f"[{spec.name}/{variant}] seed={seed}: same config ({ident.config_hash}) and seed as {measured_in}; "
         "sharing its measurement")
     png = (results_dir / scale / rec["samples_png"]).read_bytes()
-    return write_variant_record(spec, variant, scale, seed, results_dir, ident, {**rec, "measured_in": measured_in},
-                                png, start)
+    own = {"measured_in": measured_in, **({"config": config} if config is not None else {})}
+    return write_variant_record(spec, variant, scale, seed, results_dir, ident, {**rec, **own}, png, start)
 
 
 def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path,

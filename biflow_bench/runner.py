@@ -277,8 +277,8 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
                 if env.is_main and not opts.force else None
             if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
-                path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared) \
-                    if env.is_main else None
+                path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared,
+                                         config=configs[name].to_dict()) if env.is_main else None
                 paths.append(broadcast_object(path, env))
                 continue
             path = run_variant(spec, name, scale, seed, opts, configs[name], ident)

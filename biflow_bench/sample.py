@@ -100,7 +100,8 @@ class Sampler:
             label += " x2 (CFG)" if self.cfg_scale else ""
         elif self.peer == "flow-matching":
             steps = g.nfe(self.steps, self.solver, self.cfg_scale)  # type: ignore[union-attr]
-            label = f"{steps} ({self.steps} {self.solver} steps" + (", CFG x2)" if self.cfg_scale else ")")
+            plural = "s" if self.steps != 1 else ""
+            label = f"{steps} ({self.steps} {self.solver} step{plural}" + (", CFG x2)" if self.cfg_scale else ")")
         elif self.peer:
             steps = g.nfe(self.steps)  # type: ignore[union-attr]
             label = str(steps)

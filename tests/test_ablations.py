@@ -51,7 +51,8 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     assert record["paper"]["table"] == spec.paper_table
     score_step = cfg.backward.denoise == "score"  # one more pass, through F
     if cfg.inverse == "exact":  # serial: one evaluation per decoded token per block
-        assert record["nfe"] == 4 * 15 + score_step and record["params"]["backward"] == 0
+        serial = cfg.flow.num_blocks * (cfg.flow.num_tokens - 1)
+        assert record["nfe"] == serial + score_step and record["params"]["backward"] == 0
     elif cfg.inverse == "peer":  # its steps (Heun: two evaluations each; flow matching's CFG: two branches)
         branches = 2 if cfg.peer.kind == "flow-matching" and record["guidance"]["best_w"] else 1
         evaluations = 2 if cfg.sample.solver == "heun" and cfg.peer.kind == "flow-matching" else 1

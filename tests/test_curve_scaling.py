@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from biflow_bench.config import ConfigError, apply_delta, scale_config
-from biflow_bench.curve import checkpoint_curve, curve_record, flattening, training_curve
+from biflow_bench.curve import checkpoint_curve, curve_record, flattening, kept_checkpoints, training_curve
 from biflow_bench.data import dataset_splits
 from biflow_bench.report.render import render_report
 from biflow_bench.results import scan_records, write_record
 from biflow_bench.speed.scaling import scaling_record, scaling_rows
-from biflow_bench.training.cache import get_flow
+from biflow_bench.training.cache import get_flow, get_peer, peer_dir
+from biflow_bench.training.loop import doubling
 from biflow_bench.training.stages import train_backward, train_flow
 
 
@@ -37,29 +38,33 @@ def test_flattening_golden():
     assert flattening(odd, "fd_effnet", 0.0) == {"step": 10, "to_step": 30, "gain": 0.5, "noise": 1.0}
 
 
-@pytest.mark.parametrize("stage", ["flow", "backward"])
+@pytest.mark.parametrize("stage", ["flow", "backward", "peer"])
 def test_tiny_curve_scores_snapshots_and_renders(stage: str, tmp_path: Path):
-    # F under cosine decay, G under the constant schedule: the page says which a point stands for
+    # F under cosine decay, G and the peer under the constant schedule: the page says which a point stands for
     cfg = apply_delta(scale_config("tiny"), {"stage1.steps": 20, "stage2.steps": 20, "eval.num_real": 60,
-                                             "stage1.schedule": "cosine", "stage2.schedule": "constant"})
+                                             "stage1.schedule": "cosine", "stage2.schedule": "constant",
+                                             "peer.steps": 20, "peer.equal_compute": False,
+                                             "peer.schedule": "constant",
+                                             "inverse": "peer" if stage == "peer" else "learned"})
     body = training_curve(cfg, stage, 0, every=10, scales=(0.0, 1.0), num=40, cache_dir=tmp_path / "cache",
                           progress=False)
     assert [(p["step"], p["w"]) for p in body["points"]] == [(10, 0.0), (10, 1.0), (20, 0.0), (20, 1.0)]
-    batch = (cfg.stage1 if stage == "flow" else cfg.stage2).batch_size
+    trained = {"flow": cfg.stage1, "backward": cfg.stage2, "peer": cfg.peer}[stage]
+    batch = trained.batch_size
     assert all(p["images_seen"] == p["step"] * batch for p in body["points"])
     assert all({"fd_effnet", "acc_cls", "acc_cls_std"} <= set(p["metrics"]) for p in body["points"])
     assert ("bpd" in body["points"][0]["metrics"]) == (stage == "flow")  # F's likelihood, once per point
     assert body["points"][0]["train_s"] < body["points"][2]["train_s"]
     path = write_record(tmp_path / "results", curve_record(cfg, 0, body))
-    assert path == tmp_path / "results" / "tiny" / "curve" / f"{stage}__seed0.json"
+    variant = "meanflow" if stage == "peer" else stage  # a peer's curve is named by its kind
+    assert path == tmp_path / "results" / "tiny" / "curve" / f"{variant}__seed0.json"
     assert scan_records(tmp_path / "results")[1] == []  # a valid record
     render_report(tmp_path / "results", tmp_path / "report", registry={})
     page = (tmp_path / "report" / "tiny" / "curves.md").read_text()
-    assert "![" in page and (tmp_path / "report" / "tiny" / f"curve-{stage}-seed0.png").is_file()
+    assert "![" in page and (tmp_path / "report" / "tiny" / f"curve-{variant}-seed0.png").is_file()
     assert "| 20 |" in page and "`fd_effnet` at w = 0:" in page
-    trained = cfg.stage1 if stage == "flow" else cfg.stage2
     assert (f"Learning rate {trained.lr:g} with cosine decay over the whole run (20 steps)" in page) == (stage == "flow")
-    assert (f"constant after a {trained.warmup}-step warm-up" in page) == (stage == "backward")
+    assert (f"constant after a {trained.warmup}-step warm-up" in page) == (stage != "flow")
     assert "[Quality against training time](tiny/curves.md)" in (tmp_path / "report" / "README.md").read_text()
 
 
@@ -104,7 +109,7 @@ def test_scaling_rows_count_serial_steps_and_render(tmp_path: Path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["bench", "curve", "flw"], "stage 'flw': use one of flow, backward; did you mean 'flow'?"),
+    (["bench", "curve", "flw"], "stage 'flw': use one of flow, backward, peer; did you mean 'flow'?"),
     (["bench", "curve", "flow", "--every", "0"], "--every 0: must be a positive integer"),
     (["bench", "curve", "flow", "--w", "a,b"], "--w 'a,b': expected comma-separated numbers"),
     (["bench", "curve", "flow", "--set", "stage1.steps=x"], "stage1.steps"),
@@ -150,3 +155,24 @@ def test_curve_from_checkpoints_of_g_scores_their_ema_weights(tmp_path: Path):
     assert [p["step"] for p in body["points"]] == [10, 20]
     for a, b in zip(fresh["points"], body["points"], strict=True):
         assert a["metrics"]["fd_effnet"] == pytest.approx(b["metrics"]["fd_effnet"], rel=1e-6)
+
+
+def test_a_peer_keeps_checkpoints_at_a_doubling_schedule_and_they_score_as_a_fresh_curve(tmp_path: Path):
+    # the kept steps do not depend on the run's length (a quarter of checkpoint_every, doubling); the final step is
+    # the cached model's, not a kept file
+    assert [s for s in range(1, 1100) if doubling(125)(s)] == [125, 250, 500, 1000]
+    cfg = apply_delta(scale_config("tiny"), {"inverse": "peer", "peer.steps": 20, "peer.equal_compute": False,
+                                             "peer.checkpoint_every": 20, "eval.num_real": 60})
+    fresh = training_curve(cfg, "peer", 0, every=5, scales=(0.0,), num=40, cache_dir=tmp_path / "c1", progress=False)
+    splits = dataset_splits(cfg.dataset, None)
+    get_peer(cfg, cfg.peer, 0, splits.train, tmp_path / "c2", progress=False)
+    kept = sorted(peer_dir(tmp_path / "c2", cfg, cfg.peer, 0).glob("checkpoint-*.pt"))
+    assert [p.name for p in kept] == ["checkpoint-0000005.pt", "checkpoint-0000010.pt"]
+    assert kept_checkpoints(cfg, 0, tmp_path / "c2") == kept  # what `bench curve peer --kept` scores
+    with pytest.raises(ConfigError, match="no kept checkpoints"):
+        kept_checkpoints(cfg, 1, tmp_path / "c2")  # another seed: not trained
+    body = checkpoint_curve(cfg, "peer", 0, kept, (0.0,), 40, cache_dir=tmp_path / "c2", progress=False)
+    assert [p["step"] for p in body["points"]] == [5, 10, 20]
+    by_step = {p["step"]: p["metrics"]["fd_effnet"] for p in fresh["points"]}
+    for p in body["points"]:  # the EMA's weights, as the fresh curve's snapshots
+        assert p["metrics"]["fd_effnet"] == pytest.approx(by_step[p["step"]], rel=1e-6)

@@ -97,6 +97,11 @@ def test_noise_labels_and_uint8():
     gen = torch.Generator().manual_seed(0)
     x = torch.zeros(4000, 1, 2, 2)
     assert abs(add_noise(x, 0.5, gen).std().item() - 0.5) < 0.02
+    # uniform dequantisation of the same std: u ~ U(0, 1) -> (2u - 1) sqrt(3) sigma, std sigma, within sqrt(3) sigma
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    uniform = add_noise(x, 0.5, torch.Generator().manual_seed(1), "uniform")
+    torch.testing.assert_close(uniform, (2 * u - 1) * 3**0.5 * 0.5)
+    assert abs(uniform.std().item() - 0.5) < 0.02 and uniform.abs().max() <= 3**0.5 * 0.5
     y = drop_labels(torch.zeros(10000, dtype=torch.long), 0.1, 10, gen)
     assert abs((y == 10).float().mean().item() - 0.1) < 0.02 and set(y.tolist()) == {0, 10}
     assert class_balanced_labels(25, 10).tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]

@@ -31,12 +31,22 @@ def planned_runs(*goals: str, seeds: str = "0 1") -> list[tuple[str, int, str]]:
 
 
 def test_reproduction_runs_every_quality_table_at_every_seed():
-    """Every quality table but the 1-NFE comparison, which has its own target (make reproduce-one-nfe)."""
+    """Every quality table but the 1-NFE comparison and TARFlow's, which have their own targets (make
+    reproduce-one-nfe, make reproduce-tarflow)."""
     runs = planned_runs("repro-jobs", seeds="0 1 2")
-    quality = {name for name, spec in load_registry().items() if spec.kind == "quality"} - {"one-nfe"}
+    quality = {name for name, spec in load_registry().items() if spec.kind == "quality"
+               and name != "one-nfe" and not name.startswith("tarflow-")}
     assert sorted((t, s) for t, s, _ in runs) == sorted((t, s) for t in quality for s in (0, 1, 2))
     assert all(s == 0 for _, s, _ in runs[:len(quality)]), "seed 0 of every table comes first"
     assert {t: extra for t, _, extra in runs}["norm-control"] == "--variants none,clip"
+
+
+def test_tarflow_reproduction_runs_every_tarflow_table_once_in_two_jobs():
+    runs = planned_runs("tarflow.noise", "tarflow.rest")
+    tarflow = {name for name, spec in load_registry().items() if name.startswith("tarflow-")}
+    assert sorted(t for t, _, _ in runs) == sorted(tarflow) and all(s == 0 for _, s, _ in runs)
+    assert runs[0][0] == "tarflow-noise"  # the longest table has a job of its own
+    assert "-j2 tarflow.noise tarflow.rest" in planned("reproduce-tarflow")
 
 
 def test_a_later_seed_of_a_table_waits_for_its_earlier_seed():

@@ -129,7 +129,8 @@ def test_meanflow_loss_is_the_adaptive_weighted_identity_error():
     model = _randomize(MeanFlow(MeanFlowConfig(num_classes=10)))
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     kw = dict(interval_share=0.5, label_drop=0.25, cfg_max=7.0, adaptive_c=0.01, adaptive_p=0.5)
-    loss = meanflow_loss(model, x, y, torch.Generator().manual_seed(4), **kw)
+    terms: dict[str, float] = {}
+    loss = meanflow_loss(model, x, y, torch.Generator().manual_seed(4), **kw, terms=terms)
     gen = torch.Generator().manual_seed(4)  # the same draws, in the same order
     eps = torch.randn(x.shape, generator=gen)
     r, t = sample_times(4, -0.4, 1.0, 0.5, gen, x)
@@ -142,6 +143,7 @@ def test_meanflow_loss_is_the_adaptive_weighted_identity_error():
     u, target = meanflow_target(model, z, r, t, v, y_in, w)
     d = ((u - target) ** 2).flatten(1).sum(1)
     torch.testing.assert_close(loss, (d / (d.detach() + 0.01) ** 0.5).mean())
+    assert terms["error"] == pytest.approx(float(d.sum() / x.numel()), rel=1e-5)  # logged: the error per value
 
 
 def test_meanflow_samples_in_one_or_two_jumps():

@@ -94,7 +94,7 @@ ERRORS = {  # files of a user's folder -> what the one line says ({me}: the fold
                                 "{me}/d.toml: duplicate ablation name 'denoise' (also in {builtin}/denoise.toml)"),
     "same name twice": ({"a.toml": HEAD + "[variants.a]", "b.toml": HEAD + "[variants.b]"},
                         "{me}/b.toml: duplicate ablation name 'mine' (also in {me}/a.toml)"),
-    "unknown key": ({"m.toml": HEAD + 'titel = "x"\n[variants.a]'}, "unknown key(s) titel; valid: baseline, "),
+    "unknown key": ({"m.toml": HEAD + 'titel = "x"\n[variants.a]'}, "unknown key(s) titel; valid: at_scale, baseline, "),
     "unknown key, did you mean": ({"m.toml": HEAD + 'titel = "x"\n[variants.a]'}, "; did you mean 'title'?"),
     "unknown variant key": ({"m.toml": HEAD + '[variants.a]\nlable = "x"'},
                             "{me}/m.toml: [variants.a]: unknown key(s) lable; valid: label, paper, set; did you mean "

@@ -98,7 +98,7 @@ def bench_flow_reference(
 
 @bench_app.command("curve")
 def bench_curve(
-    stage: Annotated[str, typer.Argument(metavar="STAGE", help="flow (F, by its exact inverse) or backward (G)")],
+    stage: Annotated[str, typer.Argument(metavar="STAGE", help="flow (F, by its exact inverse), backward (G) or peer (--set inverse=peer)")],
     scale: Scale = "small",
     every: Annotated[int, typer.Option(help="evaluate the weights every this many steps (and at the end)")] = 1000,
     scales: Annotated[str, typer.Option("--w", help="comma-separated guidance scales evaluated at each point")] = "0",
@@ -106,13 +106,16 @@ def bench_curve(
     from_checkpoints: Annotated[Path | None, typer.Option(
         help="score the training checkpoints (*.pt) kept in this folder and the stage's cached model, instead of "
              "training anew")] = None,
+    kept: Annotated[bool, typer.Option(
+        "--kept", help="score the checkpoints a peer's cached run kept (a doubling schedule) and its model")] = False,
     overrides: Overrides = None,
     seed: Seed = 0,
     data_dir: DataDir = None,
     results_dir: ResultsDir = None,
 ) -> None:
-    """Quality against training time: train F or G once (the scale's preset plus --set overrides), scoring its
-    weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints);
+    """Quality against training time: train F, G or a peer once (the scale's preset plus --set overrides), scoring
+    its weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints,
+    or --kept for a peer's run in the cache);
     record results/<scale>/curve/<stage>__seed<N>.json."""
     from ..config import apply_delta, scale_config
     from ..curve import STAGES, checkpoint_curve, curve_record, training_curve
@@ -129,7 +132,12 @@ def bench_curve(
         raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
     cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
     checkpoints = None
-    if from_checkpoints is not None:
+    if kept:
+        if stage != "peer":
+            raise ConfigError("--kept: only a peer's run keeps its checkpoints; use --from-checkpoints for F or G")
+        from ..curve import kept_checkpoints
+        checkpoints = kept_checkpoints(cfg, seed)
+    elif from_checkpoints is not None:
         checkpoints = sorted(from_checkpoints.glob("*.pt")) if from_checkpoints.is_dir() else []
         if not checkpoints:
             raise ConfigError(f"--from-checkpoints {from_checkpoints}: no *.pt training checkpoints there")

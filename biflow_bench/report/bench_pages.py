@@ -30,7 +30,7 @@ def _flattening_sentence(points: Sequence[dict[str, Any]], metric: str, w: float
 
 def _schedule_sentence(rec: dict[str, Any]) -> str:
     """Whether a point stands for a shorter run: under cosine decay the learning rate depends on the run's length."""
-    stage = rec["config"]["stage1" if rec["stage"] == "flow" else "stage2"]
+    stage = rec["config"][{"flow": "stage1", "backward": "stage2"}.get(rec["stage"], "peer")]
     if stage.get("schedule", "cosine") == "constant":
         return (f"Learning rate {stage['lr']:g}, constant after a {stage['warmup']}-step warm-up: it does not depend "
                 f"on the run's length ({stage['steps']:,} steps).\n")
@@ -43,7 +43,7 @@ def curves_page(w: ReportWriter, scale: str, records: Sequence[dict[str, Any]]) 
     page's path relative to the report."""
     md = [f"# Quality against training time: scale `{scale}`\n",
           "Snapshots of one training run scored by the tables' metrics (`biflow-bench bench curve`): F by its exact "
-          "inverse with score denoising, G by its one pass. A metric *flattens* where doubling the training gained "
+          "inverse with score denoising, G by its one pass, a 1-NFE peer by its own sampler. A metric *flattens* where doubling the training gained "
           "no more than one point's noise (bootstrap std for the Fréchet distances, standard error for acc_cls / "
           "conf_cls).\n"]
     for rec in records:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ COMMENTARY = "COMMENTARY.md"  # results/<scale>/<ablation>/: the hand-written re
 def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str, df: pd.DataFrame,
                      spec: AblationSpec | None, comment: str | None,
                      calibration_entries: dict[str, dict[str, Any]] | None = None,
-                     others: pd.DataFrame | None = None) -> tuple[pd.DataFrame, float | None, str]:
+                     others: pd.DataFrame | None = None,
+                     section: Callable[[pd.DataFrame, str], str] | None = None) -> tuple[pd.DataFrame, float | None, str]:
+    """A table's page; `section(table, metric)` gives a table's own section (the 1-NFE comparison's costs), placed
+    after the ranks."""
     table = ablation_table(df, spec)
     tau, _, tau_text = kendall(table)
     # Records in the table's variant order, seeds ascending: notes and sample grids follow the table.
@@ -112,9 +116,9 @@ def ablation_page(w: ReportWriter, results_dir: Path, scale: str, ablation: str,
     md.append(f"Files: [CSV]({ablation}.csv) · [LaTeX]({ablation}.tex)\n")
     md.append(f"## Ranks and more metrics\n\nRank 1 is the best (ours by {metric}, the paper's by FID).\n\n"
               + md_table(more_header, more, "lrr" + "r" * len(rest)))
-    for section in (measurements_section(ordered), norms_section(ordered)):
-        if section:
-            md.append(section)
+    for part in (section(table, metric) if section else None, measurements_section(ordered), norms_section(ordered)):
+        if part:
+            md.append(part)
     if notes:
         md.append("## Notes\n\n" + notes_block(notes))
     other = other_configs_table(others, spec) if others is not None and len(others) else None

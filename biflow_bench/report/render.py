@@ -4,6 +4,8 @@ ablation index with each table's verdict, speed links and the skipped files; the
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from .configs import split_configs
 from .figures import speed_quality_figure
 from .frames import results_frame, speed_frame
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
+from . import one_nfe, tarflow
 from .study import exact_recall, study_page
 from .pages import ablation_page, commentary
 from .stats import overall, verdict
@@ -155,8 +158,18 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
                 page = study_page(w, results_dir, scale, ablation, points, spec, comment, exact_recall(sdf))
                 studies.append(f"- [{spec.title}]({page}) (`{ablation}`)\n")
                 continue
+            section = None  # a table's own section: the 1-NFE comparison's costs, the noise table's sigma figure
+            mine = [rec for path, rec in records if rec["kind"] == "ablation" and rec["scale"] == scale]
+            own = [r for r in mine if r["ablation"] == ablation]
+            if ablation == one_nfe.TABLE:
+                section = functools.partial(
+                    one_nfe.one_nfe_section, w, f"{scale}/{ablation}", records=own, speed=sspeed, curves=curves,
+                    steps_records=[r for r in mine if r["ablation"] == one_nfe.STEPS_STUDY])
+            elif ablation == tarflow.NOISE_TABLE:
+                section = functools.partial(tarflow.noise_section, w, f"{scale}/{ablation}", records=own)
             table, tau, tau_text = ablation_page(w, results_dir, scale, ablation, sdf[sdf["ablation"] == ablation],
-                                                    spec, comment, calibration_entries, others[others["ablation"] == ablation])
+                                                    spec, comment, calibration_entries, others[others["ablation"] == ablation],
+                                                    section)
             summary.ablations.append((scale, ablation))
             summary.kendall[(scale, ablation)] = tau
             tables[ablation] = table

@@ -29,7 +29,7 @@ COLUMNS = (("diag.inverse_mse_clean", "inverse MSE ↓"), ("sigma2", "= σ² x")
            ("metric.recall_effnet", "recall ↑"), ("recall_ratio", "recall / exact's"),
            ("metric.precision_effnet", "precision ↑"), ("metric.fd_effnet", "fd_effnet ↓"),
            ("metric.fd_cls", "fd_cls ↓"), ("metric.acc_cls", "acc_cls ↑"),
-           ("train_min", "G training (min, in-run)"), ("g_ms", "G ms (batch 1, in-run)"))
+           ("train_min", "training (min, in-run)"), ("g_ms", "G ms (batch 1, in-run)"))
 
 
 # what an axis can be judged by (ablations.STUDY_JUDGES; lower is better): the point's key and the measure's name
@@ -84,7 +84,9 @@ def study_points(records: Sequence[dict[str, Any]], order: Sequence[str], exact_
                 p[key] = _mean([r.get("diagnostics" if section == "diag" else "metrics", {}).get(field) for r in recs])
         p["sigma2"] = p["diag.inverse_mse_clean"] / _mean([r.get("diagnostics", {}).get("noise_sigma_sq") for r in recs])
         p["recall_ratio"] = p["metric.recall_effnet"] / exact_recall if exact_recall > 0 else float("nan")
-        p["train_min"] = _mean([r.get("timing", {}).get("stage2_s") for r in recs]) / 60
+        p["train_min"] = _mean([r.get("timing", {}).get("stage2_s") or r.get("train", {}).get("peer", {}).get("seconds")
+                                for r in recs]) / 60  # G's training, or a peer's (a peer's search)
+        p["best_w"] = _mean([r.get("guidance", {}).get("best_w") for r in recs])
         p["g_ms"] = _mean([r.get("timing", {}).get("g_ms_batch1") for r in recs])
         points.append(p)
     return points
@@ -125,14 +127,21 @@ def timing_spread(records: Sequence[dict[str, Any]]) -> tuple[float, float] | No
     return max(spans, key=lambda s: s[1] / s[0] if s[0] > 0 else math.inf) if spans else None
 
 
+def measured(points: Sequence[dict[str, Any]], key: str) -> bool:
+    """Whether any point measured `key` (a peer's search has no G diagnostics)."""
+    return any(np.isfinite(p.get(key, math.nan)) for p in points)
+
+
 def study_figure(points: Sequence[dict[str, Any]], sigma2: float, title: str) -> bytes:
     labels = [p["label"] for p in points][::-1]
     y = np.arange(len(points))
-    fig = Figure(figsize=(16, 0.45 * len(points) + 1.6))
-    axes = fig.subplots(1, 4, sharey=True)
-    panels = (("diag.inverse_mse_clean", "inverse MSE per value (log)", sigma2, "σ²"),
-              ("diag.noise_sensitivity", "noise sensitivity (exact inverse = 1)", 1.0, "exact inverse"),
-              ("metric.fd_effnet", "fd_effnet", None, None), ("metric.fd_cls", "fd_cls", None, None))
+    panels = [panel for panel in (("diag.inverse_mse_clean", "inverse MSE per value (log)", sigma2, "σ²"),
+                                  ("diag.noise_sensitivity", "noise sensitivity (exact inverse = 1)", 1.0,
+                                   "exact inverse"),
+                                  ("metric.fd_effnet", "fd_effnet", None, None), ("metric.fd_cls", "fd_cls", None, None))
+              if measured(points, panel[0])]
+    fig = Figure(figsize=(4 * len(panels), 0.45 * len(points) + 1.6))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, (key, xlabel, ref, ref_label) in zip(axes, panels, strict=True):
         ax.barh(y, [p[key] for p in points][::-1], color="#4c72b0")
         if ref is not None:
@@ -179,14 +188,17 @@ def study_page(w: ReportWriter, results_dir: Path, scale: str, name: str, record
                           "Noise sensitivity change"], axis_summary(points, spec.judge if spec else None), "llllrr"))
     formats = {"diag.inverse_mse_clean": "{:.3g}", "sigma2": "{:.1f}", "metric.fd_effnet": "{:.0f}", "metric.fd_cls": "{:.0f}",
                "train_min": "{:.1f}"}  # the rest: two decimals
+    g_study = measured(points, "diag.inverse_mse_clean")  # else a peer's search: no F, no inverse to match
+    columns = [(k, h) for k, h in (*COLUMNS, ("best_w", "best w")) if measured(points, k)]
     cells = [[p["label"], str(p["seeds"]), *[DASH if not np.isfinite(p[k]) else formats.get(k, "{:.2f}").format(p[k])
-                                             for k, _ in COLUMNS]] for p in points]
-    md.append("## Every point\n\nEach point is its own run with its own schedule. Inverse MSE: G's output against F's "
-              f"exact inverse on held-out pairs, per value (σ² = {fmt_num(sigma2, 4)}, the training noise). Noise "
-              "sensitivity: the per-pixel spread of G's samples over its noise, over that of F's exact inverse from "
-              "the same noises (1 = as varied). Recall / exact's: against the unguided exact inverse's recall "
-              f"({fmt_num(exact_recall, 3)}). Unguided samples. {timing_note(records)}\n\n"
-              + md_table(["Point", "Seeds", *[h for _, h in COLUMNS]], cells, "lr" + "r" * len(COLUMNS)))
+                                             for k, _ in columns]] for p in points]
+    about = ("Inverse MSE: G's output against F's exact inverse on held-out pairs, per value (σ² = "
+             f"{fmt_num(sigma2, 4)}, the training noise). Noise sensitivity: the per-pixel spread of G's samples over "
+             "its noise, over that of F's exact inverse from the same noises (1 = as varied). Recall / exact's: "
+             f"against the unguided exact inverse's recall ({fmt_num(exact_recall, 3)}). Unguided samples."
+             if g_study else "Guided points are reported at their best w of the shared sweep (column best w).")
+    md.append(f"## Every point\n\nEach point is its own run with its own schedule. {about} {timing_note(records)}\n\n"
+              + md_table(["Point", "Seeds", *[h for _, h in columns]], cells, "lr" + "r" * len(columns)))
     md.append(f"![{title}]({name}.png)\n")
     grids = [f"- {r.get('label') or r['variant']}, seed {r['seed']}:\n\n"
              f"  ![{r['variant']}]({rel_link(results_dir / scale / r['samples_png'], w.out_dir / scale)})\n"

@@ -195,7 +195,7 @@ def _sampling_rows(spec, scale: str, batch_sizes: list[int], dev: torch.device, 
         uses_flow = sampler.inverse == "exact" or sampler.denoise == "score"
         z, y = sampler_inputs(cfg, FLOP_BATCH, dev)
         flops = count_flops(sampler_call(sampler, flow, g, z, y, amp, inference=False)) / FLOP_BATCH
-        row_peak = peak_bf16 if (amp and sampler.inverse == "learned" and peak_bf16) else peak
+        row_peak = peak_bf16 if (amp and sampler.inverse != "exact" and peak_bf16) else peak
         setups[name] = (variant, cfg, sampler, flow, g, count_params(flow if uses_flow else None, g), flops, row_peak)
         compiled = None  # the same sampler with torch.compile where per-operator overhead dominates at batch 1:
         if compile and sampler.inverse == "learned" and sampler.denoise != "score":  # G's pass (a compiled copy)

@@ -5,6 +5,7 @@ training/loop.py's `fit` takes it (its optimizer: no weight decay on biases; its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -14,10 +15,13 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..models.biflow import BiFlow
+from ..models.flow_matching import FlowMatching
+from ..models.meanflow import MeanFlow
 from ..models.tarflow import TARFlow
 from ..sample import Sampler, image_noise
 from ..training.loop import autocast_context, build_optimizer, compile_in_place
 from ..training.budget import random_batch
+from ..training.stages import build_peer
 from ..training.losses import nll_loss, stage2_loss
 
 
@@ -32,12 +36,14 @@ def unzero(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def build_variant_models(cfg: RunConfig, device: torch.device, seed: int = 0) -> tuple[TARFlow, BiFlow | None]:
-    """F and (for the learned inverse) G of a resolved config, randomly initialised, in eval mode on `device`."""
+def build_variant_models(cfg: RunConfig, device: torch.device, seed: int = 0
+                         ) -> tuple[TARFlow, BiFlow | MeanFlow | FlowMatching | None]:
+    """F and (for the learned inverse) G, or a 1-NFE peer in G's place, of a resolved config, randomly initialised,
+    in eval mode on `device`."""
     torch.manual_seed(seed)
     flow = unzero(TARFlow(cfg.flow), seed).to(device).eval()
-    g = unzero(BiFlow(cfg.backward), seed + 1).to(device).eval() if cfg.inverse == "learned" else None
-    return flow, g
+    g = {"learned": lambda: BiFlow(cfg.backward), "peer": lambda: build_peer(cfg, cfg.peer)}.get(cfg.inverse)
+    return flow, (unzero(g(), seed + 1).to(device).eval() if g else None)
 
 
 def sampler_inputs(cfg: RunConfig, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -51,15 +57,15 @@ def sampler_call(sampler: Sampler, flow: TARFlow, g: BiFlow | None, z: Tensor, y
                   amp: bool, inference: bool = True, stats: dict[str, Any] | None = None) -> Callable[[], Tensor]:
     """One sampler call under inference_mode (no_grad when the score step needs autograd, or when not
     `inference`: FLOP counting needs composite ops such as linear decomposed into matmuls, which inference_mode
-    skips), with bf16 autocast for G when `amp`. Jacobi decoding writes its passes into `stats`."""
+    skips), with bf16 autocast for G or a peer when `amp`. Jacobi decoding writes its passes into `stats`."""
     grad_ctx: Callable[[], AbstractContextManager] = (
         torch.inference_mode if inference and sampler.denoise != "score" else torch.no_grad)
 
     def call() -> Tensor:
         with grad_ctx():
-            if amp and sampler.inverse == "learned":
+            if amp and sampler.inverse != "exact":  # G's pass or a peer's steps
                 with torch.autocast(z.device.type, dtype=torch.bfloat16):
-                    x = g.sample(z, y, cfg_scale=sampler.cfg_scale)  # type: ignore[union-attr]
+                    x = dataclasses.replace(sampler, denoise="none")(flow, g, z, y)
                 x = x.float()
                 if sampler.denoise == "score":
                     x = flow.denoise(x, y, sampler.sigma)

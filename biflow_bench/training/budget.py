@@ -62,10 +62,10 @@ def equal_compute(cfg: RunConfig, peers: tuple[PeerConfig, ...], seed: int = 0) 
             "peer_steps": {p.kind: budget // flops[p.kind] for p in peers}}
 
 
-def resolved_peer(cfg: RunConfig) -> PeerConfig:
+def resolved_peer(cfg: RunConfig, budget: dict[str, Any] | None = None) -> PeerConfig:
     """cfg.peer as it trains: at equal compute (peer.equal_compute) its steps those of BiFlow's budget with the
-    run's F and G settings, else its own."""
+    run's F and G settings (`budget`: equal_compute's answer, when the caller has it), else its own."""
     if not cfg.peer.equal_compute:
         return cfg.peer
-    steps = equal_compute(cfg, (cfg.peer,))["peer_steps"][cfg.peer.kind]
+    steps = (budget or equal_compute(cfg, (cfg.peer,)))["peer_steps"][cfg.peer.kind]
     return dataclasses.replace(cfg.peer, steps=max(1, int(steps)), equal_compute=False)

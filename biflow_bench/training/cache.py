@@ -37,7 +37,7 @@ from ..models.flow_matching import FlowMatching, FlowMatchingConfig
 from ..models.meanflow import MeanFlow, MeanFlowConfig
 from ..models.tarflow import TARFlow, TARFlowConfig
 from .loop import FitResult
-from .budget import resolved_peer
+from .budget import equal_compute, resolved_peer
 from .stages import build_peer, train_backward, train_flow, train_peer
 
 
@@ -195,9 +195,11 @@ def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDatase
     resolved steps (training/budget.py), the run's seed its own."""
     env = env or DistEnv()
     micro_batch = distributed_micro_batch(cfg, env, micro_batch)
-    if cfg.inverse == "peer":
-        model, art = get_peer(cfg, resolved_peer(cfg), seed, dataset, cache_dir, progress, micro_batch, env)
-        return None, model, {"peer": {**art.meta, "cached": art.cached, "key": art.path.parent.name}}
+    if cfg.inverse == "peer":  # at equal compute the record keeps the budget: the FLOPs of F's, G's and its steps
+        budget = equal_compute(cfg, (cfg.peer,)) if cfg.peer.equal_compute else None
+        model, art = get_peer(cfg, resolved_peer(cfg, budget), seed, dataset, cache_dir, progress, micro_batch, env)
+        return None, model, {"peer": {**art.meta, "cached": art.cached, "key": art.path.parent.name},
+                             **({"budget": budget} if budget else {})}
     flow, art = get_flow(cfg, dataset, cache_dir, progress, micro_batch, env)
     summary = {"stage1": {**art.meta, "cached": art.cached, "key": art.path.parent.name}}
     g = None

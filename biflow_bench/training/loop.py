@@ -183,6 +183,17 @@ def with_ema(model: nn.Module, state: dict[str, Tensor], ema: list[Tensor]) -> d
     return {**state, **{name: e for (name, _), e in zip(model.named_parameters(), ema, strict=True)}}
 
 
+def kept_checkpoint(checkpoint: Path, step: int) -> Path:
+    """Where fit keeps the checkpoint of `step` (keep_at) beside the running one."""
+    return checkpoint.with_name(f"{checkpoint.stem}-{step:07d}{checkpoint.suffix}")
+
+
+def doubling(first: int) -> Callable[[int], bool]:
+    """`first`, 2 x `first`, 4 x `first`, ...: a schedule of kept checkpoints that does not depend on the run's
+    length, so that runs of other lengths are scored at the same steps."""
+    return lambda step: step >= first and step % first == 0 and (step // first) & (step // first - 1) == 0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Hand the weights (the EMA's when there is one) to `call(step, state_dict)` every `every` steps and at the
@@ -207,10 +218,12 @@ def fit(
     micro_batch: int | None = None,
     env: DistEnv | None = None,
     snapshot: Snapshot | None = None,
+    keep_at: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train `model` on `loss_fn` by the stage's `train` settings (steps, global batch, optimiser, schedule,
     checkpoints, precision: bfloat16 autocast when "bf16", on CUDA always; `compile`). `micro_batch` (default
-    batch_size / world size) is the rows per forward pass."""
+    batch_size / world size) is the rows per forward pass. The checkpoint of each step `keep_at` accepts is kept
+    beside `checkpoint` as checkpoint-<step>.pt (curve.checkpoint_curve scores them)."""
     steps, batch_size, lr = train.steps, train.batch_size, train.lr
     env = env or DistEnv()
     micro = micro_batch or batch_size // env.world_size
@@ -235,13 +248,13 @@ def fit(
         start, skipped, bad_in_row, elapsed = state["step"], state["skipped"], state["bad_in_row"], state["elapsed"]
         recent = state.get("recent", {})
 
-    def save(step: int) -> None:
-        if checkpoint is not None and env.is_main:
+    def save(step: int, path: Path | None = checkpoint) -> None:
+        if path is not None and env.is_main:
             atomic_torch_save(
                 {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema,
                  "skipped": skipped, "bad_in_row": bad_in_row, "elapsed": elapsed + time.perf_counter() - t0,
                  "recent": recent},
-                checkpoint,
+                path,
             )
 
     model.train()
@@ -307,6 +320,8 @@ def fit(
                 snapshot.call(step + 1, weights)
             if (step + 1) % train.checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
+            if checkpoint is not None and keep_at is not None and keep_at(step + 1) and step + 1 < steps:
+                save(step + 1, kept_checkpoint(checkpoint, step + 1))
             bar.update(1)
             if progress and env.is_main and (step % 10 == 0 or lines is not None):
                 avg = {k: sum(v) / len(v) for k, v in recent.items()}

@@ -86,10 +86,11 @@ def meanflow_target(model: MeanFlow, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
 def meanflow_loss(model: MeanFlow, x: Tensor, y: Tensor | None, generator: torch.Generator, *,
                   time_mean: float = -0.4, time_std: float = 1.0, interval_share: float = 0.25,
                   label_drop: float = 0.1, cfg_max: float = 7.0, cfg_distribution: str = "inverse",
-                  adaptive_c: float = 1e-3, adaptive_p: float = 1.0) -> Tensor:
+                  adaptive_c: float = 1e-3, adaptive_p: float = 1.0, terms: dict[str, float] | None = None) -> Tensor:
     """MeanFlow's objective on a batch: (r, t) by `sample_times`, the guided target field with w drawn as G's
     training-time CFG draws it (omega = 1 + w with density ~ 1 / omega; dropped labels: w = 0 and v itself), the
-    identity's target, and the adaptive weighting D / sg(D + c)^p of the squared error summed over dimensions."""
+    identity's target, and the adaptive weighting D / sg(D + c)^p of the squared error summed over dimensions.
+    The weighted loss is about 1 whatever the error (p = 1): `terms` gets the error per value ("error") to follow."""
     b = x.shape[0]
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     r, t = sample_times(b, time_mean, time_std, interval_share, generator, x)
@@ -104,4 +105,6 @@ def meanflow_loss(model: MeanFlow, x: Tensor, y: Tensor | None, generator: torch
     elif y is not None:
         y = drop_labels(y, label_drop, model.config.num_classes, generator)
     u, target = meanflow_target(model, z, r, t, v, y, w)
+    if terms is not None:
+        terms["error"] = float((u - target).detach().pow(2).mean())
     return adaptive_weight((u - target).pow(2).flatten(1).sum(1), adaptive_c, adaptive_p).mean()

@@ -18,7 +18,7 @@ from ..models.biflow import BiFlow
 from ..models.flow_matching import FlowMatching, FlowMatchingConfig
 from ..models.meanflow import MeanFlow, MeanFlowConfig
 from ..models.tarflow import TARFlow
-from .loop import FitResult, Snapshot, fit
+from .loop import FitResult, Snapshot, doubling, fit
 from .losses import build_perceptual_terms, nll_loss, stage2_loss
 from .peer_losses import flow_matching_loss, meanflow_loss
 
@@ -34,7 +34,7 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint
     levels_offset = math.log((dataset.levels - 1) / 2)
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x = add_noise(x, s1.noise_sigma, gen)
+        x = add_noise(x, s1.noise_sigma, gen, s1.noise)
         labels = drop_labels(y, s1.label_drop, cfg.flow.num_classes, gen) if cfg.flow.num_classes else None
         loss = nll_loss(model, x, labels)  # type: ignore[arg-type]
         return loss, {"nll": float(loss.detach())}
@@ -86,21 +86,23 @@ def train_peer_loss(cfg: RunConfig, peer: PeerConfig, model: nn.Module, x: Tenso
                     generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     """A peer's objective on one batch (training/peer_losses.py) with the stage's settings."""
     labels = y if cfg.backward.num_classes else None
+    terms: dict[str, float] = {}
     if peer.kind == "meanflow":
         loss = meanflow_loss(model, x, labels, generator, time_mean=peer.time_mean,  # type: ignore[arg-type]
                              time_std=peer.time_std, interval_share=peer.interval_share, label_drop=peer.label_drop,
                              cfg_max=peer.cfg_max, cfg_distribution=peer.cfg_distribution,
-                             adaptive_c=peer.adaptive_c, adaptive_p=peer.adaptive_p)
+                             adaptive_c=peer.adaptive_c, adaptive_p=peer.adaptive_p, terms=terms)
     else:
         loss = flow_matching_loss(model, x, labels, generator, peer.label_drop)  # type: ignore[arg-type]
-    return loss, {peer.kind: float(loss.detach())}
+    return loss, {peer.kind: float(loss.detach()), **terms}
 
 
 def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentDataset, seed: int,
                checkpoint: Path | None = None, progress: bool = True, env: DistEnv | None = None,
                micro_batch: int | None = None, snapshot: Snapshot | None = None) -> tuple[nn.Module, FitResult]:
     """A 1-NFE peer trained directly on the data (issue 42), by its own objective (training/peer_losses.py), on
-    the same data and pixel range as F and G; seeded by the run's seed, as G."""
+    the same data and pixel range as F and G; seeded by the run's seed, as G. Its checkpoints at a doubling
+    schedule (a quarter of checkpoint_every, twice that, ...) are kept for the quality-against-compute curve."""
     torch.manual_seed(seed + 2)
     model = build_peer(cfg, peer)
 
@@ -108,5 +110,6 @@ def train_peer(cfg: RunConfig, peer: PeerConfig, dataset: ImageDataset | LatentD
         return train_peer_loss(cfg, peer, m, x, y, gen)
 
     result = fit(model, loss_fn, dataset, peer, seed=seed, checkpoint=checkpoint, ema_decay=peer.ema_decay,
-                 desc=f"peer ({peer.kind})", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot)
+                 desc=f"peer ({peer.kind})", progress=progress, env=env, micro_batch=micro_batch, snapshot=snapshot,
+                 keep_at=doubling(max(1, peer.checkpoint_every // 4)))
     return model, result
