@@ -12,9 +12,10 @@ RESULTS ?= results
 
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg ablation-one-nfe ablation-tarflow-vp ablation-tarflow-noise ablation-tarflow-depth \
-             ablation-tarflow-guidance
+             ablation-tarflow-guidance ablation-editing
 
-.PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe reproduce-tarflow clean bench-speed g-study \
+.PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe reproduce-tarflow reproduce-editing clean \
+        bench-speed g-study \
         rehearse-paper \
         $(ABLATIONS)
 
@@ -96,6 +97,11 @@ rehearse-paper: setup
 # BiFlow rows are main's (shared records), its peers train for BiFlow's FLOPs (`biflow-bench bench budget`)
 reproduce-one-nfe: setup
 	$(foreach s,$(SEEDS),$(BENCH) run one-nfe --scale small --seed $(s) --results-dir $(RESULTS) &&) true
+
+# the editing table (ablations/editing.toml) at the small scale, both seeds: no training of its own, it edits with the
+# main and inverse-strategy tables' F and Gs (trained here on a cold cache)
+reproduce-editing: setup
+	$(foreach s,$(SEEDS),$(BENCH) run editing --scale small --seed $(s) --results-dir $(RESULTS) &&) true
 
 # TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
 # of the preset's F schedule (ablations/_tarflow.toml). Two jobs, one thread each: the noise table's six Fs beside the

@@ -41,7 +41,8 @@ SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include"
              "kind", "judge"}
 VARIANT_KEYS = {"set", "paper", "label"}
 PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note"}
-KINDS = ("quality", "speed", "study")  # study: run like a table, outside the paper's tables (make g-study)
+# study: run like a table, outside the paper's tables (make g-study); editing: trained variants' edits (edit_table.py)
+KINDS = ("quality", "speed", "study", "editing")
 # what a study's axis may be judged by (all lower is better; default the first): `judge = { axis = "fd_cls" }`
 STUDY_JUDGES = ("inverse_mse_clean", "fd_cls", "fd_effnet")
 

@@ -55,14 +55,15 @@ def _classifier_reference(dataset: str, data_dir: str | None, num_real: int, cac
 
 
 def image_metrics(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor | None, data_dir: Path | None = None,
-                  cache_dir: Path | None = None) -> dict[str, float]:
+                  cache_dir: Path | None = None, kid: bool = False) -> dict[str, float]:
     """Every sample-quality metric of a set of [-1, 1] images against the held-out real images: the extractor's
     Frechet distance / score / precision / recall, the domain classifier's acc_cls / conf_cls (with labels) and
-    fd_cls, its test accuracy (cls_test_acc), and the noise left in the images (noise_residual)."""
+    fd_cls, its test accuracy (cls_test_acc), and the noise left in the images (noise_residual); `kid`: also the
+    kernel distance (small sets: the editing table)."""
     dd, cache_dir = (str(data_dir) if data_dir else None), cache_dir or default_cache_dir()
     ev = cfg.eval
     real = _reference_features(cfg.dataset, dd, ev.num_real, ev.extractor, ev.resize)
-    metrics = compute_fidelity(to_uint8(images), real, extractor=ev.extractor, resize=ev.resize)
+    metrics = compute_fidelity(to_uint8(images), real, extractor=ev.extractor, resize=ev.resize, kid=kid)
     model, meta = domain_classifier(cfg.dataset, dd, cache_dir)
     metrics.update(classifier_metrics(model, images, labels, _classifier_reference(cfg.dataset, dd, ev.num_real,
                                                                                     cache_dir)))

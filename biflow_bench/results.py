@@ -43,9 +43,11 @@ RESULT_SCHEMA = 1
 IDENTITY_KEYS = ("ablation", "variant", "scale", "seed")
 ARCHIVE = "archive"  # results/archive/: superseded records, read only when asked
 CALIBRATION = "calibration.json"  # results/<scale>/: real-data calibration rows, one entry per calibration key
-# curve: quality against training time (curve.py); scaling: speed-up against the exact inverse's serial steps
+# curve: quality against training time (curve.py); scaling: speed-up against the exact inverse's serial steps;
+# editing: the editing table's measurements of one trained variant (edit_table.py)
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "ablation": ("metric", "metrics"), "speed": ("rows",), "curve": ("points",), "scaling": ("rows",)}
+    "ablation": ("metric", "metrics"), "speed": ("rows",), "curve": ("points",), "scaling": ("rows",),
+    "editing": ("rows", "config")}
 SPEED_ROW_KEYS = ("sampler", "batch_size", "ms_per_image")
 
 class BadRecord(ValueError):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,14 +39,17 @@ from .ablations import AblationSpec, get_spec
 from .config import ConfigError, RunConfig
 from .data import class_balanced_labels, dataset_splits, image_grid_png
 from .distributed import DistEnv, barrier, broadcast_object
+from .edit_table import measure_edits
 from .evaluation import ensure_calibration, image_metrics
-from .files import LockBusy, dir_lock
+from .files import LockBusy, atomic_write_bytes, dir_lock
 from .identity import RunIdentity, run_identity
 from .latent_eval import latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .measure import Trained, build_measurement, held_out_bpd, primary_metric
 from .paths import default_cache_dir, default_results_dir
-from .results import check_name, find_measurement, find_record, log, share_measurement, write_variant_record
+from .provenance import environment
+from .results import (check_name, find_measurement, find_record, log, record_path, share_measurement,
+                      write_record, write_variant_record)
 from .sample import Sampler, generate, guidance_scales
 from .speed.benchmark import record_speed_bench
 from .training.cache import distributed_micro_batch, train_stages
@@ -234,6 +238,29 @@ def run_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: R
                                 build_measurement(t, seed, ident, guidance, calibration), png, start)
 
 
+def run_edit_variant(spec: AblationSpec, variant: str, scale: str, seed: int, opts: RunOptions, cfg: RunConfig,
+                     ident: RunIdentity) -> Path | None:
+    """The editing table's record of one variant (edit_table.py) from its trained F and G: rank 0 edits and writes;
+    under torchrun the other ranks only train."""
+    start = time.perf_counter()
+    t = train_variant(cfg, seed, opts)
+    if not opts.env.is_main:
+        return None
+    log(f"[{spec.name}/{variant}] scale={scale} seed={seed}: editing held-out images")
+    body, grids = measure_edits(t, seed, opts.cache, opts.data_dir, opts.progress)
+    home = record_path(opts.results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
+    pngs = {}
+    for name, png in grids.items():
+        pngs[name] = f"samples/{spec.name}/{home.stem}-{name}.png"
+        atomic_write_bytes(opts.results_dir / scale / pngs[name], png)
+    return write_record(opts.results_dir, {
+        "kind": "editing", "ablation": spec.name, "variant": variant, "scale": scale, "seed": seed,
+        "label": spec.variants[variant].label or variant, "spec_version": spec.version, "config": cfg.to_dict(),
+        "config_hash": ident.config_hash, "overrides": ident.overrides, "micro_batch": ident.micro_batch, **body,
+        "grids": pngs, "train": t.train, "env": environment(), "wall_time_s": time.perf_counter() - start,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
         opts: RunOptions | None = None, plan: Callable[[], str] | None = None,
         configs: dict[str, RunConfig] | None = None) -> list[Path]:
@@ -275,13 +302,14 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
                 paths.append(found)
                 continue
             shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
-                if env.is_main and not opts.force else None
+                if env.is_main and not opts.force and spec.kind == "quality" else None
             if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
                 path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared,
                                          config=configs[name].to_dict()) if env.is_main else None
                 paths.append(broadcast_object(path, env))
                 continue
-            path = run_variant(spec, name, scale, seed, opts, configs[name], ident)
+            measure = run_edit_variant if spec.kind == "editing" else run_variant
+            path = measure(spec, name, scale, seed, opts, configs[name], ident)
             barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
             paths.append(broadcast_object(path, env))
     return paths

@@ -10,7 +10,9 @@ import math
 
 import numpy as np
 from torch import Tensor
+import torch
 from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 
 from .extractors import (EFFNET_NAME, MIN_PER_ISC_SPLIT, PRC_KEYS, RESULT_KEYS, check_extractor, default_layers,
                          feature_extractor, run_extractor)
@@ -19,7 +21,7 @@ from .frechet import feature_stats, frechet_bootstrap_std, frechet_distance_to, 
 
 def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | np.ndarray | tuple[np.ndarray, np.ndarray],
                      extractor: str = EFFNET_NAME, resize: int = 224, batch_size: int = 100, bootstrap: int = 10,
-                     isc_splits: int = 10, seed: int = 0) -> dict[str, float]:
+                     isc_splits: int = 10, seed: int = 0, kid: bool = False) -> dict[str, float]:
     """Frechet distance and score of generated images against reference images, their features (N, D) from
     `reference_features`, or cached (mu, sigma). With images or features, also precision and recall (PRC_KEYS).
 
@@ -29,6 +31,9 @@ def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | np.ndarr
     so both match `torch_fidelity.calculate_metrics` on the same extractor (the tests pin this). Score splits:
     `isc_splits`, reduced so each split has at least MIN_PER_ISC_SPLIT images. `resize` is the EfficientNet input side
     (Inception always uses 299). The std key is `frechet_bootstrap_std` with `bootstrap` resamples (NaN if < 2).
+    `kid` (with reference images or features): also the kernel distance, unbiased at small N where the Frechet
+    distance is not, by torch-fidelity's own kid_features_to_metric (100 subsets of up to 1,000): kid_<name> and
+    kid_<name>_std.
     """
     check_extractor(extractor)
     fd_key, is_key, std_key = RESULT_KEYS[extractor]
@@ -56,4 +61,10 @@ def compute_fidelity(generated_uint8: Tensor, reference_uint8: Tensor | np.ndarr
     }
     if real is not None:
         out.update(zip(PRC_KEYS[extractor], precision_recall(gen_fd, real)))
+    if kid and real is not None:
+        kid_key = f"kid_{fd_key.split('_', 1)[1]}" if "_" in fd_key else "kid"
+        subset = min(1000, len(gen_fd), len(real))
+        k = kid_features_to_metric(torch.from_numpy(gen_fd), torch.from_numpy(np.asarray(real)),
+                                   kid_subset_size=subset, rng_seed=seed, verbose=False)
+        out[kid_key], out[f"{kid_key}_std"] = k["kernel_inception_distance_mean"], k["kernel_inception_distance_std"]
     return out

@@ -21,6 +21,7 @@ from ..paths import LOCAL_SCALES
 from ..results import scan_records
 from .bench_pages import curves_page, is_training, scaling_page, speed_page
 from .configs import split_configs
+from .editing_page import editing_page
 from .figures import speed_quality_figure
 from .frames import results_frame, speed_frame
 from .format import DASH, first_value, fmt_num, fmt_ours, fmt_sig, fmt_text, md_table, rel_link, rel_or_abs
@@ -96,7 +97,7 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
     records, skipped = scan_records(results_dir, include_archive)
     df = results_frame(records)
     speed = speed_frame(records)
-    extra = {kind: [rec for _, rec in records if rec["kind"] == kind] for kind in ("curve", "scaling")}
+    extra = {kind: [rec for _, rec in records if rec["kind"] == kind] for kind in ("curve", "scaling", "editing")}
     found = set(df["scale"]) | set(speed["scale"]) | {rec["scale"] for recs in extra.values() for rec in recs}
     chosen = order_scales(found if scales is None else set(scales))
 
@@ -137,8 +138,14 @@ def render_report(results_dir: Path | str, out_dir: Path | str, scales: Sequence
             if scaling:
                 readme.append(f"- [Speed-up against the exact inverse's serial steps]"
                               f"({scaling_page(w, scale, scaling[-1])})\n")
+        edits = [rec for rec in extra["editing"] if rec["scale"] == scale]
+        if edits:
+            spec = registry.get(edits[0]["ablation"])
+            page = editing_page(w, results_dir, scale, edits, spec.title if spec else "Editing",
+                                spec.description if spec else "")
+            readme.append(f"### Editing\n\n- [{spec.title if spec else 'Editing'}]({page}) (`{edits[0]['ablation']}`)\n")
         if sdf.empty and others.empty and sspeed.empty:
-            if not (curves or scaling):
+            if not (curves or scaling or edits):
                 readme.append("No records at this scale.\n")
             continue
         main_spec = registry.get("main")
