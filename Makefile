@@ -12,7 +12,7 @@ RESULTS ?= results
 
 ABLATIONS := ablation-main ablation-inverse-strategy ablation-denoise ablation-norm-control ablation-distance-metric \
              ablation-training-cfg ablation-one-nfe ablation-tarflow-vp ablation-tarflow-noise ablation-tarflow-depth \
-             ablation-tarflow-guidance ablation-editing
+             ablation-tarflow-guidance ablation-tarflow-coupling ablation-editing
 
 .PHONY: setup test test-fast demo report reproduce-small reproduce-one-nfe reproduce-tarflow reproduce-editing clean \
         bench-speed g-study \
@@ -105,7 +105,7 @@ reproduce-editing: setup
 
 # TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
 # of the preset's F schedule (ablations/_tarflow.toml). Two jobs, one thread each: the noise table's six Fs beside the
-# other tables' four, one table after another (an F two tables share is trained once, the other job waiting for it).
+# other tables' five, one table after another (an F two tables share is trained once, the other job waiting for it).
 TARFLOW_JOBS := tarflow.noise tarflow.rest
 TARFLOW_RUN = OMP_NUM_THREADS=1 $(BENCH) run $(1) --scale small --seed $(SEED) --results-dir $(RESULTS)
 .PHONY: $(TARFLOW_JOBS)
@@ -118,6 +118,7 @@ tarflow.rest: setup
 	$(call TARFLOW_RUN,tarflow-vp)
 	$(call TARFLOW_RUN,tarflow-depth)
 	$(call TARFLOW_RUN,tarflow-guidance)
+	$(call TARFLOW_RUN,tarflow-coupling)
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

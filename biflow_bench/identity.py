@@ -37,7 +37,8 @@ def flow_key(cfg: RunConfig, micro_batch: int | None = None, device: str = "cpu"
     """Hash of everything that determines F (its seed is stage1.seed): runs that share it share the trained forward
     flow. A micro-batch that splits the batch (each micro-batch draws its own randomness) and a non-CPU device (bf16
     autocast) change the trained weights, so they are part of the key when present."""
-    return config_hash({"dataset": cfg.dataset, "flow": cfg.flow, "stage1": _stage_settings(cfg.stage1),
+    return config_hash({"dataset": cfg.dataset, "flow": _without_later_defaults(dataclasses.asdict(cfg.flow)),
+                        "stage1": _stage_settings(cfg.stage1),
                         "code": TRAINING_CODE_VERSION, **_split_key(micro_batch, cfg.stage1.batch_size, device)})
 
 
@@ -74,7 +75,7 @@ def without_unused_settings(stage2: Mapping[str, Any]) -> dict[str, Any]:
 
 # Settings added after models and records were keyed, left out of every key and hash at this default value, so the
 # keys of everything run before them stand
-LATER_DEFAULTS = {"precision": "fp32", "schedule": "cosine", "noise": "gaussian"}
+LATER_DEFAULTS = {"precision": "fp32", "schedule": "cosine", "noise": "gaussian", "coupling": "autoregressive"}
 
 
 def _stage_settings(stage: Any) -> dict[str, Any]:
@@ -138,6 +139,8 @@ def read_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             out["stage2"] = {k: v for k, v in without_unused_settings(out["stage2"]).items() if k not in unread}
         if "backward" in out and backward.get("strategy") != "hidden-distill":
             out["backward"].pop("distill_residual", None)  # only hidden-distill's stages read it
+    if "flow" in out and out["flow"].get("coupling") == LATER_DEFAULTS["coupling"]:  # as for the keys below
+        out["flow"] = {k: v for k, v in out["flow"].items() if k != "coupling"}
     for stage in ("stage1", "stage2"):  # the record hashes of runs before `schedule` and `noise` existed stand
         for key in ("schedule", "noise"):
             if stage in out and key in out[stage] and out[stage][key] == LATER_DEFAULTS[key]:

@@ -96,7 +96,7 @@ class Sampler:
             label += " x2 (CFG)" if self.cfg_scale else ""
         elif self.inverse == "exact":
             steps = flow.num_serial_steps()
-            label = f"{flow.config.num_blocks}x{flow.config.num_tokens - 1} serial"
+            label = f"{flow.config.num_blocks}x{steps // flow.config.num_blocks} serial"
             label += " x2 (CFG)" if self.cfg_scale else ""
         elif self.peer == "flow-matching":
             steps = g.nfe(self.steps, self.solver, self.cfg_scale)  # type: ignore[union-attr]

@@ -86,6 +86,10 @@ def test_tiny_speed_rows(tiny_record):
         elif cfg.inverse == "exact":
             assert row["nfe"] == serial + score
             assert "serial" in row["nfe_label"]
+        elif cfg.inverse == "peer":  # its steps; Heun's two evaluations; flow matching's CFG two branches
+            heun = 2 if cfg.sample.solver == "heun" and cfg.peer.kind == "flow-matching" else 1
+            branches = 2 if cfg.peer.kind == "flow-matching" and cfg.sample.cfg_scale else 1
+            assert row["nfe"] == cfg.sample.steps * heun * branches
         else:
             assert row["nfe"] == 1 and row["nfe_label"] == "1"
         if row["sampler"] == "exact":
@@ -139,7 +143,7 @@ def test_latent_scale_times_the_vae_decoder_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     rec = run_speed_bench("tiny-latent", batch_sizes=(2,), repeats=1, warmup=0)
     rows = {r["sampler"]: r for r in rec["rows"]}
-    assert set(rows) == {"exact", "exact-jacobi", "exact-score", "exact-cfg", "learned", "learned-cfg", "vae-decoder"}
+    assert set(rows) == {*get_spec("speed").variants, "vae-decoder"}
     decoder = rows.pop("vae-decoder")
     assert set(ROW_KEYS) <= set(decoder)
     assert "random weights" in decoder["label"] and decoder["speedup"] is None

@@ -117,12 +117,13 @@ class SwiGLU(nn.Module):
 
 
 class CausalBlock(nn.Module):
-    """Pre-norm causal Transformer block of a TARFlow flow step (TARFlow sec. 2.3)."""
+    """Pre-norm causal Transformer block of a TARFlow flow step (TARFlow sec. 2.3); `causal=False` for the channel
+    coupling step of TARFlow's ablation (models/coupling.py), which never decodes token by token."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, causal=True)
+        self.attn = Attention(dim, heads, causal=causal)
         self.mlp = MLP(dim, mlp_ratio)
 
     def forward(self, x: Tensor, temperature: Tensor | float = 1.0) -> Tensor:

@@ -35,7 +35,10 @@ from torch import Tensor, nn
 
 from . import layers
 from .compiled_decoder import compiled_step
+from .coupling import CouplingBlock
 from .layers import CausalBlock, ImageTokens, guidance_weights, patchify, unpatchify
+
+COUPLINGS = ("autoregressive", "channel")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class TARFlowConfig(ImageTokens):
     num_classes: int = 0  # 0: unconditional; else class-conditional with a null class for CFG
     clip: float | None = None  # BiFlow norm control: alpha, mu bounded to (-clip, clip); None turns it off
     nvp: bool = True  # False: volume preserving, alpha = 0 (TARFlow's VP ablation)
+    # "autoregressive" (TARFlow) or "channel": affine coupling of each token's channel halves, TARFlow's ablation
+    coupling: str = "autoregressive"
+
+    def __post_init__(self) -> None:
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"flow.coupling={self.coupling!r} is not one of {', '.join(COUPLINGS)}")
 
     @property
     def num_dims(self) -> int:
@@ -319,7 +328,8 @@ class TARFlow(nn.Module):
     def __init__(self, cfg: TARFlowConfig):
         super().__init__()
         self.config = cfg
-        self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
+        block = CouplingBlock if cfg.coupling == "channel" else FlowBlock
+        self.blocks = nn.ModuleList(block(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
 
     @property
     def null_class(self) -> int:
@@ -428,5 +438,7 @@ class TARFlow(nn.Module):
         return torch.cat(out)
 
     def num_serial_steps(self) -> int:
-        """Network evaluations of the exact inverse: one per decoded token per block (TARFlow: 256 x 8 at paper scale)."""
-        return self.config.num_blocks * (self.config.num_tokens - 1)
+        """Network evaluations of the exact inverse: one per decoded token per block (TARFlow: 256 x 8 at paper scale);
+        one per block for channel coupling."""
+        per_block = 1 if self.config.coupling == "channel" else self.config.num_tokens - 1
+        return self.config.num_blocks * per_block
