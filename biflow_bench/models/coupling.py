@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import CausalBlock
+from .layers import CausalBlock, affine_params
 
 
 class CouplingBlock(nn.Module):
@@ -50,13 +50,7 @@ class CouplingBlock(nn.Module):
             h = h + self.class_embed(y)[:, None]
         for layer in self.layers:
             h = layer(h, temperature)
-        alpha, mu = self.proj_out(self.norm_out(h)).chunk(2, dim=-1)
-        if self.cfg.clip is not None:
-            c = self.cfg.clip
-            alpha, mu = c * torch.tanh(alpha / c), c * torch.tanh(mu / c)
-        if not self.cfg.nvp:
-            alpha = torch.zeros_like(alpha)
-        return alpha, mu
+        return affine_params(self.proj_out(self.norm_out(h)), self.cfg.clip, self.cfg.nvp)
 
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         kept, moved = self._split(x)

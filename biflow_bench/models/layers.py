@@ -116,6 +116,17 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+def affine_params(p: Tensor, clip: float | None, nvp: bool) -> tuple[Tensor, Tensor]:
+    """A flow step's read-out (..., 2D) -> alpha, mu: with norm control a smooth clip to (-clip, clip) (BiFlow sec.
+    3.3); volume preserving (not nvp, TARFlow's VP ablation): alpha = 0."""
+    alpha, mu = p.chunk(2, dim=-1)
+    if clip is not None:
+        alpha, mu = clip * torch.tanh(alpha / clip), clip * torch.tanh(mu / clip)
+    if not nvp:
+        alpha = torch.zeros_like(alpha)
+    return alpha, mu
+
+
 class CausalBlock(nn.Module):
     """Pre-norm causal Transformer block of a TARFlow flow step (TARFlow sec. 2.3); `causal=False` for the channel
     coupling step of TARFlow's ablation (models/coupling.py), which never decodes token by token."""

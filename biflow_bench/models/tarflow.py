@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import layers
 from .compiled_decoder import compiled_step
 from .coupling import CouplingBlock
-from .layers import CausalBlock, ImageTokens, guidance_weights, patchify, unpatchify
+from .layers import CausalBlock, ImageTokens, affine_params, guidance_weights, patchify, unpatchify
 
 COUPLINGS = ("autoregressive", "channel")
 
@@ -107,13 +107,7 @@ class FlowBlock(nn.Module):
 
     def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """alpha, mu predicted from each position (for the next token)."""
-        alpha, mu = self.proj_out(self.norm_out(h)).chunk(2, dim=-1)
-        if self.cfg.clip is not None:  # norm control: a smooth clip to (-c, c)
-            c = self.cfg.clip
-            alpha, mu = c * torch.tanh(alpha / c), c * torch.tanh(mu / c)
-        if not self.cfg.nvp:
-            alpha = torch.zeros_like(alpha)
-        return alpha, mu
+        return affine_params(self.proj_out(self.norm_out(h)), self.cfg.clip, self.cfg.nvp)
 
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         x = self._order(x)
