@@ -84,7 +84,8 @@ class Stage1Config(TrainingConfig):
     # "gaussian" (TARFlow sec. 2.4) or "uniform" dequantisation noise of the same std (the classic recipe it replaces)
     noise: str = "gaussian"
     # F's own seed: one F per F config, shared by every seed of G and of sampling (a run's --seed varies G's
-    # initialisation, stage 2's data order and the sampled images; set this to vary F itself)
+    # initialisation, stage 2's data order and the sampled images; set this to vary F itself). -1: the run's seed,
+    # so that a table's seeds are Fs of their own (TARFlow's tables, whose rows differ in F)
     seed: int = 0
 
 
@@ -261,7 +262,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
                      "max_bad_steps", "perceptual_size", "perceptual_batch", "num_samples", "jacobi_group", "resize",
                      "num_real", "nll_samples"), _AT_LEAST_1),
     **dict.fromkeys(("mlp_ratio", "clip", "lr", "grad_clip", "adaptive_c", "guidance_temperature"), _ABOVE_0),
-    **dict.fromkeys(("num_classes", "warmup", "weight_decay", "noise_sigma", "seed", "lpips_weight", "convnext_weight",
+    "seed": (-1, math.inf, True, False),  # stage1.seed -1: the run's seed
+    **dict.fromkeys(("num_classes", "warmup", "weight_decay", "noise_sigma", "lpips_weight", "convnext_weight",
                      "adaptive_p", "hidden_weight", "cfg_max", "cfg_scale", "cfg_sweep", "jacobi_tol"), _AT_LEAST_0),
     "label_drop": (0, 1, True, True),
     "interval_share": (0, 1, True, True),

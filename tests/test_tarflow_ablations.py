@@ -86,3 +86,23 @@ def test_noise_points_read_sigma_kind_and_denoising_from_the_records():
     got = noise_points(records, table).set_index("variant")
     assert got.loc["u", ["sigma", "noise", "denoise", "ours"]].tolist() == [0.0023, "uniform", "score", 9.0]
     assert got.loc["a", ["sigma", "noise", "denoise"]].tolist() == [0.05, "gaussian", "none"]
+
+
+def test_tarflow_tables_seed_f_by_the_run():
+    """stage1.seed -1: a table's seed is an F of its own (its key that of F at that seed); alone it is refused."""
+    import dataclasses
+
+    from biflow_bench.ablations import get_spec
+    from biflow_bench.config import ConfigError
+    from biflow_bench.identity import flow_key
+    from biflow_bench.training.cache import seeded_flow
+    from biflow_bench.training.stages import train_flow
+
+    cfg = get_spec("tarflow-vp").resolve("nvp", "tiny")
+    assert cfg.stage1.seed == -1
+    for seed in (0, 1):
+        explicit = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, seed=seed))
+        assert flow_key(seeded_flow(cfg, seed)) == flow_key(explicit)
+    assert flow_key(seeded_flow(cfg, 0)) != flow_key(seeded_flow(cfg, 1))
+    with pytest.raises(ConfigError, match="resolved by a table's run"):
+        train_flow(cfg, None)

@@ -18,6 +18,7 @@ home is paths.default_cache_dir (BIFLOW_CACHE, else the project's runs/cache).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDatase
     resolved steps (training/budget.py), the run's seed its own."""
     env = env or DistEnv()
     micro_batch = distributed_micro_batch(cfg, env, micro_batch)
+    cfg = seeded_flow(cfg, seed)
     if cfg.inverse == "peer":  # at equal compute the record keeps the budget: the FLOPs of F's, G's and its steps
         budget = equal_compute(cfg, (cfg.peer,)) if cfg.peer.equal_compute else None
         model, art = get_peer(cfg, resolved_peer(cfg, budget), seed, dataset, cache_dir, progress, micro_batch, env)
@@ -207,6 +209,13 @@ def train_stages(cfg: RunConfig, seed: int, dataset: ImageDataset | LatentDatase
         g, art = get_backward(cfg, seed, flow, dataset, cache_dir, progress, micro_batch, env)
         summary["stage2"] = {**art.meta, "cached": art.cached, "key": art.path.parent.name}
     return flow, g, summary
+
+
+def seeded_flow(cfg: RunConfig, seed: int) -> RunConfig:
+    """`cfg` with stage1.seed -1 (F seeded by the run) resolved to the run's seed: the F its key and training see."""
+    if cfg.stage1.seed >= 0:
+        return cfg
+    return dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, seed=seed))
 
 
 def distributed_micro_batch(cfg: RunConfig, env: DistEnv, micro_batch: int | None = None) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..config import PeerConfig, RunConfig
+from ..config import ConfigError, PeerConfig, RunConfig
 from ..data import ImageDataset, LatentDataset, add_noise, drop_labels
 from ..distributed import DistEnv
 from ..latents import differentiable_decoder, load_vae
@@ -29,6 +29,9 @@ def train_flow(cfg: RunConfig, dataset: ImageDataset | LatentDataset, checkpoint
     """Stage 1: F by maximum likelihood on noise-augmented data x + sigma*eps (TARFlow sec. 2.4) with label drop.
     Seeded by stage1.seed alone: every seed of G trains against the same F."""
     s1 = cfg.stage1
+    if s1.seed < 0:
+        raise ConfigError("stage1.seed=-1 (F seeded by the run's seed) is resolved by a table's run; set stage1.seed "
+                          "to a seed >= 0 here")
     torch.manual_seed(s1.seed)
     flow = TARFlow(cfg.flow)
     levels_offset = math.log((dataset.levels - 1) / 2)
