@@ -82,7 +82,7 @@ def measure_edits(t: Trained, seed: int, cache_dir, data_dir=None, progress: boo
     if y is not None:  # class edits: every source to every other class
         k = cfg.flow.num_classes
         for decoder in decoders:
-            edited, targets, keep_src = [], [], []
+            edited, targets = [], []
             for shift in range(1, k):
                 target = (y + shift) % k
                 edited.append(decode(decoder, flow, g, z, target, sigma))
@@ -91,9 +91,9 @@ def measure_edits(t: Trained, seed: int, cache_dir, data_dir=None, progress: boo
             m = image_metrics(cfg, images, labels, data_dir, cache_dir, kid=True)
             with torch.no_grad():
                 m["lpips_to_source"] = float(torch.cat([lpips(e, x) for e in edited]).mean())
-            rows.append({"edit": "class", "mask": "", "decoder": decoder, "pasted": False, "kept_fraction": 0.0,
-                         "kept_mse": float((images - x.repeat(k - 1, 1, 1, 1)).pow(2).mean()),
-                         "kept_psnr": float("nan"), "metrics": m})
+            mse, psnr = kept_error(images, x.repeat(k - 1, 1, 1, 1), torch.ones(size, size, dtype=torch.bool))
+            rows.append({"edit": "class", "mask": "", "decoder": decoder, "pasted": False, "kept_fraction": 1.0,
+                         "kept_mse": mse, "kept_psnr": psnr, "metrics": m})  # z kept whole, the class changed
         # one row per source, column j edited to class j (the source's own class: its plain re-decoding)
         decoder = "G" if g is not None else "exact"
         cols = [decode(decoder, flow, g, z[:10], torch.full((min(10, n),), j, dtype=torch.long), sigma)

@@ -11,8 +11,8 @@ import typer
 
 from ..config import ConfigError, scale_config
 from ..paths import default_results_dir
-from .args import (Ablation, DataDir, Overrides, Scale, Seed, Variant, check_out_file, check_scale, positive,
-                   run_options)
+from .args import (Ablation, DataDir, Overrides, Scale, Seed, Variant, check_out_file, check_scale, parse_overrides,
+                   positive, run_options)
 
 steps_app = typer.Typer()
 
@@ -110,7 +110,8 @@ def edit(ablation: Ablation, variant: Variant, scale: Scale = "tiny", seed: Seed
     pixel_keep(mask, 8, 2, torch.Generator())  # the mask's name, checked before any training
     if decoder not in DECODERS:
         raise ConfigError(f"--decoder {decoder!r}: use one of {', '.join(DECODERS)}")
-    cfg = get_spec(ablation).resolve(variant, scale)
+    check_scale(scale)
+    cfg = get_spec(ablation).resolve(variant, scale, parse_overrides(set_))
     if decoder == "G" and cfg.inverse != "learned":
         raise ConfigError(f"--decoder G: {ablation}/{variant} has no learned inverse (inverse={cfg.inverse!r}); use "
                           "--decoder exact or a variant with a G")

@@ -57,11 +57,13 @@ def editing_page(w: ReportWriter, results_dir, scale: str, records: Sequence[dic
         classes = _rows(recs, "class")
         if classes:
             md.append("### Class edits (z = F(x | c), decoded with every other class)\n\n" + md_table(
-                ["Decoder", "acc_cls (target class) ↑", "fd_effnet ↓", "fd_cls ↓", "KID x10³ ↓", "LPIPS to source"],
-                [[decoder, fmt_num(_metric(rows, "acc_cls"), 3), fmt_num(_metric(rows, "fd_effnet"), 1),
+                ["Decoder", "acc_cls (target class) ↑", "PSNR to source (dB)", "fd_effnet ↓", "fd_cls ↓", "KID x10³ ↓",
+                 "LPIPS to source"],
+                [[decoder, fmt_num(_metric(rows, "acc_cls"), 3), fmt_num(_mean([r["kept_psnr"] for r in rows]), 1),
+                  fmt_num(_metric(rows, "fd_effnet"), 1),
                   fmt_num(_metric(rows, "fd_cls"), 1), fmt_num(1e3 * _metric(rows, "kid_effnet"), 1),
                   fmt_num(_metric(rows, "lpips_to_source"), 2)] for (_, decoder, _), rows in classes.items()],
-                "lrrrrr"))
+                "lrrrrrr"))
         trips = {k: _mean([r["round_trip"].get(k) for r in recs]) for k in recs[0]["round_trip"]}
         timing = {k: _mean([r["timing"].get(k) for r in recs]) for k in recs[0]["timing"]}
         md.append("### Round trips and speed\n\n"
