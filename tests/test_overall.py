@@ -38,6 +38,7 @@ def test_overall_sums_the_tables_pairs_and_names_the_reversed_ones() -> None:
     leads = [re.search(r"(\d+) of (\d+) pairs keep the paper's order \((\d+) beyond", verdict(t))
              for t in tables.values()]
     assert [sum(int(m.group(i)) for m in leads if m) for i in (1, 2, 3)] == [3, 5, 2]
+
     assert overall({"one": tables["norm-control"]}).startswith("1 of the paper's 1 pairwise orderings hold in "
                                                                "fd_effnet across 1 table, 0 of them")
     assert overall({"one": tables["norm-control"]}).endswith("; none reversed.")
@@ -66,3 +67,12 @@ def test_readme_overall_line_is_the_one_rendered_from_the_committed_records(tmp_
     assert rendered_line and rendered_line.group(1) == "small"
     paragraphs = [" ".join(p.split()) for p in (ROOT / "README.md").read_text().split("\n\n")]
     assert [p for p in paragraphs if p.startswith("**Overall at scale")] == [rendered_line.group(0)]
+
+
+def test_a_pair_shared_by_two_tables_counts_once() -> None:
+    """The 1-NFE comparison's BiFlow rows are the main table's records: their pair is counted in main alone; a pair
+    of new rows counts."""
+    main = {"biflow": (5.0, 1.0, 2.39), "itarflow": (4.0, 1.0, 6.83)}
+    tables = {"main": table(main), "one-nfe": table({**main, "meanflow": (9.0, 1.0, 3.43)})}
+    assert overall(tables).startswith("1 of the paper's 3 pairwise orderings hold in fd_effnet across 2 tables")
+    assert overall(tables).count("`itarflow` beats `biflow`") == 1

@@ -83,8 +83,18 @@ def verdict(table: pd.DataFrame, metric: str | None = None, sigmas: float = 2.0)
 
 def overall(tables: dict[str, pd.DataFrame], sigmas: float = 2.0) -> str | None:
     """One sentence over the tables of a scale (ablation -> table): how many of the paper's pairwise orderings hold in
-    ours, summed over the tables' lead lines (`verdict`), and which are reversed; None when no table has a pair."""
-    pairs = {name: paper_pairs(t, sigmas) for name, t in tables.items()}
+    ours, summed over the tables' lead lines (`verdict`), and which are reversed; None when no table has a pair. A
+    pair that an earlier table (by name) already holds with the same numbers, ours and the paper's (rows a table
+    shares with another: the 1-NFE comparison's BiFlow rows are the main table's), counts once."""
+    pairs, seen = {}, set()
+    for name, t in sorted(tables.items()):
+        values = {r.variant: (float(r.ours), float(r.paper_fid)) for r in t.itertuples()}
+        pairs[name] = []
+        for p in paper_pairs(t, sigmas):
+            key = (p.better, p.worse, values[p.better], values[p.worse])
+            if key not in seen:
+                seen.add(key)
+                pairs[name].append(p)
     total = sum(map(len, pairs.values()))
     if not total:
         return None
