@@ -113,6 +113,9 @@ def test_scaling_rows_count_serial_steps_and_render(tmp_path: Path):
     (["bench", "curve", "flow", "--every", "0"], "--every 0: must be a positive integer"),
     (["bench", "curve", "flow", "--w", "a,b"], "--w 'a,b': expected comma-separated numbers"),
     (["bench", "curve", "flow", "--set", "stage1.steps=x"], "stage1.steps"),
+    (["bench", "curve", "peer", "--variant", "one-nfe/nope", "--kept"], "unknown variant 'nope' of ablation 'one-nfe'"),
+    (["bench", "curve", "flow", "--kept"], "--kept: only a peer's run keeps its checkpoints"),
+    (["bench", "curve", "peer", "--kept", "--variant", "one-nfe/meanflow-1", "--seed", "7"], "no kept checkpoints"),
     (["bench", "scaling", "--sides", "7"], "--sides '7': each side must be an even integer"),
     (["bench", "scaling", "--repeats", "0"], "--repeats 0: must be a positive integer"),
 ])

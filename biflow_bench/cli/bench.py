@@ -108,12 +108,16 @@ def bench_curve(
              "training anew")] = None,
     kept: Annotated[bool, typer.Option(
         "--kept", help="score the checkpoints a peer's cached run kept (a doubling schedule) and its model")] = False,
+    variant: Annotated[str | None, typer.Option(
+        help="ABLATION/VARIANT whose config to use instead of the scale's preset (e.g. one-nfe/meanflow-1: the peer "
+             "that table trained)")] = None,
     overrides: Overrides = None,
     seed: Seed = 0,
     data_dir: DataDir = None,
     results_dir: ResultsDir = None,
 ) -> None:
-    """Quality against training time: train F, G or a peer once (the scale's preset plus --set overrides), scoring
+    """Quality against training time: train F, G or a peer once (the scale's preset, or --variant's config, plus --set
+    overrides), scoring
     its weights every --every steps with the tables' metrics (or score the checkpoints a run kept: --from-checkpoints,
     or --kept for a peer's run in the cache);
     record results/<scale>/curve/<stage>__seed<N>.json."""
@@ -130,7 +134,13 @@ def bench_curve(
     ws = parse_list("--w", scales, float, "0,1,2")
     if any(w < 0 for w in ws):
         raise ConfigError(f"--w {scales!r}: guidance scales must be >= 0")
-    cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
+    if variant is not None:
+        from ..ablations import get_spec
+
+        table, _, name = variant.partition("/")
+        cfg = get_spec(table).resolve(name, scale, parse_overrides(overrides))
+    else:
+        cfg = apply_delta(scale_config(scale), parse_overrides(overrides), "--set")
     checkpoints = None
     if kept:
         if stage != "peer":
