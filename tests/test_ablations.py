@@ -51,7 +51,8 @@ def test_variant_runs_end_to_end(ablation, variant, shared):
     assert record["paper"]["table"] == spec.paper_table
     score_step = cfg.backward.denoise == "score"  # one more pass, through F
     if cfg.inverse == "exact":  # serial: one evaluation per decoded token per block
-        serial = cfg.flow.num_blocks * (cfg.flow.num_tokens - 1)
+        per_block = 1 if cfg.flow.coupling == "channel" else cfg.flow.num_tokens - 1  # coupling: one pass
+        serial = cfg.flow.num_blocks * per_block
         assert record["nfe"] == serial + score_step and record["params"]["backward"] == 0
     elif cfg.inverse == "peer":  # its steps (Heun: two evaluations each; flow matching's CFG: two branches)
         branches = 2 if cfg.peer.kind == "flow-matching" and record["guidance"]["best_w"] else 1
