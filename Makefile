@@ -96,12 +96,13 @@ rehearse-paper: setup
 # the 1-NFE comparison (ablations/one-nfe.toml) at the small scale, both seeds, apart from reproduce-small: its
 # BiFlow rows are main's (shared records), its peers train for BiFlow's FLOPs (`biflow-bench bench budget`)
 # then each peer's quality against its training, scored at the checkpoints its seed-0 run kept (flow matching at 8
-# Euler steps, the yardstick of its search)
+# Euler steps, the yardstick of its search), and flow matching's step study (its trained model, 1 to 64 steps)
 PEER_CURVE = $(BENCH) bench curve peer --kept --w 0,1 --scale small --results-dir $(RESULTS) --variant
 reproduce-one-nfe: setup
 	$(foreach s,$(SEEDS),$(BENCH) run one-nfe --scale small --seed $(s) --results-dir $(RESULTS) &&) true
 	$(PEER_CURVE) one-nfe/meanflow-1
 	$(PEER_CURVE) one-nfe/flow-matching-1 --set sample.steps=8
+	$(BENCH) run flow-matching-steps --scale small --seed 0 --results-dir $(RESULTS)
 
 # the editing table (ablations/editing.toml) at the small scale, both seeds: no training of its own, it edits with the
 # main and inverse-strategy tables' F and Gs (trained here on a cold cache)

@@ -29,6 +29,10 @@ def test_training_cost_counts_each_rows_own_steps():
     peer = _rec("meanflow-1", {"peer": {"steps": 154, "seconds": 80.0}, "budget": BUDGET})
     assert training_cost(peer, BUDGET) == (154 * 7, 80.0, False)
     assert budget_of([_rec("itarflow", {"stage1": f}), peer]) == BUDGET
+    # each peer's record counts its own step: the budget merges them
+    other = {**BUDGET, "flops_per_step": {"flow": 10, "backward": 4, "flow-matching": 3}}
+    merged = budget_of([peer, _rec("flow-matching-1", {"peer": {"steps": 360, "seconds": 1.0}, "budget": other})])
+    assert merged["flops_per_step"] == {"flow": 10, "backward": 4, "meanflow": 7, "flow-matching": 3}
     flops, _, _ = training_cost(peer, None)  # no budget recorded yet: unknown, not zero
     assert math.isnan(flops)
 
@@ -70,3 +74,23 @@ def test_params_are_the_sampling_networks(variant):
     row = cost_rows(recs, table, pd.DataFrame(columns=["sampler", "batch_size", "ms_per_image"])).iloc[0]
     assert row["params"] == (490 if variant == "itarflow" else 870)
     assert math.isnan(row["ms_1"])
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_the_steps_study_samples_the_one_nfe_tables_flow_matching_model(scale):
+    """The steps study (ablations/flow-matching-steps.toml) is the one-nfe table's trained flow-matching peer with
+    other samplers: the same cache key, so it trains nothing of its own."""
+    from pathlib import Path
+
+    from biflow_bench.ablations import get_spec
+    from biflow_bench.training.budget import resolved_peer
+    from biflow_bench.training.cache import peer_dir
+
+    def home(table: str, variant: str) -> Path:
+        cfg = get_spec(table).resolve(variant, scale)
+        return peer_dir(Path("cache"), cfg, resolved_peer(cfg), 0)
+
+    table = home("one-nfe", "flow-matching-32")
+    study = get_spec("flow-matching-steps")
+    assert {home("flow-matching-steps", v) for v in (list(study.variants)[:1] if scale == "small" else study.variants)} \
+        == {table}

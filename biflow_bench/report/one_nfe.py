@@ -34,8 +34,13 @@ CURVE_LABELS = {"flow": "iTARFlow (F, exact inverse)", "backward": "BiFlow (G af
 
 
 def budget_of(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The FLOP budget a peer's record keeps (the same at every seed of a scale), or None before any peer ran."""
-    return next((r["train"]["budget"] for r in records if "budget" in r.get("train", {})), None)
+    """The FLOP budget the peers' records keep (the same at every seed of a scale; each record counts its own
+    peer's step), merged, or None before any peer ran."""
+    budgets = [r["train"]["budget"] for r in records if "budget" in r.get("train", {})]
+    if not budgets:
+        return None
+    per_step = {k: v for b in budgets for k, v in b["flops_per_step"].items()}
+    return {**budgets[0], "flops_per_step": per_step}
 
 
 def training_cost(rec: dict[str, Any], budget: dict[str, Any] | None) -> tuple[float, float, bool]:
