@@ -136,6 +136,10 @@ def one_nfe_figure(costs: pd.DataFrame, steps: dict[str, list[tuple[float, float
     _scatter(ax_flops, costs["flops"] / 1e12, costs["ours"], costs["label"])
     batch = SPEED_BATCHES[-1]
     _scatter(ax_ms, costs[f"ms_{batch}"], costs["ours"], costs["label"])
+    for ax, empty in ((ax_ms, "no speed record of these samplers yet (make bench-speed)"),
+                      (ax_flops, "no FLOP budget yet (a peer's record keeps it)")):
+        if not ax.lines:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, fontsize=8)
     for ax, xlabel in ((ax_nfe, "network evaluations per image (NFE)"), (ax_flops, "training compute (TFLOP)"),
                        (ax_ms, f"ms per image at batch {batch} (this machine)")):
         ax.set(xscale="log", xlabel=xlabel, ylabel=f"{metric} (lower is better)")
