@@ -16,6 +16,7 @@ promise the kept pixels: `kept_error` measures how much of them survives.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -136,8 +137,6 @@ def round_trips(flow: TARFlow, g: BiFlow, x: Tensor, y: Tensor | None, generator
 
 def timed(call: Callable[[], Tensor], repeats: int = 3) -> float:
     """Median seconds of `repeats` calls after one untimed call."""
-    import time
-
     call()
     times = []
     for _ in range(repeats):
