@@ -64,7 +64,7 @@ SEEDS ?= 0 1
 PROGRESS = $(BENCH) progress --scale small --results-dir $(RESULTS) --estimate-from results --seeds $(shell echo $(SEEDS) | tr ' ' ',')
 # One job per (table, seed), two at a time, one thread each (on a 2-core CPU a one-thread job trains F as fast as a
 # two-thread one): make starts the next job as soon as a core is free, so neither core idles while the other works
-# through a longer list. Seed N+1 of a table follows its seed N (a table holds one run at a time); the rest runs in
+# through a longer list. Seed N+1 of a table follows its seed N (which trains the F they share); the rest runs in
 # the listed order, longest tables first: the main table trains the shared F while norm control trains its
 # unclipped one, and a model one job is training is waited for by the other, not trained twice.
 REPRO_TABLES := main norm-control distance-metric training-cfg inverse-strategy denoise
@@ -98,11 +98,16 @@ rehearse-paper: setup
 # then each peer's quality against its training, scored at the checkpoints its seed-0 run kept (flow matching at 8
 # Euler steps, the yardstick of its search), and flow matching's step study (its trained model, 1 to 64 steps)
 PEER_CURVE = $(BENCH) bench curve peer --kept --w 0,1 --scale small --results-dir $(RESULTS) --variant
+# The seeds run side by side (a table locks each seed apart), one job and one thread each.
+ONE_NFE_JOBS := $(foreach s,$(SEEDS),one-nfe.$(s))
+.PHONY: $(ONE_NFE_JOBS)
 reproduce-one-nfe: setup
-	$(foreach s,$(SEEDS),$(BENCH) run one-nfe --scale small --seed $(s) --results-dir $(RESULTS) &&) true
+	$(MAKE) --no-print-directory -j2 $(ONE_NFE_JOBS)
 	$(PEER_CURVE) one-nfe/meanflow-1
 	$(PEER_CURVE) one-nfe/flow-matching-1 --set sample.steps=8
 	$(BENCH) run flow-matching-steps --scale small --seed 0 --results-dir $(RESULTS)
+$(ONE_NFE_JOBS): one-nfe.%: setup
+	OMP_NUM_THREADS=1 $(BENCH) run one-nfe --scale small --seed $* --results-dir $(RESULTS)
 
 # the editing table (ablations/editing.toml) at the small scale, both seeds: no training of its own, it edits with the
 # main and inverse-strategy tables' F and Gs (trained here on a cold cache)

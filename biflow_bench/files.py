@@ -137,13 +137,15 @@ def remove_artifact(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = None) -> Iterator[Path]:
-    """An exclusive advisory lock on `directory/.lock` (flock: released by the kernel if the holder dies).
+def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = None, name: str = ".lock",
+             what: str | None = None) -> Iterator[Path]:
+    """An exclusive advisory lock on `directory/name` (flock: released by the kernel if the holder dies).
 
-    wait=False raises LockBusy at once; otherwise waits, up to `timeout` seconds when given."""
+    wait=False raises LockBusy at once; otherwise waits, up to `timeout` seconds when given. `what` names the locked
+    thing in the error (the directory by default)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lock_path = directory / ".lock"
+    lock_path = directory / name
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     start = time.monotonic()
     try:
@@ -156,7 +158,7 @@ def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = N
                     raise
                 if not wait or (timeout is not None and time.monotonic() - start > timeout):
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                    raise LockBusy(f"{directory} is in use by {holder}; wait for it to finish or use another "
+                    raise LockBusy(f"{what or directory} is in use by {holder}; wait for it to finish or use another "
                                    "--results-dir") from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)

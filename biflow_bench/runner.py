@@ -285,7 +285,7 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
         barrier(env)
         return paths
     paths = []
-    with main_rank_lock(opts.results_dir / scale / spec.name, env):  # one run per table; tables side by side
+    with main_rank_lock(opts.results_dir / scale / spec.name, seed, env):  # one run per (table, seed)
         if plan is not None and env.is_main:  # once the table is ours: a refused run stays one line
             log(plan())
         for k, name in enumerate(names, 1):
@@ -316,14 +316,16 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
 
 
 @contextlib.contextmanager
-def main_rank_lock(directory: Path, env: DistEnv) -> Iterator[None]:
-    """The table's results lock (results/<scale>/<table>), held by rank 0 alone for the whole job; when it is busy
-    every rank raises the same one-line LockBusy."""
+def main_rank_lock(directory: Path, seed: int, env: DistEnv) -> Iterator[None]:
+    """The lock of a table's seed (results/<scale>/<table>/.lock-seed<k>), held by rank 0 alone for the whole job, so
+    that two seeds of a table, or two tables, run side by side; when it is busy every rank raises the same one-line
+    LockBusy."""
     with contextlib.ExitStack() as stack:
         error = None
         if env.is_main:
             try:
-                stack.enter_context(dir_lock(directory, wait=False))
+                stack.enter_context(dir_lock(directory, wait=False, name=f".lock-seed{seed}",
+                                             what=f"{directory} (seed {seed})"))
             except LockBusy as e:
                 error = str(e)
         error = broadcast_object(error, env)

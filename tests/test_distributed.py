@@ -225,7 +225,7 @@ def test_torchrun_run_writes_the_one_process_record_and_a_second_job_refuses(tmp
         assert rec_two["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
     env = {**os.environ, "BIFLOW_CACHE": str(tmp_path / "cache-two"), "OMP_NUM_THREADS": "1"}
-    with dir_lock(tmp_path / "two" / "tiny" / "main", wait=False):
+    with dir_lock(tmp_path / "two" / "tiny" / "main", wait=False, name=".lock-seed0"):
         busy = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                "-m", "biflow_bench", *args], capture_output=True, text=True, timeout=300, env=env,
                               cwd=tmp_path)

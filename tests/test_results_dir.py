@@ -29,7 +29,7 @@ from tiny_runs import (
 def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_path):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     results.mkdir()
-    lock = results / "tiny" / "denoise" / ".lock"
+    lock = results / "tiny" / "denoise" / ".lock-seed0"
     first = start(RUN, results, cache)
     try:
         # once it holds the lock, stall it (SIGSTOP): it keeps the lock for as long as the test needs
@@ -44,19 +44,21 @@ def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_p
         raise
     assert second.returncode == 2 and second.stdout == ""
     line = one_line_error(second.stderr)
-    assert line == (f"error: {results / 'tiny' / 'denoise'} is in use by pid {first.pid}; wait for it to finish or "
+    assert line == (f"error: {results / 'tiny' / 'denoise'} (seed 0) is in use by pid {first.pid}; wait for it to finish or "
                     "use another --results-dir")
     out = finish(first)
     assert out.returncode == 0, out.stderr
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-    assert files == ["tiny/.lock", "tiny/calibration.json", "tiny/denoise/.lock",
+    assert files == ["tiny/.lock", "tiny/calibration.json", "tiny/denoise/.lock-seed0",
                      f"tiny/denoise/learned__seed0__{HASH}.json", f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
     assert comparable(record_of(results), CACHED) == comparable(clean.record, CACHED)
 
-    # the lock is the table's: another table runs beside a busy one (distance-metric's MSE row: the same models)
-    with dir_lock(results / "tiny" / "denoise", wait=False):
+    # the lock is the (table, seed)'s: another seed of the table, and another table, run beside a busy one
+    with dir_lock(results / "tiny" / "denoise", wait=False, name=".lock-seed0"):
+        seed1 = cli_run([*RUN, "--seed", "1"], results, cache)
         other = cli_run(["run", "distance-metric", "--variants", "mse", *RUN[4:]], results, cache)
-    assert other.returncode == 0, other.stderr
+    assert seed1.returncode == 0 and other.returncode == 0, seed1.stderr + other.stderr
+    assert list((results / "tiny" / "denoise").glob("learned__seed1__*.json"))
     assert list((results / "tiny" / "distance-metric").glob("mse__seed0__*.json"))
 
 
