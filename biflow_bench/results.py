@@ -340,14 +340,24 @@ def share_measurement(spec: AblationSpec, variant: str, scale: str, seed: int, r
     return write_variant_record(spec, variant, scale, seed, results_dir, ident, {**rec, **own}, png, start)
 
 
+def write_grids(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path, ident: RunIdentity,
+                grids: dict[str, bytes]) -> dict[str, str]:
+    """Write a record's image grids where the report finds them, samples/<table>/<record's stem>[-<name>].png, after
+    archiving a superseded record (before its grid's name is taken); returns each grid's path under the scale."""
+    home = record_path(results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
+    archive_superseded(home, results_dir, ident.config_hash)
+    paths = {}
+    for name, png in grids.items():
+        paths[name] = f"samples/{spec.name}/{home.stem}{f'-{name}' if name else ''}.png"
+        atomic_write_bytes(results_dir / scale / paths[name], png)
+    return paths
+
+
 def write_variant_record(spec: AblationSpec, variant: str, scale: str, seed: int, results_dir: Path,
                          ident: RunIdentity, measurement: dict[str, Any], png: bytes, start: float) -> Path:
     """Write the sample grid and the record of one variant: `measurement` (what was measured; a shared record may
     carry another table's fields, which this variant's own replace) + the table's and this run's own fields."""
-    home = record_path(results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
-    archive_superseded(home, results_dir, ident.config_hash)  # before its grid's name is taken
-    samples_png = Path("samples") / spec.name / f"{home.stem}.png"
-    atomic_write_bytes(results_dir / scale / samples_png, png)
+    samples_png = write_grids(spec, variant, scale, seed, results_dir, ident, {"": png})[""]
     v = spec.variants[variant]
     own = {
         "schema": RESULT_SCHEMA, "kind": "ablation", "ablation": spec.name, "variant": variant,

@@ -41,15 +41,15 @@ from .data import class_balanced_labels, dataset_splits, image_grid_png
 from .distributed import DistEnv, barrier, broadcast_object
 from .edit_table import measure_edits
 from .evaluation import ensure_calibration, image_metrics
-from .files import LockBusy, atomic_write_bytes, dir_lock
+from .files import LockBusy, dir_lock
 from .identity import RunIdentity, run_identity
 from .latent_eval import latent_eval, latent_metrics, unit_range
 from .metrics.extractors import INCEPTION_NAME, RESULT_KEYS
 from .measure import Trained, build_measurement, held_out_bpd, primary_metric
 from .paths import default_cache_dir, default_results_dir
 from .provenance import environment
-from .results import (check_name, find_measurement, find_record, log, record_path, share_measurement,
-                      write_record, write_variant_record)
+from .results import (check_name, find_measurement, find_record, log, share_measurement,
+                      write_grids, write_record, write_variant_record)
 from .sample import Sampler, generate, guidance_scales
 from .speed.benchmark import record_speed_bench
 from .training.cache import distributed_micro_batch, train_stages
@@ -248,11 +248,7 @@ def run_edit_variant(spec: AblationSpec, variant: str, scale: str, seed: int, op
         return None
     log(f"[{spec.name}/{variant}] scale={scale} seed={seed}: editing held-out images")
     body, grids = measure_edits(t, seed, opts.cache, opts.data_dir, opts.progress)
-    home = record_path(opts.results_dir, scale, spec.name, variant, seed, ident.config_hash if ident.overrides else None)
-    pngs = {}
-    for name, png in grids.items():
-        pngs[name] = f"samples/{spec.name}/{home.stem}-{name}.png"
-        atomic_write_bytes(opts.results_dir / scale / pngs[name], png)
+    pngs = write_grids(spec, variant, scale, seed, opts.results_dir, ident, grids)
     return write_record(opts.results_dir, {
         "kind": "editing", "ablation": spec.name, "variant": variant, "scale": scale, "seed": seed,
         "label": spec.variants[variant].label or variant, "spec_version": spec.version, "config": cfg.to_dict(),

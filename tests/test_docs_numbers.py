@@ -57,9 +57,9 @@ def pm(variant: str, metric: str, ablation: str = "g-training") -> str:
     return cell(recs(variant, ablation), metric)
 
 
-def z(a: str, b: str, metric: str) -> float:
+def z(a: str, b: str, metric: str, ablation: str = "g-training") -> float:
     """|gap| in σ between two single-seed points (σ: their bootstrap stds in quadrature, the report's rule)."""
-    (ra,), (rb,) = recs(a), recs(b)
+    (ra,), (rb,) = recs(a, ablation), recs(b, ablation)
     ma, mb = ra["metrics"], rb["metrics"]
     return abs(ma[metric] - mb[metric]) / math.hypot(ma[f"{metric}_std"], mb[f"{metric}_std"])
 
@@ -243,6 +243,38 @@ def claims_g_reading() -> list[tuple[str, list[str]]]:
         ("pulls G from F's inverse ({})", [imse("perceptual-both")]),
         ("one architecture's batch-1 pass spans {} to {} ms here", [f2(lo), f2(hi)]),
     ]
+
+
+def claims_peer_searches() -> dict[str, list[tuple[str, list[str]]]]:
+    """The peers' learning-rate searches' readings (their COMMENTARY.md, shown on their study pages)."""
+    def fde(v: str, table: str) -> str:
+        return f0(val(v, FDE, table))
+
+    def best_w(v: str, table: str) -> str:
+        return f"{recs(v, table)[0]['guidance']['best_w']:g}"
+
+    def gap(a: str, b: str, table: str) -> list[str]:
+        return [f0(val(b, FDE, table) - val(a, FDE, table)), f1(z(a, b, "fd_effnet", table))]
+
+    mf, fm = "meanflow-lr", "flow-matching-lr"
+    return {mf: [
+        ("its one-step samples reach fd_effnet {} (best w = {}) against {} at 3e-3 and {} at 3e-2 (whose best w lay "
+         "past the sweep's edge, at {}), and {} at 1e-3",
+         [fde("lr-1e-2", mf), best_w("lr-1e-2", mf), fde("lr-3e-3", mf), fde("lr-3e-2", mf), best_w("lr-3e-2", mf),
+          fde("centre", mf)]),
+        ("(acc_cls {}, fd_cls {})", [f3(val("lr-1e-2", ACC, mf)), f0(val("lr-1e-2", FDC, mf))]),
+        ("the gap of {} to 3e-3 is {} times", gap("lr-1e-2", "lr-3e-3", mf)),
+    ], fm: [
+        ("its 8 Euler steps reach fd_effnet {} (best w = {}) against {} at 3e-3 and {} at 3e-2, and {} at 1e-3",
+         [fde("lr-1e-2", fm), best_w("lr-1e-2", fm), fde("lr-3e-3", fm), fde("lr-3e-2", fm), fde("centre", fm)]),
+        ("(acc_cls {}, fd_cls {})", [f2(val("lr-1e-2", ACC, fm)), f0(val("lr-1e-2", FDC, fm))]),
+        ("the gap of {} to 3e-3 is {} times", gap("lr-1e-2", "lr-3e-3", fm)),
+    ]}
+
+
+@pytest.mark.parametrize("table", ["meanflow-lr", "flow-matching-lr"])
+def test_peer_search_readings_quote_their_records(table: str):
+    check(RESULTS / "small" / table / "COMMENTARY.md", claims_peer_searches()[table])
 
 
 def claims_readme() -> list[tuple[str, list[str]]]:
