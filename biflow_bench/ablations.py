@@ -40,7 +40,8 @@ from .config import SCALES, ConfigError, RunConfig, apply_delta, did_you_mean, s
 SPEC_KEYS = {"name", "version", "title", "paper_table", "description", "include", "baseline", "at_scale", "variants",
              "kind", "judge"}
 VARIANT_KEYS = {"set", "paper", "label"}
-PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note"}
+# order: the paper's ranking stated in words, without numbers (1 best; equal orders unordered), judged in place of FID
+PAPER_KEYS = {"fid", "is", "nfe", "ms_per_image", "params_m", "speedup", "note", "order"}
 # study: run like a table, outside the paper's tables (make g-study); editing: trained variants' edits (edit_table.py)
 KINDS = ("quality", "speed", "study", "editing")
 # what a study's axis may be judged by (all lower is better; default the first): `judge = { axis = "fd_cls" }`
@@ -208,6 +209,8 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = (), where: str = ""
         if not isinstance(paper, dict):
             raise SpecError(f"{where}: 'paper' must be a table with keys among {', '.join(sorted(PAPER_KEYS))}")
         _check_keys(paper, PAPER_KEYS, f"{where}.paper")
+        if "order" in paper and not (isinstance(paper["order"], int) and paper["order"] >= 1):
+            raise SpecError(f"{where}.paper: 'order' must be a whole number >= 1 (1: the paper's best)")
         variants[name] = Variant(name, _flatten(v.get("set", {}), f"{where}.set"), dict(paper), str(v.get("label", "")))
     return raw, baseline, at_scale, variants
 

@@ -114,6 +114,7 @@ def test_variants_sharing_f_share_the_artifact(shared):
     ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\nkind = "study"\njudge = { lr = "fid" }\n[variants.a]',
      "'judge'"),
     ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\njudge = { lr = "fd_cls" }\n[variants.a]', "'judge'"),
+    ('name = "x"\nversion = 1\ntitle = "t"\npaper_table = "p"\n[variants.a]\npaper = { order = 0 }', "'order'"),
 ])
 def test_malformed_specs_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -177,6 +177,36 @@ def test_pair_verdicts_golden() -> None:
     assert "conf_cls" not in pairs
 
 
+def test_an_order_stated_in_words_is_judged_in_place_of_fid() -> None:
+    """A spec's paper `order` (TARFlow: "T = K best, T = 1 fails", one FID among three rows) orders the pairs, ranks
+    and Kendall's tau; rows of equal order are not paired, the FID gap is shown only where both FIDs are known."""
+    from biflow_bench.ablations import AblationSpec, Variant
+    from biflow_bench.report.stats import kendall, overall, paper_pairs
+
+    variants = {"t1": Variant("t1", {}, {"fid": 267.0, "order": 3}), "t2": Variant("t2", {}, {"order": 1}),
+                "t4": Variant("t4", {}, {"order": 2}), "t8": Variant("t8", {}, {"order": 2}),
+                "raw": Variant("raw", {}, {})}
+    spec = AblationSpec(name="depth", version=1, title="t", paper_table="p", description="", baseline={},
+                        variants=variants)
+    df = pd.DataFrame({"variant": list(variants), "value": [30.0, 10.0, 20.0, 5.0, 1.0],
+                       "value_std": [1.0] * 5, "label": list(variants), "metric": ["fd_effnet"] * 5,
+                       "nfe_label": ["n"] * 5, "ms_per_image": [1.0] * 5, "paper_fid": [267.0] + [float("nan")] * 4})
+    table = ablation_table(df, spec)
+    ranks = table.set_index("variant")["paper_rank"]
+    assert ranks[["t1", "t2", "t4", "t8"]].tolist() == [4, 1, 2, 2] and pd.isna(ranks["raw"])
+    pairs = pair_verdicts(table, [])
+    assert [(r.better, r.worse) for r in pairs.itertuples()] == [("t2", "t4"), ("t2", "t8"), ("t2", "t1"),
+                                                                  ("t4", "t1"), ("t8", "t1")]
+    assert list(pairs["ours"]) == ["reproduced", "reversed", "reproduced", "reproduced", "reproduced"]
+    assert pairs["paper_gap"].isna().all()  # one FID: no gap in FID to show
+    assert [(p.better, p.worse, p.kept) for p in paper_pairs(table)] == [(a, b, k) for a, b, k in zip(
+        pairs["better"], pairs["worse"], [True, False, True, True, True])]
+    assert kendall(table)[1] == 4  # the four ordered rows, not the raw one
+    assert overall({"depth": table}).startswith("4 of the paper's 5 pairwise orderings hold")
+    # without a stated order the same table is ordered by its one FID: nothing to pair
+    assert pair_verdicts(ablation_table(df, None), []).empty
+
+
 def test_measurements_section_averages_diagnostics_over_seeds() -> None:
     from biflow_bench.report.pages import measurements_section
 

@@ -13,9 +13,15 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 
+def paper_order(table: pd.DataFrame) -> pd.Series:
+    """The paper's ordering of the rows, lower better: the order its words state (`paper_order`, from the spec's
+    paper `order`) where the table has one, else its FID."""
+    return (table["paper_order"] if "paper_order" in table else table["paper_fid"]).astype(float)
+
+
 def comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows that have both our number and the paper's FID: the ones an ordering can be judged on."""
-    return table[np.isfinite(table["ours"].astype(float)) & np.isfinite(table["paper_fid"].astype(float))]
+    """The rows that have both our number and the paper's ordering: the ones an ordering can be judged on."""
+    return table[np.isfinite(table["ours"].astype(float)) & np.isfinite(paper_order(table))]
 
 
 def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
@@ -24,7 +30,7 @@ def kendall(table: pd.DataFrame) -> tuple[float | None, int, str]:
     n = len(both)
     if n < 2:
         return None, n, f"n/a: {n} variant(s) have both our number and the paper's; need 2"
-    tau = float(kendalltau(both["ours"].to_numpy(float), both["paper_fid"].to_numpy(float)).statistic)
+    tau = float(kendalltau(both["ours"].to_numpy(float), paper_order(both).to_numpy(float)).statistic)
     if math.isnan(tau):
         return None, n, f"n/a: one side is constant over the {n} variants that have both"
     tau += 0.0  # no "-0.000"
@@ -40,12 +46,13 @@ class Pair:
 
 
 def paper_pairs(table: pd.DataFrame, sigmas: float = 2.0) -> list[Pair]:
-    """Every pair of variants the paper's FIDs separate, judged in our primary metric."""
-    rows = list(comparable(table).sort_values("paper_fid").itertuples())
+    """Every pair of variants the paper's ordering separates, judged in our primary metric."""
+    both = comparable(table)
+    rows = list(both.assign(order=paper_order(both)).sort_values("order", kind="stable").itertuples())
     pairs = []
     for i, better in enumerate(rows):
         for worse in rows[i + 1:]:
-            if better.paper_fid == worse.paper_fid:
+            if better.order == worse.order:
                 continue
             gap = worse.ours - better.ours
             noise = math.hypot(*(0.0 if math.isnan(x) else x for x in (better.ours_std, worse.ours_std)))
@@ -69,7 +76,7 @@ def verdict(table: pd.DataFrame, metric: str | None = None, sigmas: float = 2.0)
     if not pairs:
         return f"By {metric}: not comparable, the paper's numbers do not order these variants."
     best_ours = both.loc[both["ours"].astype(float).idxmin(), "variant"]
-    best_paper = both.sort_values("paper_fid")["variant"].iloc[0]
+    best_paper = both.loc[paper_order(both).idxmin(), "variant"]
     lead = (f"By {metric}: the paper's best variant (`{best_paper}`) is best here too" if best_ours == best_paper
             else f"By {metric}: the paper's best variant is `{best_paper}`; ours is `{best_ours}`")
     kept = [p for p in pairs if p.kept]
@@ -88,7 +95,7 @@ def overall(tables: dict[str, pd.DataFrame], sigmas: float = 2.0) -> str | None:
     shares with another: the 1-NFE comparison's BiFlow rows are the main table's), counts once."""
     pairs, seen = {}, set()
     for name, t in sorted(tables.items()):
-        values = {r.variant: (float(r.ours), float(r.paper_fid)) for r in t.itertuples()}
+        values = dict(zip(t["variant"], zip(t["ours"].astype(float), paper_order(t))))
         pairs[name] = []
         for p in paper_pairs(t, sigmas):
             key = (p.better, p.worse, values[p.better], values[p.worse])
@@ -122,20 +129,21 @@ VERDICTS = ("reproduced", "reversed", "unresolved", "missing")
 
 def pair_verdicts(table: pd.DataFrame, extras: list[tuple[str, str, list[tuple[float, float]]]],
                   sigmas: float = 2.0) -> pd.DataFrame:
-    """For every pair of variants the paper orders (by its FID) and for the primary metric ('ours') and each of
+    """For every pair of variants the paper orders (`paper_order`) and for the primary metric ('ours') and each of
     VERDICT_METRICS among `extras` ((key, header, [(mean, noise) per table row])): 'reproduced' when ours orders the
     pair the paper's way by more than `sigmas` x the combined noise (hypot of the two rows' ±), 'reversed' when the
     other way by as much, else 'unresolved' ('missing' when a row has no number); `<key>_z` is the gap in units of
-    that noise, positive in the paper's direction. One row per pair: better, worse (the paper's), paper_gap, then
-    the verdicts."""
+    that noise, positive in the paper's direction. One row per pair: better, worse (the paper's), paper_gap (its
+    FIDs', NaN where it states the order in words), then the verdicts."""
     columns = {"ours": (list(zip(table["ours"].astype(float), table["ours_std"].astype(float))), False)}
     columns.update({key: (cells, VERDICT_METRICS[key]) for key, _, cells in extras if key in VERDICT_METRICS})
-    ranked = sorted((r for r in table.reset_index(drop=True).itertuples() if math.isfinite(float(r.paper_fid))),
-                    key=lambda r: float(r.paper_fid))
+    table = table.reset_index(drop=True)
+    table = table.assign(order=paper_order(table))
+    ranked = sorted((r for r in table.itertuples() if math.isfinite(r.order)), key=lambda r: r.order)
     rows = []
     for i, better in enumerate(ranked):
         for worse in ranked[i + 1:]:
-            if better.paper_fid == worse.paper_fid:
+            if better.order == worse.order:
                 continue
             row: dict[str, object] = {"better": better.variant, "worse": worse.variant,
                                       "paper_gap": float(worse.paper_fid) - float(better.paper_fid)}

@@ -85,9 +85,13 @@ def ablation_table(df: pd.DataFrame, spec: AblationSpec | None = None) -> pd.Dat
     out = pd.DataFrame(rows, columns=["variant", "label", "metric", "ours", "ours_std", "noise", "seeds", "nfe_label",
                                       "best_w", "inverse", "ms_per_image", "sample_batch", "paper_fid",
                                       "paper_ms_per_image"])
+    # The paper's ordering: the order its words state where the spec gives one (paper `order`), else its FID.
+    stated = spec is not None and any("order" in spec.variants[v].paper for v in out["variant"] if v in spec.variants)
+    out["paper_order"] = [float(spec.variants[v].paper.get("order", math.nan)) if v in spec.variants else math.nan
+                          for v in out["variant"]] if stated else out["paper_fid"]
     # Rank 1 = lowest (best); ties share the better rank; variants without a number get no rank.
     out["our_rank"] = out["ours"].rank(method="min").astype("Int64")
-    out["paper_rank"] = out["paper_fid"].rank(method="min").astype("Int64")
+    out["paper_rank"] = out["paper_order"].astype(float).rank(method="min").astype("Int64")
     return out
 
 
