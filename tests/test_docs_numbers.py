@@ -64,15 +64,15 @@ def z(a: str, b: str, metric: str, ablation: str = "g-training") -> float:
     return abs(ma[metric] - mb[metric]) / math.hypot(ma[f"{metric}_std"], mb[f"{metric}_std"])
 
 
-def within(a: str, b: str, metric: str) -> str:
+def within(a: str, b: str, metric: str, ablation: str = "g-training") -> str:
     """The σ of a gap a page calls within noise; fails where the gap is beyond it."""
-    gap = z(a, b, metric)
+    gap = z(a, b, metric, ablation)
     assert gap <= SIGMAS, f"{a} against {b} in {metric}: {gap:.1f}σ is called within noise"
     return f"{gap:.1f}"
 
 
-def beyond(a: str, b: str, metric: str) -> str:
-    gap = z(a, b, metric)
+def beyond(a: str, b: str, metric: str, ablation: str = "g-training") -> str:
+    gap = z(a, b, metric, ablation)
     assert gap > SIGMAS, f"{a} against {b} in {metric}: {gap:.1f}σ is called beyond noise"
     return f"{gap:.1f}"
 
@@ -275,6 +275,47 @@ def claims_peer_searches() -> dict[str, list[tuple[str, list[str]]]]:
 @pytest.mark.parametrize("table", ["meanflow-lr", "flow-matching-lr"])
 def test_peer_search_readings_quote_their_records(table: str):
     check(RESULTS / "small" / table / "COMMENTARY.md", claims_peer_searches()[table])
+
+
+def claims_tarflow() -> dict[str, list[tuple[str, list[str]]]]:
+    """TARFlow's tables' readings (their COMMENTARY.md, shown on their pages): one F per row, one seed."""
+    def v(table: str, variant: str, key: str, fmt: Callable[[float], str] = f0) -> str:
+        return fmt(val(variant, key, table))
+
+    def gap(table: str, a: str, b: str) -> str:  # a gap the reading calls beyond noise
+        return beyond(a, b, "fd_effnet", table)
+
+    vp, cp, dp, BPD = "tarflow-vp", "tarflow-coupling", "tarflow-depth", "metrics.bpd"
+    return {vp: [
+        ("with it F scores fd_effnet {} against {} without (paper: FID 5.7 against 51.0), acc_cls {} against {}, and "
+         "held-out bits/dim {} against {}",
+         [v(vp, "nvp", FDE), v(vp, "vp", FDE), v(vp, "nvp", ACC, f2), v(vp, "vp", ACC, f2), v(vp, "nvp", BPD, f2),
+          v(vp, "vp", BPD, f2)]),
+        ("no recall ({})", [v(vp, "vp", REC, f2)]),
+        ("guidance helps it only up to w = {} of a sweep extended to {}",
+         [f"{recs('vp', vp)[0]['guidance']['best_w']:g}", f"{max(recs('vp', vp)[0]['guidance']['extended']):g}"]),
+        ("The gap is {} times", [f0(float(beyond("nvp", "vp", "fd_effnet", vp)))]),
+    ], cp: [
+        ("fd_effnet {} against {} (paper: FID 5.7 against 20.4), {} times the two rows' bootstrap std in quadrature, "
+         "with acc_cls {} against {} and fd_cls {} against {}",
+         [v(cp, "autoregressive", FDE), v(cp, "channel", FDE), gap(cp, "autoregressive", "channel"),
+          v(cp, "autoregressive", ACC, f2), v(cp, "channel", ACC, f2), v(cp, "autoregressive", FDC),
+          v(cp, "channel", FDC)]),
+        ("(held-out bits/dim {} against {})", [v(cp, "autoregressive", BPD, f2), v(cp, "channel", BPD, f2)]),
+    ], dp: [
+        ("T = 1 x K = 4 scores fd_effnet {} (acc_cls {}, bits/dim {}) against {} for T = K = 2 and {} for T = 4 x K = 1",
+         [v(dp, "t1-k4", FDE), v(dp, "t1-k4", ACC, f2), v(dp, "t1-k4", BPD, f2), v(dp, "t2-k2", FDE),
+          v(dp, "t4-k1", FDE)]),
+        ("four blocks of one layer beat two of two by {} times the rows' bootstrap std in quadrature, with acc_cls {} "
+         "against {} and bits/dim {} against {}",
+         [gap(dp, "t4-k1", "t2-k2"), v(dp, "t4-k1", ACC, f2), v(dp, "t2-k2", ACC, f2), v(dp, "t4-k1", BPD, f2),
+          v(dp, "t2-k2", BPD, f2)]),
+    ]}
+
+
+@pytest.mark.parametrize("table", ["tarflow-vp", "tarflow-coupling", "tarflow-depth"])
+def test_tarflow_readings_quote_their_records(table: str):
+    check(RESULTS / "small" / table / "COMMENTARY.md", claims_tarflow()[table])
 
 
 def claims_readme() -> list[tuple[str, list[str]]]:

@@ -100,8 +100,8 @@ ERRORS = {  # files of a user's folder -> what the one line says ({me}: the fold
                             "{me}/m.toml: [variants.a]: unknown key(s) lable; valid: label, paper, set; did you mean "
                             "'label'?"),
     "unknown paper key": ({"m.toml": HEAD + "[variants.a]\npaper = { fdi = 3.0 }"},
-                          "[variants.a].paper: unknown key(s) fdi; valid: fid, is, ms_per_image, nfe, note, params_m, "
-                          "speedup; did you mean 'fid'?"),
+                          "[variants.a].paper: unknown key(s) fdi; valid: fid, is, ms_per_image, nfe, note, order, "
+                          "params_m, speedup; did you mean 'fid'?"),
     "redefines an included variant": ({"m.toml": HEAD + 'include = "denoise.toml"\n[variants.learned]'},
                                       "{me}/m.toml: [variants.learned]: variant 'learned' is already defined in "
                                       "{builtin}/denoise.toml (included); give yours another name"),
