@@ -116,7 +116,8 @@ reproduce-editing: setup
 
 # TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
 # of the preset's F schedule (ablations/_tarflow.toml). Two jobs, one thread each: the noise table's six Fs beside the
-# other tables' five, one table after another (an F two tables share is trained once, the other job waiting for it).
+# other tables' five, one table after another (an F two tables share is trained once, the other job waiting for it);
+# the second job then takes the noise table's rows from the last (`--reverse`), meeting the first in the middle.
 TARFLOW_JOBS := tarflow.noise tarflow.rest
 TARFLOW_RUN = OMP_NUM_THREADS=1 $(BENCH) run $(1) --scale small --seed $(SEED) --results-dir $(RESULTS)
 .PHONY: $(TARFLOW_JOBS)
@@ -130,6 +131,7 @@ tarflow.rest: setup
 	$(call TARFLOW_RUN,tarflow-depth)
 	$(call TARFLOW_RUN,tarflow-guidance)
 	$(call TARFLOW_RUN,tarflow-coupling)
+	$(call TARFLOW_RUN,tarflow-noise) --reverse
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

@@ -28,7 +28,11 @@ class CorruptArtifact(RuntimeError):
 
 
 class LockBusy(RuntimeError):
-    """Another process holds the results-directory lock."""
+    """Another process holds a directory lock; `holder` says which ("pid N")."""
+
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def _umask() -> int:
@@ -159,7 +163,7 @@ def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = N
                 if not wait or (timeout is not None and time.monotonic() - start > timeout):
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                     raise LockBusy(f"{what or directory} is in use by {holder}; wait for it to finish or use another "
-                                   "--results-dir") from None
+                                   "--results-dir", holder) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)

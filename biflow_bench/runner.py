@@ -260,10 +260,11 @@ def run_edit_variant(spec: AblationSpec, variant: str, scale: str, seed: int, op
 def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", seed: int = 0,
         opts: RunOptions | None = None, plan: Callable[[], str] | None = None,
         configs: dict[str, RunConfig] | None = None) -> list[Path]:
-    """Run (or skip, when a record of the same config hash exists) each variant of an ablation; returns the record
-    paths. `configs`: the variants as `resolve_variants` resolved and checked them (else resolved here). `plan` gives
-    the line rank 0 prints once the table is ours, before the first variant (the CLI's: how many variants and about
-    how long, progress.run_plan)."""
+    """Run (or skip, when a record of the same config hash exists) each variant of an ablation, in the order given,
+    leaving to another job a row it is measuring; returns the record paths of the rows this job measured or found.
+    `configs`: the variants as `resolve_variants` resolved and checked them (else resolved here). `plan` gives the
+    line rank 0 prints before the first variant (the CLI's: how many variants and about how long,
+    progress.run_plan)."""
     opts = opts or RunOptions()
     spec = get_spec(ablation)
     names = variants or list(spec.variants)
@@ -280,51 +281,60 @@ def run(ablation: str, variants: list[str] | None = None, scale: str = "tiny", s
             if env.is_main else []
         barrier(env)
         return paths
-    paths = []
-    with main_rank_lock(opts.results_dir / scale / spec.name, seed, env):  # one run per (table, seed)
-        if plan is not None and env.is_main:  # once the table is ours: a refused run stays one line
-            log(plan())
-        for k, name in enumerate(names, 1):
-            if env.is_main:  # how far the run has come, against the plan above
-                log(f"[{k}/{len(names)}] {spec.name}/{name}")
-            ident = idents[name]
-            found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) \
-                if env.is_main else None
-            found = broadcast_object(found, env)  # rank 0's results directory decides, for every rank
-            if found is not None and not opts.force:
+    paths, left = [], []
+    if plan is not None and env.is_main:
+        log(plan())
+    for k, name in enumerate(names, 1):
+        if env.is_main:  # how far the run has come, against the plan above
+            log(f"[{k}/{len(names)}] {spec.name}/{name}")
+        with row_lock(opts.results_dir / scale / spec.name, name, seed, env) as holder:
+            if holder is not None:  # another job measures this row: it is theirs, and we go on to the next
                 if env.is_main:
-                    log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
-                        "(--force to re-run)")
-                paths.append(found)
+                    log(f"[{spec.name}/{name}] being measured by {holder} (seed {seed}): left to it")
+                left.append(name)
                 continue
-            shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
-                if env.is_main and not opts.force and spec.kind == "quality" else None
-            if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
-                path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared,
-                                         config=configs[name].to_dict()) if env.is_main else None
-                paths.append(broadcast_object(path, env))
-                continue
-            measure = run_edit_variant if spec.kind == "editing" else run_variant
-            path = measure(spec, name, scale, seed, opts, configs[name], ident)
-            barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
-            paths.append(broadcast_object(path, env))
+            path = measure_row(spec, name, scale, seed, opts, configs[name], idents[name])
+        paths.append(path)
+    if left and env.is_main:
+        log(f"{spec.name}: {len(left)} variant(s) left to the other job(s) on this table: {', '.join(left)}")
     return paths
 
 
+def measure_row(spec: AblationSpec, name: str, scale: str, seed: int, opts: RunOptions, cfg: RunConfig,
+                ident: RunIdentity) -> Path | None:
+    """One row of a table, its lock held: skipped when recorded (looked up under the lock, so that a row another job
+    has just finished is not measured twice), copied when another table recorded the same measurement, else run."""
+    env = opts.env
+    found = find_record(opts.results_dir, scale, spec.name, name, seed, ident.config_hash) if env.is_main else None
+    found = broadcast_object(found, env)  # rank 0's results directory decides, for every rank
+    if found is not None and not opts.force:
+        if env.is_main:
+            log(f"[{spec.name}/{name}] already recorded (config {ident.config_hash}), skipping: {found} "
+                "(--force to re-run)")
+        return found
+    shared = find_measurement(opts.results_dir, scale, seed, ident.config_hash) \
+        if env.is_main and not opts.force and spec.kind == "quality" else None
+    if broadcast_object(shared is not None, env):  # rank 0 copies; the other ranks have nothing to do
+        path = share_measurement(spec, name, scale, seed, opts.results_dir, ident, *shared,
+                                 config=cfg.to_dict()) if env.is_main else None
+        return broadcast_object(path, env)
+    measure = run_edit_variant if spec.kind == "editing" else run_variant
+    path = measure(spec, name, scale, seed, opts, cfg, ident)
+    barrier(env)  # the other ranks wait for rank 0's evaluation before the next variant's training
+    return broadcast_object(path, env)
+
+
 @contextlib.contextmanager
-def main_rank_lock(directory: Path, seed: int, env: DistEnv) -> Iterator[None]:
-    """The lock of a table's seed (results/<scale>/<table>/.lock-seed<k>), held by rank 0 alone for the whole job, so
-    that two seeds of a table, or two tables, run side by side; when it is busy every rank raises the same one-line
-    LockBusy."""
+def row_lock(directory: Path, variant: str, seed: int, env: DistEnv) -> Iterator[str | None]:
+    """The lock of one row (results/<scale>/<table>/.lock-<variant>-seed<k>), taken by rank 0 without waiting and
+    held while the row is measured: yields None when it is ours, else who holds it (every rank alike). Jobs on one
+    table thus share its rows: each takes the rows no other job holds (`run --reverse` meets a forward job in the
+    middle)."""
     with contextlib.ExitStack() as stack:
-        error = None
+        holder = None
         if env.is_main:
             try:
-                stack.enter_context(dir_lock(directory, wait=False, name=f".lock-seed{seed}",
-                                             what=f"{directory} (seed {seed})"))
+                stack.enter_context(dir_lock(directory, wait=False, name=f".lock-{variant}-seed{seed}"))
             except LockBusy as e:
-                error = str(e)
-        error = broadcast_object(error, env)
-        if error is not None:
-            raise LockBusy(error)
-        yield
+                holder = e.holder
+        yield broadcast_object(holder, env)

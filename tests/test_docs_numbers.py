@@ -285,7 +285,11 @@ def claims_tarflow() -> dict[str, list[tuple[str, list[str]]]]:
     def gap(table: str, a: str, b: str) -> str:  # a gap the reading calls beyond noise
         return beyond(a, b, "fd_effnet", table)
 
-    vp, cp, dp, BPD = "tarflow-vp", "tarflow-coupling", "tarflow-depth", "metrics.bpd"
+    vp, cp, dp, gd, BPD = "tarflow-vp", "tarflow-coupling", "tarflow-depth", "tarflow-guidance", "metrics.bpd"
+
+    def best(variant: str) -> str:
+        return f"{recs(variant, gd)[0]['guidance']['best_w']:g}"
+
     return {vp: [
         ("with it F scores fd_effnet {} against {} without (paper: FID 5.7 against 51.0), acc_cls {} against {}, and "
          "held-out bits/dim {} against {}",
@@ -310,10 +314,21 @@ def claims_tarflow() -> dict[str, list[tuple[str, list[str]]]]:
          "against {} and bits/dim {} against {}",
          [gap(dp, "t4-k1", "t2-k2"), v(dp, "t4-k1", ACC, f2), v(dp, "t2-k2", ACC, f2), v(dp, "t4-k1", BPD, f2),
           v(dp, "t2-k2", BPD, f2)]),
+    ], gd: [
+        ("fd_effnet {} at its best w = {} against {} unguided, acc_cls {} against {}",
+         [v(gd, "cfg", FDE), best("cfg"), v(gd, "conditional", FDE), v(gd, "cfg", ACC, f2),
+          v(gd, "conditional", ACC, f2)]),
+        ("(tau = 2): {} at w = {} against {} unguided; sharpening it (tau = 0.5) makes every w > 0 worse, so that "
+         "row's best is the unguided w = {}",
+         [v(gd, "temperature-2", FDE), best("temperature-2"), v(gd, "unconditional", FDE), best("temperature-0p5")]),
+        ("on fd_effnet by {} times the rows' bootstrap std in quadrature but trails it on the domain classifier's "
+         "fd_cls ({} against {}, {} times)",
+         [beyond("cfg", "temperature-2", "fd_effnet", gd), v(gd, "temperature-2", FDC), v(gd, "cfg", FDC),
+          beyond("cfg", "temperature-2", "fd_cls", gd)]),
     ]}
 
 
-@pytest.mark.parametrize("table", ["tarflow-vp", "tarflow-coupling", "tarflow-depth"])
+@pytest.mark.parametrize("table", ["tarflow-vp", "tarflow-coupling", "tarflow-depth", "tarflow-guidance"])
 def test_tarflow_readings_quote_their_records(table: str):
     check(RESULTS / "small" / table / "COMMENTARY.md", claims_tarflow()[table])
 

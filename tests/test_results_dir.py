@@ -1,7 +1,7 @@
 """Who writes which record into a results directory (tiny_runs.RUN, starting from copies of conftest's clean run):
 
-    concurrent runs     the second refuses (one line, exit 2) while the first holds the table's lock; another
-                        table runs beside it
+    concurrent runs     a second job leaves to the first the row the first is measuring and takes the others;
+                        another seed and another table run beside it
     overrides           a `--set` run is a new record beside the recorded one, which stays as it was
     shared rows         a run another table already recorded (same config and seed) takes that measurement
 """
@@ -16,7 +16,6 @@ import pytest
 from biflow_bench import runner
 from biflow_bench.files import dir_lock
 from biflow_bench.results import find_measurement, read_record, record_path, write_record
-from cli_helpers import one_line_error
 from tiny_runs import (
     CACHED, HASH, OVERRIDES, RUN, TIMING, cli_run, comparable, copy_cache, drive, finish, opts, record_of, start,
 )
@@ -26,15 +25,15 @@ from tiny_runs import (
 
 
 @pytest.mark.slow
-def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_path):
+def test_a_second_job_leaves_a_busy_row_and_nothing_is_written_twice(clean, tmp_path):
     results, cache = tmp_path / "results", copy_cache(clean.cache, tmp_path / "cache")
     results.mkdir()
-    lock = results / "tiny" / "denoise" / ".lock-seed0"
+    lock = results / "tiny" / "denoise" / ".lock-learned-seed0"
     first = start(RUN, results, cache)
     try:
-        # once it holds the lock, stall it (SIGSTOP): it keeps the lock for as long as the test needs
+        # once it holds the row's lock, stall it (SIGSTOP): it keeps the lock for as long as the test needs
         drive((first, lambda: lock.exists() and lock.read_text() == f"pid {first.pid}",
-               lambda p: p.send_signal(signal.SIGSTOP), "the results lock"))
+               lambda p: p.send_signal(signal.SIGSTOP), "the row's lock"))
         try:
             second = cli_run(RUN, results, cache)
         finally:
@@ -42,22 +41,26 @@ def test_second_concurrent_run_refuses_and_nothing_is_written_twice(clean, tmp_p
     except BaseException:
         first.kill()
         raise
-    assert second.returncode == 2 and second.stdout == ""
-    line = one_line_error(second.stderr)
-    assert line == (f"error: {results / 'tiny' / 'denoise'} (seed 0) is in use by pid {first.pid}; wait for it to finish or "
-                    "use another --results-dir")
+    assert second.returncode == 0 and second.stdout.strip() == "", second.stderr
+    assert f"[denoise/learned] being measured by pid {first.pid} (seed 0): left to it" in second.stderr
     out = finish(first)
     assert out.returncode == 0, out.stderr
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-    assert files == ["tiny/.lock", "tiny/calibration.json", "tiny/denoise/.lock-seed0",
+    assert files == ["tiny/.lock", "tiny/calibration.json", "tiny/denoise/.lock-learned-seed0",
                      f"tiny/denoise/learned__seed0__{HASH}.json", f"tiny/samples/denoise/learned__seed0__{HASH}.png"]
     assert comparable(record_of(results), CACHED) == comparable(clean.record, CACHED)
 
-    # the lock is the (table, seed)'s: another seed of the table, and another table, run beside a busy one
-    with dir_lock(results / "tiny" / "denoise", wait=False, name=".lock-seed0"):
+    # jobs on one table share its rows: with `none` taken, a job asked for both measures score alone;
+    # another seed of the row, and another table, run beside the busy one
+    with dir_lock(results / "tiny" / "denoise", wait=False, name=".lock-none-seed0"):
+        shared = cli_run(["run", "denoise", "--variants", "score,none", "--reverse", *RUN[4:]], results, cache)
         seed1 = cli_run([*RUN, "--seed", "1"], results, cache)
         other = cli_run(["run", "distance-metric", "--variants", "mse", *RUN[4:]], results, cache)
-    assert seed1.returncode == 0 and other.returncode == 0, seed1.stderr + other.stderr
+    assert shared.returncode == seed1.returncode == other.returncode == 0, shared.stderr + seed1.stderr + other.stderr
+    assert "[1/2] denoise/none" in shared.stderr and "[2/2] denoise/score" in shared.stderr  # last to first
+    assert "[denoise/none] being measured by pid" in shared.stderr
+    assert sorted(p.name.split("__")[0] for p in (results / "tiny" / "denoise").glob("*__seed0__*.json")) \
+        == ["learned", "score"]
     assert list((results / "tiny" / "denoise").glob("learned__seed1__*.json"))
     assert list((results / "tiny" / "distance-metric").glob("mse__seed0__*.json"))
 

@@ -50,8 +50,11 @@ def run(
     ref_stats: RefStats = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu at the pixel scales, cuda when "
                                                     "available at the latent ones)")] = None,
+    reverse: Annotated[bool, typer.Option("--reverse", help="run the variants last to first: a second job on the "
+                                                            "same table meets the first in the middle")] = False,
 ) -> None:
-    """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config. Under
+    """Train, sample and evaluate each variant of an ablation; one JSON record per variant and config. Jobs on one
+    table share its rows: each leaves to the other a row that the other is measuring. Under
     torchrun the same command trains with DDP across the processes, shards the sampling (image i from seed i
     whatever their number) and evaluates and writes on rank 0 alone. At the latent scales (tiny-latent, paper,
     paper-xl) --data-dir holds the prepared latents, every process decodes its samples with --vae and rank 0 scores
@@ -77,6 +80,8 @@ def run(
     if spec.kind == "speed" and (variants or set_):
         raise ConfigError(f"{ablation} is the speed benchmark: it takes no --variants or --set (it times every "
                           "sampler); use `biflow-bench bench speed` for its options")
+    if reverse:
+        names = list(reversed(names or list(spec.variants)))
     configs = None
     if spec.kind != "speed":  # an unknown variant, a bad override, missing weights: one line, before anything starts
         configs = runner.resolve_variants(spec, names or list(spec.variants), scale, seed, parse_overrides(set_))
