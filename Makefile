@@ -115,23 +115,21 @@ reproduce-editing: setup
 	$(foreach s,$(SEEDS),$(BENCH) run editing --scale small --seed $(s) --results-dir $(RESULTS) &&) true
 
 # TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
-# of the preset's F schedule (ablations/_tarflow.toml). Two jobs, one thread each: the noise table's six Fs beside the
-# other tables' five, one table after another (an F two tables share is trained once, the other job waiting for it);
-# the second job then takes the noise table's rows from the last (`--reverse`), meeting the first in the middle.
-TARFLOW_JOBS := tarflow.noise tarflow.rest
+# of the preset's F schedule (ablations/_tarflow.toml). Two one-thread jobs go through every table, one first to last,
+# the other last to first (`--reverse`): each leaves to the other the row the other is measuring, so they meet
+# wherever the work splits evenly, and an F that two rows share is trained once (the other job waits for it).
+TARFLOW_TABLES := tarflow-noise tarflow-vp tarflow-depth tarflow-guidance tarflow-coupling
+TARFLOW_JOBS := tarflow.forward tarflow.backward
 TARFLOW_RUN = OMP_NUM_THREADS=1 $(BENCH) run $(1) --scale small --seed $(SEED) --results-dir $(RESULTS)
+reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 .PHONY: $(TARFLOW_JOBS)
 reproduce-tarflow: setup
 	$(MAKE) --no-print-directory -j2 $(TARFLOW_JOBS)
 	$(MAKE) --no-print-directory report
-tarflow.noise: setup
-	$(call TARFLOW_RUN,tarflow-noise)
-tarflow.rest: setup
-	$(call TARFLOW_RUN,tarflow-vp)
-	$(call TARFLOW_RUN,tarflow-depth)
-	$(call TARFLOW_RUN,tarflow-guidance)
-	$(call TARFLOW_RUN,tarflow-coupling)
-	$(call TARFLOW_RUN,tarflow-noise) --reverse
+tarflow.forward: setup
+	$(foreach t,$(TARFLOW_TABLES),$(call TARFLOW_RUN,$(t)) &&) true
+tarflow.backward: setup
+	$(foreach t,$(call reverse,$(TARFLOW_TABLES)),$(call TARFLOW_RUN,$(t)) --reverse &&) true
 
 # the G study (ablations/g-training.toml): one point after another, each its own run, at the small scale by default
 g-study: setup

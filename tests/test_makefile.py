@@ -26,7 +26,7 @@ def planned(*goals: str, seeds: str = "0 1", **variables: str) -> str:
 def planned_runs(*goals: str, seeds: str = "0 1") -> list[tuple[str, int, str]]:
     """(table, seed, extra arguments) of every `biflow-bench run` that `make -n` would start, in order."""
     runs = re.findall(r"biflow-bench run (\S+) --scale small --seed (\d+) --results-dir results ?(.*)",
-                      planned(*goals, seeds=seeds))
+                      planned(*goals, seeds=seeds).replace("&&", "\n"))
     return [(table, int(seed), extra.strip()) for table, seed, extra in runs]
 
 
@@ -41,14 +41,15 @@ def test_reproduction_runs_every_quality_table_at_every_seed():
     assert {t: extra for t, _, extra in runs}["norm-control"] == "--variants none,clip"
 
 
-def test_tarflow_reproduction_runs_every_tarflow_table_in_two_jobs():
-    """The noise table (the longest) has a job of its own; the other job runs the other tables, then joins it from
-    its last row."""
-    noise, rest = planned_runs("tarflow.noise"), planned_runs("tarflow.rest")
-    tarflow = {name for name, spec in load_registry().items() if name.startswith("tarflow-")}
-    assert noise == [("tarflow-noise", 0, "")] and rest[-1] == ("tarflow-noise", 0, "--reverse")
-    assert sorted(t for t, _, _ in rest[:-1]) == sorted(tarflow - {"tarflow-noise"}) and all(s == 0 for _, s, _ in rest)
-    assert "-j2 tarflow.noise tarflow.rest" in planned("reproduce-tarflow")
+def test_tarflow_reproduction_runs_every_tarflow_table_in_two_jobs_that_meet():
+    """Both jobs go through every table, one first to last, the other last to first, table by table and row by row
+    (`--reverse`): they share the rows, meeting where the work splits evenly."""
+    forward, backward = planned_runs("tarflow.forward"), planned_runs("tarflow.backward")
+    tarflow = [name for name, spec in load_registry().items() if name.startswith("tarflow-")]
+    assert sorted(t for t, _, _ in forward) == sorted(tarflow) and all(s == 0 for _, s, _ in forward + backward)
+    assert [t for t, _, _ in backward] == [t for t, _, _ in reversed(forward)]
+    assert {extra for _, _, extra in forward} == {""} and {extra for _, _, extra in backward} == {"--reverse"}
+    assert "-j2 tarflow.forward tarflow.backward" in planned("reproduce-tarflow")
 
 
 def test_a_later_seed_of_a_table_waits_for_its_earlier_seed():
