@@ -83,6 +83,12 @@ class Sampler:
             x = flow.denoise(x, y, self.sigma)
         return x
 
+    def _guided(self) -> str:
+        """The exact inverse's guided pass doubles its evaluations: CFG's, or attention temperature's (TARFlow)."""
+        if not self.cfg_scale:
+            return ""
+        return " x2 (attention temperature)" if self.guidance_temperature is not None else " x2 (CFG)"
+
     def nfe(self, flow: TARFlow, g: BiFlow | None, jacobi_iterations: list[int] | None = None) -> tuple[int, str]:
         """Sequential network evaluations per image and a readable label ("1", "2", "4x15 serial + score").
 
@@ -92,12 +98,10 @@ class Sampler:
             bound = flow.num_serial_steps()
             steps = sum(jacobi_iterations) if jacobi_iterations is not None else bound
             label = f"{steps} Jacobi passes" if jacobi_iterations is not None else f"<= {bound} Jacobi passes"
-            label += f" (group {self.jacobi_group}, tol {self.jacobi_tol:g})"
-            label += " x2 (CFG)" if self.cfg_scale else ""
+            label += f" (group {self.jacobi_group}, tol {self.jacobi_tol:g})" + self._guided()
         elif self.inverse == "exact":
             steps = flow.num_serial_steps()
-            label = f"{flow.config.num_blocks}x{steps // flow.config.num_blocks} serial"
-            label += " x2 (CFG)" if self.cfg_scale else ""
+            label = f"{flow.config.num_blocks}x{steps // flow.config.num_blocks} serial" + self._guided()
         elif self.peer == "flow-matching":
             steps = g.nfe(self.steps, self.solver, self.cfg_scale)  # type: ignore[union-attr]
             plural = "s" if self.steps != 1 else ""

@@ -247,6 +247,8 @@ def test_sampler_runs_jacobi_decoding_from_the_config():
     assert sampler.nfe(flow, None)[0] == flow.num_serial_steps()  # unmeasured: the bound
     serial = dataclasses.replace(sampler, decoder="serial")
     assert serial.nfe(flow, None) == (flow.num_serial_steps(), "4x15 serial x2 (CFG)")
+    tempered = dataclasses.replace(serial, guidance_temperature=2.0)  # TARFlow's guidance without classes
+    assert tempered.nfe(flow, None)[1] == "4x15 serial x2 (attention temperature)"
     for key, value in (("sample.decoder", "parallel"), ("sample.jacobi_group", 0), ("sample.jacobi_tol", -1.0)):
         with pytest.raises(ConfigError, match=key.split(".")[1]):
             apply_delta(scale_config("tiny"), {key: value})
