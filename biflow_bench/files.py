@@ -141,12 +141,11 @@ def remove_artifact(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = None, name: str = ".lock",
-             what: str | None = None) -> Iterator[Path]:
+def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = None,
+             name: str = ".lock") -> Iterator[Path]:
     """An exclusive advisory lock on `directory/name` (flock: released by the kernel if the holder dies).
 
-    wait=False raises LockBusy at once; otherwise waits, up to `timeout` seconds when given. `what` names the locked
-    thing in the error (the directory by default)."""
+    wait=False raises LockBusy at once; otherwise waits, up to `timeout` seconds when given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / name
@@ -162,7 +161,7 @@ def dir_lock(directory: Path | str, wait: bool = True, timeout: float | None = N
                     raise
                 if not wait or (timeout is not None and time.monotonic() - start > timeout):
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                    raise LockBusy(f"{what or directory} is in use by {holder}; wait for it to finish or use another "
+                    raise LockBusy(f"{directory} is in use by {holder}; wait for it to finish or use another "
                                    "--results-dir", holder) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
