@@ -7,84 +7,22 @@ paragraph too long to read."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from biflow_bench.report.doc_tables import TABLES, cell, update_page, variant_records
+from biflow_bench.report.doc_tables import TABLES, update_page
 from biflow_bench.report.format import fmt_sig
 from biflow_bench.report.render import render_report
 from biflow_bench.report.study import timing_spread
+from record_claims import (ACC, FDC, FDE, IMSE, NS, REC, RESULTS, ROOT, archived, beyond, check, f0, f1, f2, f3,
+                           f4, flat, pm, quiet, recs, same, val, within)
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
 G_STUDY = ROOT / "docs" / "g-study.md"
 G_READING = RESULTS / "small" / "g-training" / "COMMENTARY.md"
 README = ROOT / "README.md"
-SIGMAS = 2.0  # a gap within this many σ is "within noise" (the report's verdicts use the same line)
-
-
-def flat(path: Path) -> str:
-    return " ".join(path.read_text(encoding="utf-8").split())
-
-
-def recs(variant: str, ablation: str = "g-training") -> list[dict[str, Any]]:
-    found = variant_records(RESULTS, "small", ablation, variant)
-    assert found, f"no records of {ablation}/{variant}"
-    return found
-
-
-def val(variant: str, key: str, ablation: str = "g-training") -> float:
-    """A record field ("metrics.fd_cls", "diagnostics.inverse_mse_clean", "timing.stage2_s"), seeds averaged."""
-    section, field = key.split(".")
-    values = [float(r[section][field]) for r in recs(variant, ablation)]
-    return sum(values) / len(values)
-
-
-def archived(ablation: str, variant: str, config_hash: str, key: str, seed: str = "*") -> float:
-    """An archived record's field, the seeds of one config averaged."""
-    paths = sorted((RESULTS / "archive" / "small" / ablation).glob(f"{variant}__seed{seed}__{config_hash}.json"))
-    assert paths, (ablation, variant, config_hash)
-    section, field = key.split(".")
-    return sum(float(json.loads(p.read_text())[section][field]) for p in paths) / len(paths)
-
-
-def pm(variant: str, metric: str, ablation: str = "g-training") -> str:
-    """mean ± noise, as the docs' tables and the report write it."""
-    return cell(recs(variant, ablation), metric)
-
-
-def z(a: str, b: str, metric: str, ablation: str = "g-training") -> float:
-    """|gap| in σ between two single-seed points (σ: their bootstrap stds in quadrature, the report's rule)."""
-    (ra,), (rb,) = recs(a, ablation), recs(b, ablation)
-    ma, mb = ra["metrics"], rb["metrics"]
-    return abs(ma[metric] - mb[metric]) / math.hypot(ma[f"{metric}_std"], mb[f"{metric}_std"])
-
-
-def within(a: str, b: str, metric: str, ablation: str = "g-training") -> str:
-    """The σ of a gap a page calls within noise; fails where the gap is beyond it."""
-    gap = z(a, b, metric, ablation)
-    assert gap <= SIGMAS, f"{a} against {b} in {metric}: {gap:.1f}σ is called within noise"
-    return f"{gap:.1f}"
-
-
-def beyond(a: str, b: str, metric: str, ablation: str = "g-training") -> str:
-    gap = z(a, b, metric, ablation)
-    assert gap > SIGMAS, f"{a} against {b} in {metric}: {gap:.1f}σ is called beyond noise"
-    return f"{gap:.1f}"
-
-
-def quiet(number: str, *checks: Any) -> str:
-    """A number of a sentence whose checks (within, beyond, same) ran for a claim its words make."""
-    return number
-
-
-def same(a: str, b: str) -> str:
-    assert a == b, (a, b)
-    return a
 
 
 def all_g() -> list[dict[str, Any]]:
@@ -92,15 +30,6 @@ def all_g() -> list[dict[str, Any]]:
     folder = RESULTS / "small" / "g-training"
     names = {p.name.split("__seed")[0] for p in folder.glob("*__seed*.json")}
     return [r for name in sorted(names) for r in recs(name)]
-
-
-def f(digits: int) -> Callable[[float], str]:
-    return lambda x: f"{x:.{digits}f}"
-
-
-f0, f1, f2, f3, f4 = (f(d) for d in range(5))
-IMSE, NS, FDE, FDC, ACC, REC = ("diagnostics.inverse_mse_clean", "diagnostics.noise_sensitivity", "metrics.fd_effnet",
-                                "metrics.fd_cls", "metrics.acc_cls", "metrics.recall_effnet")
 
 
 def imse(v: str) -> str:
@@ -245,94 +174,6 @@ def claims_g_reading() -> list[tuple[str, list[str]]]:
     ]
 
 
-def claims_peer_searches() -> dict[str, list[tuple[str, list[str]]]]:
-    """The peers' learning-rate searches' readings (their COMMENTARY.md, shown on their study pages)."""
-    def fde(v: str, table: str) -> str:
-        return f0(val(v, FDE, table))
-
-    def best_w(v: str, table: str) -> str:
-        return f"{recs(v, table)[0]['guidance']['best_w']:g}"
-
-    def gap(a: str, b: str, table: str) -> list[str]:
-        return [f0(val(b, FDE, table) - val(a, FDE, table)), f1(z(a, b, "fd_effnet", table))]
-
-    mf, fm = "meanflow-lr", "flow-matching-lr"
-    return {mf: [
-        ("its one-step samples reach fd_effnet {} (best w = {}) against {} at 3e-3 and {} at 3e-2 (whose best w lay "
-         "past the sweep's edge, at {}), and {} at 1e-3",
-         [fde("lr-1e-2", mf), best_w("lr-1e-2", mf), fde("lr-3e-3", mf), fde("lr-3e-2", mf), best_w("lr-3e-2", mf),
-          fde("centre", mf)]),
-        ("(acc_cls {}, fd_cls {})", [f3(val("lr-1e-2", ACC, mf)), f0(val("lr-1e-2", FDC, mf))]),
-        ("the gap of {} to 3e-3 is {} times", gap("lr-1e-2", "lr-3e-3", mf)),
-    ], fm: [
-        ("its 8 Euler steps reach fd_effnet {} (best w = {}) against {} at 3e-3 and {} at 3e-2, and {} at 1e-3",
-         [fde("lr-1e-2", fm), best_w("lr-1e-2", fm), fde("lr-3e-3", fm), fde("lr-3e-2", fm), fde("centre", fm)]),
-        ("(acc_cls {}, fd_cls {})", [f2(val("lr-1e-2", ACC, fm)), f0(val("lr-1e-2", FDC, fm))]),
-        ("the gap of {} to 3e-3 is {} times", gap("lr-1e-2", "lr-3e-3", fm)),
-    ]}
-
-
-@pytest.mark.parametrize("table", ["meanflow-lr", "flow-matching-lr"])
-def test_peer_search_readings_quote_their_records(table: str):
-    check(RESULTS / "small" / table / "COMMENTARY.md", claims_peer_searches()[table])
-
-
-def claims_tarflow() -> dict[str, list[tuple[str, list[str]]]]:
-    """TARFlow's tables' readings (their COMMENTARY.md, shown on their pages): one F per row, one seed."""
-    def v(table: str, variant: str, key: str, fmt: Callable[[float], str] = f0) -> str:
-        return fmt(val(variant, key, table))
-
-    def gap(table: str, a: str, b: str) -> str:  # a gap the reading calls beyond noise
-        return beyond(a, b, "fd_effnet", table)
-
-    vp, cp, dp, gd, BPD = "tarflow-vp", "tarflow-coupling", "tarflow-depth", "tarflow-guidance", "metrics.bpd"
-
-    def best(variant: str) -> str:
-        return f"{recs(variant, gd)[0]['guidance']['best_w']:g}"
-
-    return {vp: [
-        ("with it F scores fd_effnet {} against {} without (paper: FID 5.7 against 51.0), acc_cls {} against {}, and "
-         "held-out bits/dim {} against {}",
-         [v(vp, "nvp", FDE), v(vp, "vp", FDE), v(vp, "nvp", ACC, f2), v(vp, "vp", ACC, f2), v(vp, "nvp", BPD, f2),
-          v(vp, "vp", BPD, f2)]),
-        ("no recall ({})", [v(vp, "vp", REC, f2)]),
-        ("guidance helps it only up to w = {} of a sweep extended to {}",
-         [f"{recs('vp', vp)[0]['guidance']['best_w']:g}", f"{max(recs('vp', vp)[0]['guidance']['extended']):g}"]),
-        ("The gap is {} times", [f0(float(beyond("nvp", "vp", "fd_effnet", vp)))]),
-    ], cp: [
-        ("fd_effnet {} against {} (paper: FID 5.7 against 20.4), {} times the two rows' bootstrap std in quadrature, "
-         "with acc_cls {} against {} and fd_cls {} against {}",
-         [v(cp, "autoregressive", FDE), v(cp, "channel", FDE), gap(cp, "autoregressive", "channel"),
-          v(cp, "autoregressive", ACC, f2), v(cp, "channel", ACC, f2), v(cp, "autoregressive", FDC),
-          v(cp, "channel", FDC)]),
-        ("(held-out bits/dim {} against {})", [v(cp, "autoregressive", BPD, f2), v(cp, "channel", BPD, f2)]),
-    ], dp: [
-        ("T = 1 x K = 4 scores fd_effnet {} (acc_cls {}, bits/dim {}) against {} for T = K = 2 and {} for T = 4 x K = 1",
-         [v(dp, "t1-k4", FDE), v(dp, "t1-k4", ACC, f2), v(dp, "t1-k4", BPD, f2), v(dp, "t2-k2", FDE),
-          v(dp, "t4-k1", FDE)]),
-        ("four blocks of one layer beat two of two by {} times the rows' bootstrap std in quadrature, with acc_cls {} "
-         "against {} and bits/dim {} against {}",
-         [gap(dp, "t4-k1", "t2-k2"), v(dp, "t4-k1", ACC, f2), v(dp, "t2-k2", ACC, f2), v(dp, "t4-k1", BPD, f2),
-          v(dp, "t2-k2", BPD, f2)]),
-    ], gd: [
-        ("fd_effnet {} at its best w = {} against {} unguided, acc_cls {} against {}",
-         [v(gd, "cfg", FDE), best("cfg"), v(gd, "conditional", FDE), v(gd, "cfg", ACC, f2),
-          v(gd, "conditional", ACC, f2)]),
-        ("(tau = 2): {} at w = {} against {} unguided; sharpening it (tau = 0.5) makes every w > 0 worse, so that "
-         "row's best is the unguided w = {}",
-         [v(gd, "temperature-2", FDE), best("temperature-2"), v(gd, "unconditional", FDE), best("temperature-0p5")]),
-        ("on fd_effnet by {} times the rows' bootstrap std in quadrature but trails it on the domain classifier's "
-         "fd_cls ({} against {}, {} times)",
-         [beyond("cfg", "temperature-2", "fd_effnet", gd), v(gd, "temperature-2", FDC), v(gd, "cfg", FDC),
-          beyond("cfg", "temperature-2", "fd_cls", gd)]),
-    ]}
-
-
-@pytest.mark.parametrize("table", ["tarflow-vp", "tarflow-coupling", "tarflow-depth", "tarflow-guidance"])
-def test_tarflow_readings_quote_their_records(table: str):
-    check(RESULTS / "small" / table / "COMMENTARY.md", claims_tarflow()[table])
-
-
 def claims_readme() -> list[tuple[str, list[str]]]:
     calibration = json.loads((RESULTS / "small" / "calibration.json").read_text())
     entry = calibration["entries"][recs("itarflow", "main")[0]["calibration"]]  # the preset's: the README's rows
@@ -359,20 +200,6 @@ def claims_readme() -> list[tuple[str, list[str]]]:
         ("trails it in fd_effnet (x{})", [f2(val("biflow-mse", FDE, "main") / val("itarflow", FDE, "main"))]),
         ("From scratch on 2 cores it took {}", ["234 minutes"]),
     ]
-
-
-def check(path: Path, claims: list[tuple[str, list[str]]]) -> None:
-    text = flat(path)
-    wrong = []
-    for template, numbers in claims:
-        assert template.count("{}") == len(numbers), template
-        sentence = template.format(*numbers)
-        if sentence not in text:
-            pattern = re.escape(template).replace(r"\{\}", r"([^\s,;()]+?)")
-            found = re.search(pattern, text)
-            wrong.append(f"{path.name}: {sentence!r}" + (f"; the page has {found.groups()}" if found else
-                                                         "; the sentence itself is not on the page"))
-    assert not wrong, "\n".join(wrong)
 
 
 def test_g_study_tables_are_the_records_rendered():
