@@ -10,7 +10,7 @@ import torch
 
 from conftest import small_flow
 
-from biflow_bench.report.tarflow import noise_points
+from biflow_bench.report.tarflow import noise_points, noise_summary
 
 
 def _jacobian(flow, x, y):
@@ -106,3 +106,16 @@ def test_tarflow_tables_seed_f_by_the_run():
     assert flow_key(seeded_flow(cfg, 0)) != flow_key(seeded_flow(cfg, 1))
     with pytest.raises(ConfigError, match="resolved by a table's run"):
         train_flow(cfg, None)
+
+
+def test_noise_summary_reads_the_gaussian_levels_alone():
+    """Best sigma, best metric and worst / best per denoising mode, over the Gaussian levels: the uniform row (the
+    worst here) is left out, as TARFlow's claim is about sigma."""
+    points = pd.DataFrame({"variant": list("abcde"), "sigma": [0.0023, 0.01, 0.05, 0.01, 0.05],
+                           "noise": ["uniform", "gaussian", "gaussian", "gaussian", "gaussian"],
+                           "denoise": ["score", "score", "score", "none", "none"],
+                           "ours": [50.0, 12.0, 8.0, 9.0, float("nan")], "ours_std": [1.0] * 5})
+    got = noise_summary(points)
+    assert got["score"] == (0.05, 8.0, 1.5)  # 12 / 8, not 50 / 8
+    assert got["none"] == (0.01, 9.0, None)  # one level with a number
+    assert noise_summary(points[points["denoise"] == "score"])["none"] is None
