@@ -114,7 +114,7 @@ $(ONE_NFE_JOBS): one-nfe.%: setup
 reproduce-editing: setup
 	$(foreach s,$(SEEDS),$(BENCH) run editing --scale small --seed $(s) --results-dir $(RESULTS) &&) true
 
-# TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, seed 0: every row trains its own F, on a third
+# TARFlow's own ablations (ablations/tarflow-*.toml) at the small scale, at SEED: every row trains its own F, on a third
 # of the preset's F schedule (ablations/_tarflow.toml). Two one-thread jobs go through every table, one first to last,
 # the other last to first (`--reverse`): each leaves to the other the row the other is measuring, so they meet
 # wherever the work splits evenly, and an F that two rows share is trained once (the other job waits for it).

@@ -1,6 +1,7 @@
 """Quoting records in prose: a page's sentence, with {} for each number, checked against the numbers recomputed from
 the records it quotes (results/), seeds averaged; a gap called within (or beyond) noise only where it is within (or
-beyond) 2σ, σ the two points' bootstrap stds in quadrature, the report's rule."""
+beyond) 2σ, σ the two rows' noises in quadrature (the report's rule: the std across seeds floored at the bootstrap
+std)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from biflow_bench.report.doc_tables import cell, variant_records
+from biflow_bench.report.stats import table_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -48,10 +52,13 @@ def pm(variant: str, metric: str, ablation: str = "g-training") -> str:
 
 
 def z(a: str, b: str, metric: str, ablation: str = "g-training") -> float:
-    """|gap| in σ between two single-seed points (σ: their bootstrap stds in quadrature, the report's rule)."""
-    (ra,), (rb,) = recs(a, ablation), recs(b, ablation)
-    ma, mb = ra["metrics"], rb["metrics"]
-    return abs(ma[metric] - mb[metric]) / math.hypot(ma[f"{metric}_std"], mb[f"{metric}_std"])
+    """|gap| in σ between two rows' seed means, σ their noises in quadrature, each the report's rule (`table_noise`:
+    the std across seeds floored at the mean bootstrap std; one seed: its bootstrap std)."""
+    def mean_noise(variant: str) -> tuple[float, float]:
+        ms = pd.DataFrame([r["metrics"] for r in recs(variant, ablation)])
+        return float(ms[metric].mean()), table_noise(ms[metric], ms[f"{metric}_std"])
+    (ma, na), (mb, nb) = mean_noise(a), mean_noise(b)
+    return abs(ma - mb) / math.hypot(na, nb)
 
 
 def within(a: str, b: str, metric: str, ablation: str = "g-training") -> str:

@@ -80,11 +80,11 @@ def run(
     if spec.kind == "speed" and (variants or set_):
         raise ConfigError(f"{ablation} is the speed benchmark: it takes no --variants or --set (it times every "
                           "sampler); use `biflow-bench bench speed` for its options")
-    if reverse:
-        names = list(reversed(names or list(spec.variants)))
     configs = None
     if spec.kind != "speed":  # an unknown variant, a bad override, missing weights: one line, before anything starts
-        configs = runner.resolve_variants(spec, names or list(spec.variants), scale, seed, parse_overrides(set_))
+        names = names or list(spec.variants)
+        names = names[::-1] if reverse else names
+        configs = runner.resolve_variants(spec, names, scale, seed, parse_overrides(set_))
     if micro_batch is not None:
         positive("--micro-batch", micro_batch)
     results_dir = results_dir or default_results_dir()
@@ -97,7 +97,7 @@ def run(
     opts.vae, opts.ref_stats = vae, ref_stats
     opts.micro_batch, opts.env = micro_batch, env
     # printed before the first variant: how many, and about how long
-    plan = (lambda: run_plan(spec, names or list(spec.variants), scale, seed, opts)) if spec.kind != "speed" else None
+    plan = (lambda: run_plan(spec, names, scale, seed, opts)) if spec.kind != "speed" else None
     try:
         paths = runner.run(ablation, names, scale, seed, opts, plan, configs)
     finally:
