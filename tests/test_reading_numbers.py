@@ -45,7 +45,7 @@ def test_peer_search_readings_quote_their_records(table: str):
 
 
 def claims_tarflow() -> dict[str, list[tuple[str, list[str]]]]:
-    """TARFlow's tables' readings (their COMMENTARY.md, shown on their pages): one F per row, one seed."""
+    """TARFlow's tables' readings (their COMMENTARY.md, shown on their pages): two Fs a row (seeds 0 and 1)."""
     def v(table: str, variant: str, key: str, fmt: Callable[[float], str] = f0) -> str:
         return fmt(val(variant, key, table))
 
